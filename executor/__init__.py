@@ -1,0 +1,1 @@
+"""The executor: runs submissions stage by stage inside nsjail."""
