@@ -455,7 +455,8 @@ StageStatus = Literal[
 TERMINAL: frozenset[str] = frozenset({"finished", "cancelled", "error"})
 #: Which status may follow which; ``running`` → ``running`` is a reclaim by another executor.
 TRANSITIONS: Mapping[str, frozenset[str]] = {
-    "queued": frozenset({"running", "cancelled", "error"}),
+    # The first event of every submission says it is queued; it changes nothing.
+    "queued": frozenset({"queued", "running", "cancelled", "error"}),
     "running": frozenset({"running", "finished", "cancelled", "error"}),
     "finished": frozenset(),
     "cancelled": frozenset(),
@@ -468,10 +469,8 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def skipped_stage(stage: str) -> dict[str, Any]:
+def skipped_stage() -> dict[str, Any]:
     """The result of a stage that did not run because an earlier one failed."""
-    if stage == "deps":
-        return {"status": "skipped", "cache": None, "packages": [], "log": "", "wall_time": 0.0}
     return {
         "status": "skipped",
         "exit_code": None,
@@ -487,6 +486,7 @@ def skipped_stage(stage: str) -> dict[str, Any]:
         "cpu_time": 0.0,
         "memory": 0,
         "limits": None,
+        "message": "skipped: an earlier stage did not succeed",
         "started_at": None,
         "finished_at": None,
     }
@@ -583,12 +583,14 @@ def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionS
     kind = event["type"]
     if kind == "output":
         return state
-    if state.done:
+    if state.status == "finished" or (state.done and kind != "finished"):
         raise InvalidTransition(f"{state.id} is {state.status}; it takes no {kind} event")
     if kind == "status":
         new = event["status"]
         if new not in TRANSITIONS[state.status]:
             raise InvalidTransition(f"{state.id}: {state.status} cannot become {new}")
+        if new == "queued":
+            return state
         if new == "running":
             # Picked up (again, after a reclaim): every stage starts over.
             return replace(
@@ -622,5 +624,29 @@ def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionS
             changes["ran"] = result["status"] not in ("skipped", "error")
         return replace(state, **changes)
     if kind == "finished":
+        if state.status != "running":
+            # The closing event after a cancellation or a system error: it changes nothing.
+            return state
         return replace(state, status="finished", stage=None, finished_at=event.get("time") or now())
     raise InvalidTransition(f"unknown event type {kind!r}")
+
+
+class EventRecorder:
+    """Numbers one submission's events (1, 2, 3 … without gaps) and keeps its state current.
+
+    Not thread-safe: one recorder per submission, used by one writer at a time.
+    """
+
+    def __init__(self, state: SubmissionState, seq: int = 0) -> None:
+        self.state = state
+        self.seq = seq
+
+    def record(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The full event for ``body`` (which has ``type`` and its fields); advances the state."""
+        event = {**body, "id": self.state.id, "seq": self.seq + 1}
+        event.setdefault("time", now())
+        self.state = apply_event(self.state, event)
+        if event["type"] == "finished":
+            event["submission"] = self.state.as_json()
+        self.seq += 1
+        return event

@@ -1,0 +1,3 @@
+from cellblock.cli import main
+
+raise SystemExit(main())

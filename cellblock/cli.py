@@ -1,0 +1,116 @@
+"""The ``cellblock`` command: the one entry point to every part of the system."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cellblock import config as config_module
+from cellblock import logs
+from cellblock.errors import CellblockError, InvalidRequest
+
+DEFAULT_STATE_DIR = Path(os.environ.get("CELLBLOCK_STATE_DIR", "~/.local/state/cellblock"))
+
+#: Exit statuses of ``cellblock exec``.
+EXIT_OK, EXIT_STAGE_FAILED, EXIT_BAD_INPUT, EXIT_SYSTEM = 0, 1, 2, 3
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where Cellblock keeps its state (default: %(default)s or $CELLBLOCK_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(os.environ["CELLBLOCK_CONFIG"]) if "CELLBLOCK_CONFIG" in os.environ else None,
+        help="configuration file (default: <state-dir>/cellblock.toml)",
+    )
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellblock", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "exec",
+        help="run one submission on this machine, without any service",
+        description="Run SUBMISSION (a JSON file of shared/PROTOCOL.md's submission request, "
+        "or - for standard input) in the sandbox and print the finished submission as JSON. "
+        "Exit status: 0 when every stage succeeded, 1 when a stage did not, 2 for bad input, "
+        "3 when the system failed.",
+    )
+    run.add_argument("submission", help="submission request JSON file, or - for stdin")
+    run.add_argument("--stream", action="store_true", help="print events as JSON lines")
+    run.add_argument("--slot", type=int, default=0, help="sandbox slot (its uid) to use")
+    _common(run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup(args.log_level, component=args.command)
+    state_dir: Path = args.state_dir.expanduser()
+    try:
+        config = config_module.load(state_dir, args.config)
+        if args.command == "exec":
+            return asyncio.run(_exec(config, args))
+    except InvalidRequest as exc:
+        print(json.dumps(exc.as_json()), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CellblockError as exc:
+        print(f"cellblock: {exc.message}", file=sys.stderr)
+        return EXIT_SYSTEM
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_SYSTEM
+
+
+async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
+    from cellblock.executor import host
+    from cellblock.executor.job import SubmissionRunner
+    from cellblock.service.protocol import EventRecorder, SubmissionState, parse_submission
+
+    raw = _read_json(args.submission)
+    submission = parse_submission(raw, config.limits)
+    sandboxes = host.prepare(config)
+    runner = SubmissionRunner(sandboxes.sandbox(args.slot), config.state_dir / "work")
+    submission_id = secrets.token_urlsafe(18)
+    recorder = EventRecorder(SubmissionState.new(submission_id, submission.request))
+
+    def emit(body: dict[str, Any]) -> None:
+        event = recorder.record(body)
+        if args.stream:
+            print(json.dumps(event), flush=True)
+
+    emit({"type": "status", "status": "queued"})
+    emit({"type": "status", "status": "running", "worker": f"exec-{os.uname().nodename}"})
+    await runner.run(submission_id, submission, emit)
+    emit({"type": "finished"})
+    if not args.stream:
+        print(json.dumps(recorder.state.as_json(), indent=2))
+    stages = [s for s in recorder.state.stages.values() if s is not None]
+    return EXIT_OK if all(s["status"] == "ok" for s in stages) else EXIT_STAGE_FAILED
+
+
+def _read_json(source: str) -> object:
+    from cellblock.errors import FieldProblem
+
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise CellblockError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest([FieldProblem("", f"not JSON: {exc}")]) from None

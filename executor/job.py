@@ -1,0 +1,235 @@
+"""One submission, stage by stage: working directory, dependencies, compile, run, events.
+
+``SubmissionRunner.run`` emits event bodies (``stage_started``, ``output``, ``stage_finished``)
+through a callback; whoever drives it (the executor worker, or ``cellblock exec``) numbers them,
+adds the ``status`` events around them and keeps the submission state.
+
+Cancellation: cancelling ``run`` kills the running stage (see ``Sandbox.run``) and removes the
+working directory before the ``CancelledError`` propagates.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageSpec
+from cellblock.service.protocol import FileSpec, StageLimits, Submission, now, skipped_stage
+
+Emit = Callable[[dict[str, Any]], None]
+HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
+STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A dependency environment: variables to set and store paths to mount read-only."""
+
+    variables: Mapping[str, str] = field(default_factory=dict)
+    paths: Sequence[str] = ()
+    packages: Sequence[Mapping[str, Any]] = ()
+
+
+@dataclass(frozen=True)
+class DepsOutcome:
+    """The deps stage's result plus, when it succeeded, the environment."""
+
+    result: dict[str, Any]
+    environment: Environment | None
+
+
+class DependencyProvider(Protocol):
+    async def provide(self, names: Sequence[str], wall_time: float, emit: Emit) -> DepsOutcome:
+        """Install ``names`` (from the cache, or by asking a builder) within ``wall_time``."""
+
+
+class NoDependencies:
+    """The provider when no dependency cache is configured: any dependency fails the stage."""
+
+    async def provide(self, names: Sequence[str], wall_time: float, emit: Emit) -> DepsOutcome:
+        result: dict[str, Any] = {
+            "status": "failed",
+            "cache": None,
+            "packages": [],
+            "log": f"no dependency cache is configured here; cannot install {', '.join(names)}",
+            "wall_time": 0.0,
+        }
+        return DepsOutcome(result=result, environment=None)
+
+
+def write_files(workdir: Path, files: Sequence[FileSpec], uid: int) -> None:
+    """Write the submission's files, owned by the sandbox uid.
+
+    Every component is opened relative to its parent with O_NOFOLLOW, so a path can never be
+    redirected through a symlink (the sandbox has not run in ``workdir`` yet, and even so).
+    """
+    root = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for spec in files:
+            *folders, base = spec.name.split("/")
+            parent = os.dup(root)
+            try:
+                for folder in folders:
+                    try:
+                        os.mkdir(folder, 0o755, dir_fd=parent)
+                        os.chown(folder, uid, uid, dir_fd=parent, follow_symlinks=False)
+                    except FileExistsError:
+                        pass
+                    child = os.open(
+                        folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent
+                    )
+                    os.close(parent)
+                    parent = child
+                mode = 0o755 if spec.executable else 0o644
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(base, flags, mode, dir_fd=parent)
+                try:
+                    view = memoryview(spec.data())
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fchown(fd, uid, uid)
+                    os.fchmod(fd, mode)  # not narrowed by the umask
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root)
+
+
+def stage_environment(
+    env: Environment, request_env: Mapping[str, str], pure: bool
+) -> dict[str, str]:
+    """The whole environment of a stage: an allowlist, never a variable of the executor's."""
+    path = env.variables.get("PATH", "")
+    if not pure:
+        path = f"{path}:{HOST_PATH}" if path else HOST_PATH
+    variables = {
+        "HOME": WORKDIR,
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "USER": "runner",
+        "LOGNAME": "runner",
+        **env.variables,
+        "PATH": path,
+    }
+    variables.update(request_env)
+    return variables
+
+
+def find_shell(env: Environment, pure: bool) -> str | None:
+    """The shell for stage scripts: bash if there is one, else a POSIX sh."""
+    if not pure:
+        return "/bin/bash"
+    for name in ("bash", "sh"):
+        for directory in env.variables.get("PATH", "").split(":"):
+            if directory and os.access(os.path.join(directory, name), os.X_OK):
+                return os.path.join(directory, name)
+    return None
+
+
+class SubmissionRunner:
+    """Runs submissions with one sandbox (one executor slot). One submission at a time."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        work_root: Path,
+        dependencies: DependencyProvider | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.work_root = work_root
+        self.dependencies = dependencies or NoDependencies()
+        work_root.mkdir(parents=True, exist_ok=True)
+        work_root.chmod(0o711)
+
+    async def run(self, submission_id: str, submission: Submission, emit: Emit) -> None:
+        request, limits = submission.request, submission.limits
+        workdir = self.work_root / submission_id
+        if workdir.exists():  # a previous attempt on this host died mid-run
+            shutil.rmtree(workdir)
+        workdir.mkdir(mode=0o700)
+        try:
+            os.chown(workdir, self.sandbox.uid, self.sandbox.uid)
+            write_files(workdir, request.files, self.sandbox.uid)
+            env = Environment()
+            if request.dependencies:
+                emit({"type": "stage_started", "stage": "deps"})
+                started, clock = now(), time.monotonic()
+                outcome = await self.dependencies.provide(
+                    request.dependencies, limits.deps_wall_time, emit
+                )
+                result = {"started_at": started, "finished_at": now(), **outcome.result}
+                result.setdefault("wall_time", round(time.monotonic() - clock, 6))
+                emit({"type": "stage_finished", "stage": "deps", "result": result})
+                if outcome.environment is None:
+                    for stage in ("compile", "run"):
+                        if stage != "compile" or request.compile is not None:
+                            emit(_skipped(stage))
+                    return
+                env = outcome.environment
+            pure = self.sandbox.base == "pure"
+            stage_env = stage_environment(env, request.env, pure)
+            mounts = [Mount(Path(p), p) for p in env.paths]
+            shell = find_shell(env, pure)
+            common = {"workdir": workdir, "env": stage_env, "mounts": mounts}
+            if request.compile is not None:
+                ok = await self._stage(
+                    "compile", request.compile, limits.compile, shell, emit, common, (), b""
+                )
+                if not ok:
+                    emit(_skipped("run"))
+                    return
+            await self._stage(
+                "run", request.run, limits.run, shell, emit, common,
+                request.args, request.stdin_data(),
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _stage(
+        self,
+        stage: str,
+        script: str,
+        limits: StageLimits,
+        shell: str | None,
+        emit: Emit,
+        common: dict[str, Any],
+        args: Sequence[str],
+        stdin: bytes,
+    ) -> bool:
+        emit({"type": "stage_started", "stage": stage})
+        if shell is None:
+            result = skipped_stage() | {
+                "status": "error",
+                "limits": limits.as_json(),
+                "message": "no shell in this pure sandbox: add bash or busybox to dependencies",
+            }
+            emit({"type": "stage_finished", "stage": stage, "result": result})
+            return False
+
+        # Live output is text; a character split across two reads is decoded whole. (The final
+        # result carries the exact bytes, base64 when they are not UTF-8.)
+        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
+
+        def output(stream: str, data: bytes) -> None:
+            text = decoders[stream].decode(data)
+            if text:
+                emit({"type": "output", "stage": stage, "stream": stream, "data": text})
+
+        spec = StageSpec(
+            script=script, limits=limits, args=args, stdin=stdin, shell=shell, **common
+        )
+        outcome = await self.sandbox.run(spec, output)
+        emit({"type": "stage_finished", "stage": stage, "result": outcome.result(limits)})
+        return outcome.status == "ok"
+
+
+def _skipped(stage: str) -> dict[str, Any]:
+    return {"type": "stage_finished", "stage": stage, "result": skipped_stage()}
