@@ -84,7 +84,7 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
     raw = _read_json(args.submission)
     submission = parse_submission(raw, config.limits)
     sandboxes = host.prepare(config)
-    runner = SubmissionRunner(sandboxes.sandbox(args.slot), config.state_dir / "work")
+    runner = SubmissionRunner(sandboxes.sandbox(args.slot), sandboxes.work_root)
     submission_id = secrets.token_urlsafe(18)
     recorder = EventRecorder(SubmissionState.new(submission_id, submission.request))
 

@@ -86,7 +86,15 @@ DEFAULTS: dict[str, Any] = {
     "retention": 7 * 24 * 3600.0,
     "max_body_size": 32 * MiB,
     "channel": "",
-    "sandbox": {"base": "host", "uid_base": 200000, "tmp_size": 64 * MiB},
+    # `root` holds what sandboxes mount (working directories, the init binary, /etc files):
+    # nsjail mounts as the sandbox's unprivileged uid, so every folder above it must be
+    # searchable by others, which a home or pytest temporary folder is not.
+    "sandbox": {
+        "base": "host",
+        "uid_base": 200000,
+        "tmp_size": 64 * MiB,
+        "root": "/var/lib/cellblock",
+    },
     "limits": {
         "compile": {
             "default": {**_STAGE_DEFAULTS, "cpu": 30, "wall_time": 60.0},
@@ -114,6 +122,7 @@ class SandboxConfig:
     base: Literal["host", "pure"]
     uid_base: int
     tmp_size: int
+    root: Path
 
 
 @dataclass(frozen=True)
@@ -205,6 +214,7 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
                 base=sandbox["base"],
                 uid_base=int(sandbox["uid_base"]),
                 tmp_size=int(sandbox["tmp_size"]),
+                root=Path(sandbox["root"]),
             ),
             queue_size=int(raw["queue_size"]),
             lease_timeout=float(raw["lease_timeout"]),

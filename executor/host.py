@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,11 @@ class SandboxHost:
     init: Path
     cgroups: cgroups.Cgroups
 
+    @property
+    def work_root(self) -> Path:
+        """Where submissions' working directories are made."""
+        return self.config.sandbox.root / "work"
+
     def sandbox(self, slot: int) -> Sandbox:
         """The sandbox of one slot: its own uid, never shared with another slot."""
         return Sandbox(
@@ -38,7 +44,7 @@ class SandboxHost:
             init=self.init,
             cgroups=self.cgroups,
             uid=self.config.sandbox.uid_base + slot,
-            etc_dir=self.config.state_dir / "sandbox-etc",
+            etc_dir=self.config.sandbox.root / "etc",
             base=self.config.sandbox.base,
             tmp_size=self.config.sandbox.tmp_size,
         )
@@ -49,9 +55,18 @@ def prepare(config: Config) -> SandboxHost:
     if os.geteuid() != 0:
         raise SandboxError("the executor must run as root (nsjail needs namespaces and cgroups)")
     raise_hard_limits()
+    root = config.sandbox.root
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711)
+    for folder in (root, *root.parents):
+        if not folder.stat().st_mode & stat.S_IXOTH:
+            raise SandboxError(
+                f"sandbox.root {root} is not usable: {folder} is not searchable by other "
+                "users, and nsjail mounts as the sandbox's unprivileged uid"
+            )
     return SandboxHost(
         config=config,
         nsjail=nsjail_binary(),
-        init=jailinit.init_binary(config.state_dir / "bin"),
+        init=jailinit.init_binary(root / "bin"),
         cgroups=cgroups.detect(),
     )

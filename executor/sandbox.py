@@ -179,9 +179,10 @@ def classify(
     if out_of_memory:
         return "memory_limit", f"memory limit of {limits.memory} bytes exceeded"
     cpu_soft = limits.rlimits["cpu"][0]
-    if (report.kind == "signaled" and report.code == signal.SIGXCPU) or (
-        cpu_soft is not None and cpu_time >= cpu_soft
-    ):
+    # The kernel enforces RLIMIT_CPU on tick-sampled time, so the measured total can fall a
+    # little short of the limit that killed the program.
+    cpu_exhausted = cpu_soft is not None and cpu_time >= cpu_soft * 0.95
+    if (report.kind == "signaled" and report.code == signal.SIGXCPU) or cpu_exhausted:
         return "time_limit", f"CPU time limit of {cpu_soft} s exceeded"
     # A shell reports a child killed by signal N as exit status 128+N.
     if (report.kind == "signaled" and report.code == signal.SIGXFSZ) or (
@@ -285,7 +286,10 @@ class Sandbox:
                     cmd += ["--bindmount_ro", f"/etc/{name}"]
         for name in ("passwd", "group", "hosts"):
             cmd += ["--bindmount_ro", f"{self.etc_dir / name}:/etc/{name}"]
-        cmd += ["--tmpfsmount", "/dev", "--mount", f"none:/tmp:tmpfs:size={self.tmp_size}"]
+        # /dev read-only and not sticky: a sticky world-writable /dev makes the kernel refuse
+        # O_CREAT opens of the device nodes bound into it (as `> /dev/null` does).
+        cmd += ["--mount", "none:/dev:tmpfs:mode=555,size=65536"]
+        cmd += ["--mount", f"none:/tmp:tmpfs:size={self.tmp_size}"]
         cmd += ["--mount", f"none:/dev/shm:tmpfs:size={self.tmp_size}"]
         for dev in DEVICES:
             cmd += ["--bindmount", f"/dev/{dev}"]
@@ -380,10 +384,14 @@ class Sandbox:
             for task in tasks:
                 task.cancel()
             if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
+                # Killed first, nsjail would orphan the jail's init to the host's pid 1.
                 cgroup.kill_all()
-                proc.wait()
+                try:
+                    proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
             for fd in (status_r, status_w, log_r, log_w):
                 if fd >= 0:
                     with contextlib.suppress(OSError):

@@ -1,0 +1,112 @@
+"""Real sandboxes: real nsjail, real cgroups, the real init binary. These tests need root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cellblock import config as config_module
+from cellblock.executor import host
+from cellblock.executor.job import SubmissionRunner
+from cellblock.executor.sandbox import Sandbox, StageOutcome, StageSpec
+from cellblock.service.protocol import (
+    EventRecorder,
+    SubmissionState,
+    parse_submission,
+)
+
+if os.geteuid() != 0:
+    pytest.skip("sandbox tests need root (namespaces and cgroups)", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_root() -> Iterator[Path]:
+    """A sandbox root of this test session's own, searchable as nsjail needs it to be."""
+    root = Path(tempfile.mkdtemp(prefix="cellblock-test-sandbox-"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sandbox_host(tmp_path_factory: pytest.TempPathFactory, sandbox_root: Path) -> host.SandboxHost:
+    state = tmp_path_factory.mktemp("state")
+    env = {"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'}
+    return host.prepare(config_module.load(state, environ=env))
+
+
+@pytest.fixture
+def sandbox(sandbox_host: host.SandboxHost) -> Sandbox:
+    return sandbox_host.sandbox(slot=7)
+
+
+@pytest.fixture
+def workdir(sandbox_host: host.SandboxHost, sandbox: Sandbox) -> Iterator[Path]:
+    sandbox_host.work_root.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(dir=sandbox_host.work_root))
+    os.chown(path, sandbox.uid, sandbox.uid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+RunStage = Callable[..., Awaitable[StageOutcome]]
+
+
+@pytest.fixture
+def run_stage(sandbox: Sandbox, workdir: Path, sandbox_host: host.SandboxHost) -> RunStage:
+    """Run one script as a run stage; keyword arguments are request limits for the stage."""
+
+    async def run(
+        script: str,
+        *,
+        stdin: bytes = b"",
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        **limits: Any,
+    ) -> StageOutcome:
+        policy = sandbox_host.config.limits
+        request = {"run": script, "limits": {"run": limits}}
+        resolved = parse_submission(request, policy).limits.run
+        spec = StageSpec(
+            script=script,
+            limits=resolved,
+            workdir=workdir,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/box", **(env or {})},
+            args=args,
+            stdin=stdin,
+        )
+        return await sandbox.run(spec)
+
+    return run
+
+
+RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[SubmissionState, list[dict[str, Any]]]]]
+
+
+@pytest.fixture
+def run_submission(
+    sandbox: Sandbox, tmp_path: Path, sandbox_host: host.SandboxHost
+) -> RunSubmission:
+    """Run a whole submission request; returns the final state and every event."""
+
+    async def run(request: dict[str, Any]) -> tuple[SubmissionState, list[dict[str, Any]]]:
+        submission = parse_submission(request, sandbox_host.config.limits)
+        runner = SubmissionRunner(sandbox, sandbox_host.work_root)
+        recorder = EventRecorder(SubmissionState.new("test-submission", submission.request))
+        events: list[dict[str, Any]] = []
+
+        def emit(body: dict[str, Any]) -> None:
+            events.append(recorder.record(body))
+
+        emit({"type": "status", "status": "running", "worker": "test"})
+        await runner.run("test-submission", submission, emit)
+        emit({"type": "finished"})
+        return recorder.state, events
+
+    return run

@@ -1,0 +1,313 @@
+"""The sandbox against real nsjail, real cgroups and real programs: statuses, limits, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from cellblock import config
+from cellblock.executor import host
+from cellblock.executor.cgroups import CgroupsV1
+from cellblock.executor.sandbox import Mount, Sandbox, StageOutcome, StageSpec
+from cellblock.service.protocol import LimitPolicy, parse_submission
+
+MiB = 1024 * 1024
+RunStage = Callable[..., Awaitable[StageOutcome]]  # the run_stage fixture
+
+
+def compile_c(workdir: Path, name: str, source: str, *flags: str) -> None:
+    """Compile with the host's gcc, as a teacher's harness would, into the working directory."""
+    (workdir / f"{name}.c").write_text(source)
+    subprocess.run(["gcc", "-O0", *flags, "-o", str(workdir / name), str(workdir / f"{name}.c")],
+                   check=True)  # fmt: skip
+
+
+def processes_of(uid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("Uid:") and int(line.split()[1]) == uid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+async def test_a_c_program_runs_with_stdin_and_args(run_stage: RunStage, workdir: Path) -> None:
+    compile_c(workdir, "add", '#include <stdio.h>\nint main(int c, char **v) { int a, b;'
+              ' scanf("%d %d", &a, &b); printf("%d %s\\n", a + b, v[1]); return 0; }')  # fmt: skip
+    out = await run_stage('./add "$@"', stdin=b"3 4\n", args=("x y",))
+    assert out.status == "ok", out
+    assert out.stdout == b"7 x y\n"
+    assert out.exit_code == 0 and out.signal is None
+    assert 0 < out.wall_time < 2 and 0 <= out.cpu_time < 2
+    assert out.memory > 0
+
+
+async def test_failed_exit_code(run_stage: RunStage) -> None:
+    out = await run_stage("echo oops >&2; exit 3")
+    assert (out.status, out.exit_code, out.stderr) == ("failed", 3, b"oops\n")
+
+
+async def test_segfault_is_signaled(run_stage: RunStage, workdir: Path) -> None:
+    compile_c(workdir, "segv", "int main(void) { volatile int *p = 0; return *p; }")
+    out = await run_stage("./segv")
+    assert out.status == "signaled"
+    assert out.signal == 11
+    assert (
+        out.result(parse_submission({"run": "x"}, _policy()).limits.run)["signal_name"] == "SIGSEGV"
+    )
+
+
+async def test_infinite_loop_hits_the_cpu_limit(run_stage: RunStage) -> None:
+    out = await run_stage("while :; do :; done", cpu=1, wall_time=10)
+    assert out.status == "time_limit"
+    assert 0.9 <= out.cpu_time < 2.5
+    assert out.wall_time < 5
+
+
+async def test_sleeper_hits_the_wall_time_limit(run_stage: RunStage) -> None:
+    out = await run_stage("sleep 30", wall_time=0.5)
+    assert out.status == "time_limit"
+    assert 0.45 <= out.wall_time < 2
+    assert out.cpu_time < 0.5
+    assert "wall time" in (out.error or "")
+
+
+async def test_python_memory_bomb_hits_the_memory_limit(run_stage: RunStage) -> None:
+    bomb = "x = []\nwhile True:\n    x.append(b'.' * 10_000_000)\n"
+    out = await run_stage(f'python3 -c "{bomb}"', memory=64 * MiB, wall_time=20)
+    assert out.status == "memory_limit", out
+    assert 56 * MiB <= out.memory <= 64 * MiB
+
+
+async def test_peak_memory_of_a_program_touching_100_mib(
+    run_stage: RunStage, workdir: Path
+) -> None:
+    compile_c(workdir, "touch", "#include <stdlib.h>\n#include <string.h>\n"
+              "int main(void) { size_t n = 100u << 20; char *p = malloc(n);"
+              " memset(p, 1, n); return p[n - 1] - 1; }")  # fmt: skip
+    out = await run_stage("./touch")
+    assert out.status == "ok"
+    assert abs(out.memory - 100 * MiB) <= 10 * MiB, out.memory
+
+
+async def test_peak_memory_covers_the_whole_process_tree(
+    run_stage: RunStage, workdir: Path
+) -> None:
+    compile_c(workdir, "hold", "#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\n"
+              "int main(void) { size_t n = 40u << 20; char *p = malloc(n);"
+              " memset(p, 1, n); sleep(1); return p[0] - 1; }")  # fmt: skip
+    out = await run_stage("./hold & ./hold & ./hold & wait")
+    assert out.status == "ok"
+    assert out.memory >= 3 * 40 * MiB
+
+
+async def test_fork_bomb_is_contained(run_stage: RunStage, sandbox: Sandbox) -> None:
+    out = await run_stage(":(){ :|:& };:; sleep 2", pids=64, wall_time=3)
+    assert out.status in ("ok", "failed", "time_limit")
+    assert processes_of(sandbox.uid) == []
+
+
+async def test_pids_cap_stops_forks(run_stage: RunStage) -> None:
+    script = (
+        "import os, time\nn = 0\nfor i in range(200):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n"
+        "        os._exit(0)\n    n += 1\nprint(n)\n"
+    )
+    out = await run_stage(f"python3 -c '{script}'", pids=20)
+    assert out.status == "ok", out
+    assert 1 <= int(out.stdout) < 20
+
+
+async def test_output_flood_is_truncated(run_stage: RunStage) -> None:
+    out = await run_stage("yes | head -c 200000; yes | head -c 5000 >&2", output=1000)
+    assert out.status == "ok", (out.error, out.wall_time, out.cpu_time)
+    assert out.stdout == b"y\n" * 500
+    assert out.stdout_truncated and out.stderr_truncated
+    assert len(out.stderr) == 1000
+
+
+async def test_endless_output_ends_at_the_wall_time(run_stage: RunStage) -> None:
+    out = await run_stage("yes", output=100, wall_time=1)
+    assert out.status == "time_limit"
+    assert len(out.stdout) == 100 and out.stdout_truncated
+
+
+async def test_file_size_limit_is_output_limit(run_stage: RunStage) -> None:
+    out = await run_stage("head -c 5000 /dev/zero > big", fsize=1000)
+    assert out.status == "output_limit"
+    assert out.signal == 25 or out.exit_code == 128 + 25  # SIGXFSZ, seen directly or by bash
+
+
+async def test_all_sixteen_prlimits_are_visible_inside(run_stage: RunStage) -> None:
+    limits = {
+        "as": [512 * MiB, 1024 * MiB], "core": 0, "cpu": [3, 4], "data": 1024 * MiB,
+        "fsize": MiB, "locks": 100, "memlock": 65536, "msgqueue": 8192, "nice": 0,
+        "nofile": [64, 128], "nproc": 50, "rss": 1024 * MiB, "rtprio": 0,
+        "rttime": 1_000_000, "sigpending": 100, "stack": 4 * MiB,
+    }  # fmt: skip
+    out = await run_stage("cat /proc/self/limits", **limits)
+    assert out.status == "ok"
+    rows = {
+        "Max cpu time": "cpu", "Max file size": "fsize", "Max data size": "data",
+        "Max stack size": "stack", "Max core file size": "core", "Max resident set": "rss",
+        "Max processes": "nproc", "Max open files": "nofile", "Max locked memory": "memlock",
+        "Max address space": "as", "Max file locks": "locks", "Max pending signals": "sigpending",
+        "Max msgqueue size": "msgqueue", "Max nice priority": "nice",
+        "Max realtime priority": "rtprio", "Max realtime timeout": "rttime",
+    }  # fmt: skip
+    seen = {}
+    for line in out.stdout.decode().splitlines()[1:]:
+        for label, name in rows.items():
+            if line.startswith(label):
+                soft, hard = line[len(label) :].split()[:2]
+                seen[name] = [int(soft), int(hard)]
+    expected = {k: v if isinstance(v, list) else [v, v] for k, v in limits.items()}
+    assert seen == expected
+
+
+async def test_no_network_but_loopback(run_stage: RunStage) -> None:
+    out = await run_stage(
+        "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; "
+        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), timeout=2)'"
+    )
+    assert out.stdout.split() == [b"lo"]
+    assert out.status == "failed"
+    assert b"unreachable" in out.stderr
+
+
+async def test_runs_as_an_unprivileged_uid(
+    run_stage: RunStage, workdir: Path, sandbox: Sandbox
+) -> None:
+    out = await run_stage("id -u; id -g; touch made-here")
+    assert out.stdout.split() == [b"1000", b"1000"]
+    made = (workdir / "made-here").stat()
+    assert (made.st_uid, made.st_gid) == (sandbox.uid, sandbox.uid)
+    assert sandbox.uid != 0
+
+
+async def test_filesystem_is_read_only_except_box_and_tmp(run_stage: RunStage) -> None:
+    out = await run_stage(
+        "ls -A /; touch /usr/x 2>&1; touch /etc/x 2>&1; touch /x 2>&1; touch /dev/x 2>&1; "
+        "echo ok > /tmp/t && cat /tmp/t > /dev/null && cat /tmp/t; "
+        "test -e /etc/shadow || echo no-shadow; ls /dev"
+    )
+    lines = out.stdout.decode().splitlines()
+    assert set(lines[: lines.index("ok") - 4]) <= {
+        ".cellblock", "bin", "box", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc",
+        "sbin", "tmp", "usr",
+    }  # fmt: skip
+    assert out.stdout.decode().count("Read-only file system") == 3  # /usr, /etc, /
+    assert "touch: cannot touch '/dev/x': Permission denied" in lines
+    assert "no-shadow" in lines
+    devices = set(lines[lines.index("no-shadow") + 1 :])
+    assert devices == {"null", "zero", "full", "random", "urandom", "fd", "shm", "stdin",
+                       "stdout", "stderr"}  # fmt: skip
+
+
+async def test_tmp_is_size_capped(run_stage: RunStage) -> None:
+    out = await run_stage("head -c 100M /dev/zero > /tmp/fill", memory=1024 * MiB, fsize=1024 * MiB)
+    assert out.status == "failed"
+    assert b"No space left" in out.stderr
+
+
+async def test_environment_is_an_allowlist(
+    run_stage: RunStage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CELLBLOCK_TEST_SECRET", "leaked")
+    out = await run_stage("env", env={"GREETING": "hello"})
+    names = {line.split("=", 1)[0] for line in out.stdout.decode().splitlines()}
+    assert "CELLBLOCK_TEST_SECRET" not in names
+    assert b"GREETING=hello" in out.stdout
+    assert names <= {"PATH", "HOME", "GREETING", "PWD", "SHLVL", "_"}
+
+
+async def test_seccomp_refuses_dangerous_calls(run_stage: RunStage) -> None:
+    out = await run_stage("unshare -r true; echo rc=$?; python3 -c 'import ctypes; "
+                          "print(ctypes.CDLL(None).syscall(165, 0, 0, 0, 0, 0))'")  # fmt: skip
+    assert b"rc=1" in out.stdout
+    assert out.stdout.strip().endswith(b"-1")  # mount(2) is refused with EPERM
+    assert b"Operation not permitted" in out.stderr
+
+
+async def test_a_daemon_does_not_survive_its_stage(run_stage: RunStage, sandbox: Sandbox) -> None:
+    out = await run_stage("( setsid sh -c 'sleep 1000 &' & ); setsid sleep 999 & echo started")
+    assert out.stdout == b"started\n"
+    assert processes_of(sandbox.uid) == []
+
+
+async def test_no_cgroup_is_left_behind(
+    run_stage: RunStage, sandbox_host: host.SandboxHost
+) -> None:
+    await run_stage("sleep 0.1 & echo hi")
+    cg = sandbox_host.cgroups
+    bases = [cg.memory_base, cg.pids_base] if isinstance(cg, CgroupsV1) else [cg.base]  # type: ignore[attr-defined]
+    ours = [p for base in bases for p in base.glob(f"{sandbox_host.config.sandbox.uid_base + 7}-*")]
+    assert ours == []
+
+
+async def test_sees_only_its_own_processes(run_stage: RunStage) -> None:
+    out = await run_stage("cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -E '^[0-9]+$'")
+    first, *pids = out.stdout.decode().splitlines()
+    assert first.startswith("/.cellblock/init ")
+    assert all(int(pid) < 10 for pid in pids), pids  # a PID namespace of its own
+
+
+async def test_cancelling_a_stage_kills_it(sandbox: Sandbox, workdir: Path) -> None:
+    limits = parse_submission({"run": "x"}, _policy()).limits.run
+    spec = StageSpec(script="sleep 100", limits=limits, workdir=workdir, env={"PATH": "/bin"})
+    task = asyncio.create_task(sandbox.run(spec))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert processes_of(sandbox.uid) == []
+
+
+async def test_pure_mode_holds_only_its_mounts(
+    sandbox_host: host.SandboxHost, sandbox_root: Path
+) -> None:
+    scratch = Path(tempfile.mkdtemp(dir=sandbox_root))
+    scratch.chmod(0o755)
+    busybox = scratch / "busybox" / "bin"
+    busybox.mkdir(parents=True)
+    shutil.copy("/bin/busybox", busybox / "busybox")
+    for applet in ("sh", "ls", "cat", "echo"):
+        (busybox / applet).symlink_to("busybox")
+    work = scratch / "box"
+    work.mkdir()
+    hello = '#include <stdio.h>\nint main(void) { puts("static hello"); return 0; }'
+    compile_c(work, "hello", hello, "-static")
+    pure = Sandbox(
+        nsjail=sandbox_host.nsjail, init=sandbox_host.init, cgroups=sandbox_host.cgroups,
+        uid=sandbox_host.config.sandbox.uid_base + 8, etc_dir=sandbox_root / "etc", base="pure",
+    )  # fmt: skip
+    os.chown(work, pure.uid, pure.uid)
+    spec = StageSpec(
+        script="ls -A /; ./hello",
+        limits=parse_submission({"run": "x"}, _policy()).limits.run,
+        workdir=work,
+        env={"PATH": "/opt/busybox/bin"},
+        mounts=[Mount(busybox, "/opt/busybox/bin")],
+        shell="/opt/busybox/bin/sh",
+    )
+    out = await pure.run(spec)
+    assert out.status == "ok", out.error
+    listing = out.stdout.decode().split()
+    assert listing[-2:] == ["static", "hello"]
+    assert set(listing[:-2]) == {".cellblock", "box", "dev", "etc", "opt", "proc", "tmp"}
+
+
+def _policy() -> LimitPolicy:
+    return config.load(Path("/nonexistent"), environ={}).limits
