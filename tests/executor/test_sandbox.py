@@ -15,7 +15,15 @@ import pytest
 from cellblock import config
 from cellblock.executor import host
 from cellblock.executor.cgroups import CgroupsV1
-from cellblock.executor.sandbox import Mount, Sandbox, StageOutcome, StageSpec
+from cellblock.executor.sandbox import (
+    InitReport,
+    Mount,
+    Sandbox,
+    StageOutcome,
+    StageSpec,
+    _Capture,
+    classify,
+)
 from cellblock.service.protocol import LimitPolicy, parse_submission
 
 MiB = 1024 * 1024
@@ -311,3 +319,64 @@ async def test_pure_mode_holds_only_its_mounts(
 
 def _policy() -> LimitPolicy:
     return config.load(Path("/nonexistent"), environ={}).limits
+
+
+# -- the pure parts: the init's report and the classification of a stage ----------------------
+
+
+def test_init_report_parsing() -> None:
+    assert InitReport.parse("exited 3 1500 500 20000\n") == InitReport("exited", 3, 0.002, 0.02)
+    assert InitReport.parse("signaled 11 0 0 1000\n") == InitReport("signaled", 11, 0.0, 0.001)
+    failed = InitReport.parse("exec-failed 2\n")
+    assert failed is not None and failed.detail == "No such file or directory"
+    rlimit = InitReport.parse("rlimit-failed nofile 1\nexited 126 0 0 1\n")
+    assert rlimit is not None and rlimit.kind == "rlimit-failed" and "nofile" in rlimit.detail
+    assert InitReport.parse("") is None
+    assert InitReport.parse("garbage here\n") is None
+
+
+@pytest.mark.parametrize(
+    ("report", "wall_killed", "oom", "cpu", "expected"),
+    [
+        (InitReport("exited", 0, 0.1, 0.1), False, False, 0.1, "ok"),
+        (
+            InitReport("exited", 0, 0.1, 0.1),
+            False,
+            True,
+            0.1,
+            "ok",
+        ),  # a child OOMed, the stage coped
+        (InitReport("exited", 1, 0.1, 0.1), False, False, 0.1, "failed"),
+        (InitReport("exited", 137, 0.1, 0.1), False, True, 0.1, "memory_limit"),
+        (InitReport("signaled", 9, 0.1, 0.1), False, True, 0.1, "memory_limit"),
+        (InitReport("signaled", 24, 2.0, 2.0), False, False, 2.0, "time_limit"),
+        (InitReport("signaled", 9, 1.97, 2.0), False, False, 1.97, "time_limit"),
+        (InitReport("exited", 152, 2.0, 2.0), False, False, 2.0, "time_limit"),
+        (InitReport("signaled", 25, 0.0, 0.0), False, False, 0.0, "output_limit"),
+        (InitReport("exited", 153, 0.0, 0.0), False, False, 0.0, "output_limit"),
+        (InitReport("signaled", 11, 0.0, 0.0), False, False, 0.0, "signaled"),
+        (None, True, False, 0.0, "time_limit"),
+        (InitReport("exited", 0, 0.0, 0.0), True, False, 0.0, "time_limit"),
+        (None, False, False, 0.0, "error"),
+        (InitReport("exec-failed", 0, 0.0, 0.0, "No such file"), False, False, 0.0, "error"),
+        (InitReport("rlimit-failed", 0, 0.0, 0.0, "nofile"), False, False, 0.0, "error"),
+    ],
+)
+def test_classify(
+    report: InitReport | None, wall_killed: bool, oom: bool, cpu: float, expected: str
+) -> None:
+    limits = parse_submission({"run": "x", "limits": {"run": {"cpu": 2}}}, _policy()).limits.run
+    status, message = classify(
+        report, wall_killed=wall_killed, out_of_memory=oom, cpu_time=cpu, limits=limits
+    )
+    assert status == expected
+    assert (message is None) == (expected in ("ok", "failed", "signaled"))
+
+
+def test_output_capture_keeps_the_first_bytes_and_reports_them_live() -> None:
+    seen: list[tuple[str, bytes]] = []
+    capture = _Capture("stdout", 5, lambda stream, data: seen.append((stream, data)))
+    for chunk in (b"abc", b"def", b"ghi"):
+        capture.feed(chunk)
+    assert bytes(capture.data) == b"abcde" and capture.truncated
+    assert seen == [("stdout", b"abc"), ("stdout", b"de")]

@@ -1,0 +1,87 @@
+"""Stage cgroups. v1 is this host's real hierarchy; v2 cannot be mounted with its memory
+controller on a v1 host, so its file handling is checked against a directory laid out as the
+kernel lays out a delegated v2 subtree (the real v2 path runs wherever a host uses v2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cellblock.errors import SandboxError
+from cellblock.executor import cgroups
+
+MiB = 1024 * 1024
+V1_HOST = (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")).exists()
+
+
+def test_own_cgroup_reads_proc_self_cgroup() -> None:
+    text = "9:name=systemd:/\n8:pids:/a/b\n4:memory:/process_api/x\n0::/unified/path\n"
+    assert cgroups.own_cgroup("memory", text) == "/process_api/x"
+    assert cgroups.own_cgroup("pids", text) == "/a/b"
+    assert cgroups.own_cgroup("", text) == "/unified/path"
+    with pytest.raises(SandboxError, match="no cpuset cgroup"):
+        cgroups.own_cgroup("cpuset", text)
+
+
+@pytest.mark.skipif(not V1_HOST or os.geteuid() != 0, reason="needs root on a cgroup v1 host")
+def test_v1_stage_cgroup_limits_measurement_and_removal() -> None:
+    detected = cgroups.detect()
+    assert isinstance(detected, cgroups.CgroupsV1)
+    stage = detected.create("test-v1-stage", 48 * MiB, 17)
+    try:
+        memory_dir = detected.memory_base / "test-v1-stage"
+        assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 48 * MiB
+        assert (detected.pids_base / "test-v1-stage" / "pids.max").read_text().strip() == "17"
+        args = stage.nsjail_args(48 * MiB, 17)
+        assert args[args.index("--cgroup_pids_max") + 1] == "17"
+        assert int(args[args.index("--cgroup_mem_max") + 1]) > 48 * MiB  # ours binds first
+        assert stage.peak_memory() == 0 and not stage.out_of_memory() and stage.procs() == []
+    finally:
+        stage.close()
+        stage.remove()
+    assert not (detected.memory_base / "test-v1-stage").exists()
+
+
+def fake_v2(root: Path) -> Path:
+    """A v2 root as the kernel shows it, with this process's cgroup at the root ("0::/")."""
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("")
+    return root
+
+
+def test_v2_is_detected_and_its_stage_files_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = fake_v2(tmp_path)
+    real_read_text = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if str(self) == "/proc/self/cgroup":
+            return "0::/\n"
+        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    detected = cgroups.detect(root)
+    assert isinstance(detected, cgroups.CgroupsV2)
+    assert (root / "cellblock" / "cgroup.subtree_control").read_text() == "+memory +pids"
+    stage = detected.create("s1", 32 * MiB, 9)
+    directory = root / "cellblock" / "s1"
+    assert (directory / "memory.max").read_text() == str(32 * MiB)
+    assert (directory / "pids.max").read_text() == "9"
+    args = stage.nsjail_args(32 * MiB, 9)
+    assert args[:3] == ["--use_cgroupv2", "--cgroupv2_mount", str(directory)]
+    (directory / "memory.peak").write_text(f"{5 * MiB}\n")
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
+    assert stage.peak_memory() == 5 * MiB
+    assert not stage.out_of_memory()
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+    assert stage.out_of_memory()
+    (directory / "cgroup.procs").write_text("")
+    assert stage.procs() == []
+
+
+def test_detect_refuses_a_host_without_controllers(tmp_path: Path) -> None:
+    with pytest.raises(SandboxError, match="no memory and pids cgroup controllers"):
+        cgroups.detect(tmp_path)
