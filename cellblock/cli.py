@@ -110,7 +110,9 @@ def _read_json(source: str) -> object:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as exc:
         raise CellblockError(f"cannot read {source}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest([FieldProblem("", f"not UTF-8 text: {exc}")]) from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
         raise InvalidRequest([FieldProblem("", f"not JSON: {exc}")]) from None

@@ -24,6 +24,7 @@ from cellblock.service.protocol import (
     StageLimits,
     StagePolicy,
     parse_rlimit,
+    parse_seconds,
 )
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -98,11 +99,11 @@ DEFAULTS: dict[str, Any] = {
     "limits": {
         "compile": {
             "default": {**_STAGE_DEFAULTS, "cpu": 30, "wall_time": 60.0},
-            "max": _STAGE_MAXIMA,
+            "max": {**_STAGE_MAXIMA},
         },
         "run": {
             "default": {**_STAGE_DEFAULTS, "cpu": 5, "wall_time": 10.0},
-            "max": _STAGE_MAXIMA,
+            "max": {**_STAGE_MAXIMA},
         },
         "deps": {"wall_time": 600.0, "max_wall_time": 3600.0},
     },
@@ -181,7 +182,10 @@ def _merge(into: dict[str, Any], data: Mapping[str, Any], source: str, prefix: s
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {path!r} must be a table")
             if path == "tokens":  # named tokens are free-form: each a table of its own
-                into[key].update(value)
+                for name, table in value.items():
+                    if not isinstance(table, dict):
+                        raise ConfigError(f"{source}: 'tokens.{name}' must be a table")
+                    into[key].setdefault(name, {}).update(table)
             else:
                 _merge(into[key], value, source, f"{path}.")
         else:
@@ -194,9 +198,13 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
         policy = LimitPolicy(
             compile=_stage_policy("compile", limits["compile"]),
             run=_stage_policy("run", limits["run"]),
-            deps_wall_time=float(limits["deps"]["wall_time"]),
-            deps_max_wall_time=float(limits["deps"]["max_wall_time"]),
+            deps_wall_time=_seconds("limits.deps.wall_time", limits["deps"]["wall_time"]),
+            deps_max_wall_time=_seconds(
+                "limits.deps.max_wall_time", limits["deps"]["max_wall_time"]
+            ),
         )
+        if policy.deps_wall_time > policy.deps_max_wall_time:
+            raise ConfigError("limits.deps.wall_time is above limits.deps.max_wall_time")
         sandbox = raw["sandbox"]
         if sandbox["base"] not in ("host", "pure"):
             raise ConfigError(f"sandbox.base is {sandbox['base']!r}; use 'host' or 'pure'")
@@ -265,8 +273,15 @@ def _stage_limits(where: str, raw: Mapping[str, Any]) -> StageLimits:
             raise ConfigError(f"{where}.{name}: must be a positive integer")
     return StageLimits(
         rlimits=rlimits,
-        wall_time=float(raw["wall_time"]),
+        wall_time=_seconds(f"{where}.wall_time", raw["wall_time"]),
         memory=raw["memory"],
         pids=raw["pids"],
         output=raw["output"],
     )
+
+
+def _seconds(where: str, value: Any) -> float:
+    try:
+        return parse_seconds(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

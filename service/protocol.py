@@ -16,9 +16,17 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from cellblock.errors import FieldProblem, InvalidRequest, LimitExceeded
 
@@ -36,6 +44,8 @@ STAGES: tuple[str, ...] = ("deps", "compile", "run")
 #: A stage script travels as one argv string, which Linux caps at MAX_ARG_STRLEN (128 KiB).
 MAX_SCRIPT_BYTES = 128 * 1024 - 1
 UNLIMITED = "unlimited"
+#: The largest finite limit: rlim_t is 64 bits and its top value means "unlimited".
+MAX_LIMIT = 2**63 - 1
 
 Encoding = Literal["utf8", "hex", "base64"]
 StageName = Literal["deps", "compile", "run"]
@@ -132,6 +142,8 @@ def _limit_number(value: Any, *, allow_unlimited: bool) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{value!r} is not a non-negative integer")
+    if value > MAX_LIMIT:
+        raise ValueError(f"{value} is larger than any limit the kernel holds ({MAX_LIMIT})")
     return value
 
 
@@ -156,7 +168,7 @@ def resolve_limits(requested: Mapping[str, Any], policy: LimitPolicy) -> Resolve
             malformed.append(FieldProblem(where, "the deps stage takes wall_time only"))
             continue
         try:
-            deps_wall = _wall_time(value)
+            deps_wall = parse_seconds(value)
         except ValueError as exc:
             malformed.append(FieldProblem(where, str(exc)))
             continue
@@ -199,7 +211,7 @@ def _resolve_stage(
                     too_high.append(_above(where, value, ceiling))
                 rlimits[name] = (soft, hard)
             elif name == "wall_time":
-                scalars[name] = _wall_time(value)
+                scalars[name] = parse_seconds(value)
                 if scalars[name] > policy.maxima.wall_time:
                     too_high.append(_above(where, value, policy.maxima.wall_time))
             elif name in SANDBOX_LIMITS:
@@ -233,9 +245,12 @@ def _requested_rlimit(value: Any) -> tuple[int, int]:
     return number, number
 
 
-def _wall_time(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def parse_seconds(value: Any) -> float:
+    """A positive, finite number of seconds; ``ValueError`` says what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{value!r} is not a number of seconds")
+    if (isinstance(value, int) and value > MAX_LIMIT) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number of seconds")
     if value <= 0:
         raise ValueError("wall_time must be above 0 seconds")
     return float(value)
@@ -279,9 +294,23 @@ def encode_output(data: bytes) -> tuple[str, Encoding]:
 
 
 def _no_nul(value: str) -> str:
+    """Text that can become an argv string, a variable or a file name."""
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
     return value
+
+
+def _dependency_name(name: str) -> str:
+    if not DEPENDENCY_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a package attribute name (letters, digits, _ + -, "
+            "dot-separated, like gcc or python3Packages.numpy)"
+        )
+    return name
 
 
 class _Strict(BaseModel):
@@ -292,7 +321,7 @@ class FileSpec(_Strict):
     name: str
     encoding: Encoding = "utf8"
     content: str
-    executable: bool = False
+    executable: StrictBool = False
 
     @field_validator("name")
     @classmethod
@@ -325,7 +354,9 @@ class SubmissionRequest(_Strict):
     """A submission as a client sends it (``POST /api/v1/submissions``)."""
 
     files: list[FileSpec] = Field(default_factory=list, max_length=MAX_FILES)
-    dependencies: list[str] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+    dependencies: list[Annotated[str, AfterValidator(_dependency_name)]] = Field(
+        default_factory=list, max_length=MAX_DEPENDENCIES
+    )
     compile: str | None = None
     run: str
     env: dict[str, str] = Field(default_factory=dict, max_length=256)
@@ -333,33 +364,6 @@ class SubmissionRequest(_Strict):
     stdin: str = ""
     args: list[str] = Field(default_factory=list, max_length=1024)
     limits: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("files")
-    @classmethod
-    def _unique_names(cls, files: list[FileSpec]) -> list[FileSpec]:
-        seen: set[str] = set()
-        for f in files:
-            if f.name in seen:
-                raise ValueError(f"file {f.name!r} is given twice")
-            seen.add(f.name)
-        names = seen
-        for f in files:
-            parts = f.name.split("/")
-            for i in range(1, len(parts)):
-                if "/".join(parts[:i]) in names:
-                    raise ValueError(f"{'/'.join(parts[:i])!r} is both a file and a folder")
-        return files
-
-    @field_validator("dependencies")
-    @classmethod
-    def _dependency_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not DEPENDENCY_NAME.fullmatch(name):
-                raise ValueError(
-                    f"{name!r} is not a package attribute name (letters, digits, _ + -, "
-                    "dot-separated, like gcc or python3Packages.numpy)"
-                )
-        return names
 
     @field_validator("compile", "run")
     @classmethod
@@ -384,8 +388,10 @@ class SubmissionRequest(_Strict):
         for name, value in env.items():
             if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)")
-            if "\x00" in value:
-                raise ValueError(f"the value of {name} contains a NUL character")
+            try:
+                _no_nul(value)
+            except ValueError as exc:
+                raise ValueError(f"the value of {name} {exc}") from None
         return env
 
     @field_validator("args")
@@ -443,7 +449,30 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
             for e in exc.errors(include_url=False)
         ]
         raise InvalidRequest(problems) from None
+    if problems := _file_name_problems(request.files):
+        raise InvalidRequest(problems)
     return Submission(request=request, limits=resolve_limits(request.limits, policy))
+
+
+def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
+    """Names that repeat, or that are both a file and a folder, each named by its index."""
+    problems = []
+    first: dict[str, int] = {}
+    for i, f in enumerate(files):
+        if f.name in first:
+            again = f"{f.name!r} is given twice, also as files[{first[f.name]}]"
+            problems.append(FieldProblem(f"files[{i}].name", again))
+        first.setdefault(f.name, i)
+    for i, f in enumerate(files):
+        parts = f.name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in first:
+                problems.append(FieldProblem(
+                    f"files[{i}].name",
+                    f"{folder!r} is both a file and a folder (the file is files[{first[folder]}])",
+                ))  # fmt: skip
+    return problems
 
 
 # -- status, stage results and events ---------------------------------------------------------
@@ -581,10 +610,10 @@ class SubmissionState:
 def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionState:
     """The state machine: the submission after ``event``. Pure; raises ``InvalidTransition``."""
     kind = event["type"]
-    if kind == "output":
-        return state
     if state.status == "finished" or (state.done and kind != "finished"):
         raise InvalidTransition(f"{state.id} is {state.status}; it takes no {kind} event")
+    if kind == "output":
+        return state
     if kind == "status":
         new = event["status"]
         if new not in TRANSITIONS[state.status]:
@@ -624,6 +653,8 @@ def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionS
             changes["ran"] = result["status"] not in ("skipped", "error")
         return replace(state, **changes)
     if kind == "finished":
+        if state.status == "queued":
+            raise InvalidTransition(f"{state.id} is queued; it cannot finish before it runs")
         if state.status != "running":
             # The closing event after a cancellation or a system error: it changes nothing.
             return state
