@@ -62,14 +62,20 @@ class StageCgroup(ABC):
             time.sleep(0.005)
 
     def remove(self) -> None:
-        """Kill what is left and remove the cgroup (nsjail's child cgroups first)."""
-        self.kill_all()
+        """Remove the cgroup; first kill what is left in it, if anything is."""
         for top in self._dirs():
-            if not top.exists():
+            try:
+                top.rmdir()  # the common case: nsjail removed its child and nothing is left
                 continue
-            for sub in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                if sub.is_dir():
-                    _rmdir(sub)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
+            self.kill_all()
+            # Children first; os.walk lists directories only, not the many control files.
+            for parent, dirs, _ in os.walk(top, topdown=False):
+                for d in dirs:
+                    _rmdir(Path(parent) / d)
             _rmdir(top)
 
     def close(self) -> None:  # noqa: B027 (most cgroups hold nothing to release)
@@ -122,6 +128,7 @@ class CgroupsV1(Cgroups):
         self.memory_mount, self.pids_mount = memory_mount, pids_mount
         for base in (memory_base, pids_base):
             base.mkdir(parents=True, exist_ok=True)
+        self.swap_accounting = (memory_base / "memory.memsw.limit_in_bytes").exists()
 
     def create(self, name: str, memory: int, pids: int) -> StageCgroup:
         return StageCgroupV1(self, name, memory, pids)
@@ -136,9 +143,16 @@ class StageCgroupV1(StageCgroup):
             if d.exists():
                 StageCgroupV1._remove_stale(d)
             d.mkdir()
+        try:
+            self._configure(memory, pids)
+        except BaseException:
+            self.remove()
+            raise
+
+    def _configure(self, memory: int, pids: int) -> None:
         _write(self.memory_dir / "memory.limit_in_bytes", str(memory))
         memsw = self.memory_dir / "memory.memsw.limit_in_bytes"
-        if memsw.exists():  # with swap accounting on, swap must not extend the cap
+        if self.owner.swap_accounting:  # swap must not extend the cap
             _write(memsw, str(memory))
         _write(self.pids_dir / "pids.max", str(pids))
         # v1 counts the out-of-memory kill on the victim's own cgroup, which nsjail removes;

@@ -259,22 +259,11 @@ class Sandbox:
         self.uid, self.base, self.tmp_size = uid, base, tmp_size
         self.etc_dir = etc_dir
         write_etc(etc_dir)
+        self._base_mounts = self._base_argv()
 
-    def command(
-        self, spec: StageSpec, status_fd: int, log_fd: int, cgroup_args: list[str]
-    ) -> list[str]:
-        """The nsjail command line for ``spec``."""
-        limits = spec.limits
-        cmd = [
-            str(self.nsjail), "--mode", "o", "--log_fd", str(log_fd), "--quiet",
-            # Our init applies every rlimit exactly; nsjail's own (MB-granular) ones stay off.
-            "--disable_rlimits",
-            "--time_limit", str(math.ceil(limits.wall_time) + 5),
-            "--user", f"{SANDBOX_UID}:{self.uid}:1", "--group", f"{SANDBOX_UID}:{self.uid}:1",
-            "--hostname", HOSTNAME, "--cwd", WORKDIR,
-            "--seccomp_string", SECCOMP_POLICY,
-            "--pass_fd", str(status_fd),
-        ]  # fmt: skip
+    def _base_argv(self) -> list[str]:
+        """The mounts every stage of this sandbox shares: the base system and /dev."""
+        cmd: list[str] = []
         if self.base == "host":
             for d in BASE_DIRS:
                 if os.path.islink(d):  # merged /usr: keep the same symlink
@@ -295,6 +284,24 @@ class Sandbox:
             cmd += ["--bindmount", f"/dev/{dev}"]
         for link, target in DEV_LINKS:
             cmd += ["--symlink", f"{target}:/dev/{link}"]
+        return cmd
+
+    def command(
+        self, spec: StageSpec, status_fd: int, log_fd: int, cgroup_args: list[str]
+    ) -> list[str]:
+        """The nsjail command line for ``spec``."""
+        limits = spec.limits
+        cmd = [
+            str(self.nsjail), "--mode", "o", "--log_fd", str(log_fd), "--quiet",
+            # Our init applies every rlimit exactly; nsjail's own (MB-granular) ones stay off.
+            "--disable_rlimits",
+            "--time_limit", str(math.ceil(limits.wall_time) + 5),
+            "--user", f"{SANDBOX_UID}:{self.uid}:1", "--group", f"{SANDBOX_UID}:{self.uid}:1",
+            "--hostname", HOSTNAME, "--cwd", WORKDIR,
+            "--seccomp_string", SECCOMP_POLICY,
+            "--pass_fd", str(status_fd),
+        ]  # fmt: skip
+        cmd += self._base_mounts
         for m in spec.mounts:
             cmd += ["--bindmount" if m.writable else "--bindmount_ro", f"{m.source}:{m.target}"]
         cmd += ["--bindmount", f"{spec.workdir}:{WORKDIR}"]
@@ -383,6 +390,9 @@ class Sandbox:
         finally:
             for task in tasks:
                 task.cancel()
+            # Let the cancelled readers unregister their fds before the fds are closed: a
+            # number reused by another slot's stage must not lose that stage's reader.
+            await asyncio.gather(*tasks, return_exceptions=True)
             if proc is not None and proc.returncode is None:
                 # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
                 # Killed first, nsjail would orphan the jail's init to the host's pid 1.
