@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stream", action="store_true", help="print events as JSON lines")
     run.add_argument("--slot", type=int, default=0, help="sandbox slot (its uid) to use")
     _common(run)
+
+    executor = commands.add_parser(
+        "executor",
+        help="run an executor: take submissions from the queue and run them",
+        description="SIGTERM or SIGINT drains it: running submissions finish, then it exits.",
+    )
+    _worker_options(executor, "executor")
+    executor.add_argument("--slots", type=int, help="parallel sandboxes (default: config slots)")
+    executor.add_argument(
+        "--uid-offset",
+        type=int,
+        default=0,
+        help="slot N runs as uid sandbox.uid_base + offset + N; give every executor on one "
+        "host its own range",
+    )
+
+    service = commands.add_parser("service", help="run the REST and WebSocket API")
+    service.add_argument("--host", default="127.0.0.1")
+    service.add_argument("--port", type=int, default=8765)
+    service.add_argument("--redis", default=os.environ.get("CELLBLOCK_REDIS_URL"), required=False,
+                         help="Redis URL (default: $CELLBLOCK_REDIS_URL)")  # fmt: skip
+    _common(service)
     return parser
+
+
+def _worker_options(parser: argparse.ArgumentParser, kind: str) -> None:
+    parser.add_argument("--redis", default=os.environ.get("CELLBLOCK_REDIS_URL"),
+                        help="Redis URL (default: $CELLBLOCK_REDIS_URL)")  # fmt: skip
+    parser.add_argument("--id", help=f"worker id (default: {kind}-HOST-PID)")
+    _common(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(state_dir, args.config)
         if args.command == "exec":
             return asyncio.run(_exec(config, args))
+        if args.command in ("executor", "service") and not args.redis:
+            raise CellblockError("no Redis: give --redis URL or set CELLBLOCK_REDIS_URL")
+        if args.command == "executor":
+            return asyncio.run(_executor(config, args))
+        if args.command == "service":
+            from cellblock.service import server
+
+            return asyncio.run(server.serve(config, args.redis, args.host, args.port))
     except InvalidRequest as exc:
         print(json.dumps(exc.as_json()), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -101,6 +139,28 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
         print(json.dumps(recorder.state.as_json(), indent=2))
     stages = [s for s in recorder.state.stages.values() if s is not None]
     return EXIT_OK if all(s["status"] == "ok" for s in stages) else EXIT_STAGE_FAILED
+
+
+async def _executor(config: config_module.Config, args: argparse.Namespace) -> int:
+    from cellblock.executor import host
+    from cellblock.executor.worker import Executor, install_drain_signals
+    from cellblock.service.store import Store
+
+    store = Store.connect(args.redis, retention=config.retention, queue_size=config.queue_size)
+    worker_id = args.id or f"executor-{socket.gethostname()}-{os.getpid()}"
+    executor = Executor(
+        store,
+        host.prepare(config),
+        worker_id=worker_id,
+        slots=args.slots or config.slots,
+        uid_offset=args.uid_offset,
+    )
+    install_drain_signals(executor)
+    try:
+        await executor.run()
+    finally:
+        await store.close()
+    return 0
 
 
 def _read_json(source: str) -> object:

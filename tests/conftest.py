@@ -1,12 +1,36 @@
-"""Fixtures shared by every test folder: a configuration and state directory of one's own."""
+"""Fixtures shared by every test folder. Factories start real servers and workers in
+temporary state directories: a real redis-server, the real Tornado service, real executor
+processes running real nsjail."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
 
 from cellblock import config as config_module
+from cellblock.service.auth import Principal, Tokens
+from cellblock.service.server import make_app
+from cellblock.service.store import Store
+
+CELLBLOCK = [sys.executable, "-m", "cellblock"]
+#: Tokens of the in-process service: two clients and an admin.
+TOKENS = {"alice-token": ("alice", "client"), "bob-token": ("bob", "client"),
+          "admin-token": ("admin", "admin")}  # fmt: skip
+#: Short leases, so that reclaiming a dead executor's job takes a second, not fifteen.
+TEST_ENV = {"CELLBLOCK_LEASE_TIMEOUT": "1.5", "CELLBLOCK_QUEUE_SIZE": "50"}
 
 
 @pytest.fixture
@@ -19,3 +43,127 @@ def state_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(state_dir: Path) -> config_module.Config:
     return config_module.load(state_dir, environ={})
+
+
+@pytest.fixture(scope="session")
+def sandbox_root() -> Iterator[Path]:
+    """A sandbox root of this test session's own, searchable as nsjail needs it to be."""
+    root = Path(tempfile.mkdtemp(prefix="cellblock-test-sandbox-"))
+    root.chmod(0o711)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(tmp_path: Path) -> Iterator[str]:
+    """A real redis-server of this test's own, on a unix socket."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (make test installs it)")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [server, "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
+         "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("redis-server did not start")
+        time.sleep(0.01)
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    store = Store.connect(redis_url, retention=3600, queue_size=50)
+    await store.ensure_group()
+    yield store
+    await store.close()
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    redis_url: str
+    state_dir: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "/api/v1/ws"
+
+
+@pytest.fixture
+async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncIterator[Service]:
+    """The real Tornado app, in this test's event loop, on a free loopback port."""
+    env = {
+        **TEST_ENV,
+        "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
+        "CELLBLOCK_MAX_BODY_SIZE": "1048576",
+    }
+    cfg = config_module.load(state_dir, environ=env)
+    store = Store.connect(redis_url, retention=cfg.retention, queue_size=cfg.queue_size)
+    await store.ensure_group()
+    tokens = Tokens({t: Principal(name, role) for t, (name, role) in TOKENS.items()})  # type: ignore[arg-type]
+    server = tornado.httpserver.HTTPServer(
+        make_app(store, cfg, tokens), max_body_size=cfg.max_body_size + 1024 * 1024
+    )
+    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+    server.add_sockets([sock])
+    port = sock.getsockname()[1]
+    yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
+    server.stop()
+    await server.close_all_connections()
+    await store.close()
+
+
+@dataclass
+class ExecutorProcess:
+    worker_id: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+StartExecutor = Callable[..., ExecutorProcess]
+
+
+@pytest.fixture
+def start_executor(redis_url: str, tmp_path: Path, sandbox_root: Path) -> Iterator[StartExecutor]:
+    """Start real `cellblock executor` processes; each gets its own uid range."""
+    started: list[ExecutorProcess] = []
+
+    def start(slots: int = 2, **env: str) -> ExecutorProcess:
+        index = len(started)
+        worker_id = f"executor-test-{index}"
+        state = tmp_path / f"executor-{index}"
+        state.mkdir()
+        log = tmp_path / f"{worker_id}.log"
+        proc_env = {
+            **os.environ, **TEST_ENV, "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"', **env,
+        }  # fmt: skip
+        proc = subprocess.Popen(
+            [*CELLBLOCK, "executor", "--redis", redis_url, "--state-dir", str(state),
+             "--id", worker_id, "--slots", str(slots), "--uid-offset", str(100 + 10 * index),
+             "--log-level", "info"],
+            env=proc_env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
+        )  # fmt: skip
+        executor = ExecutorProcess(worker_id, proc, log)
+        started.append(executor)
+        return executor
+
+    yield start
+    for executor in started:
+        if executor.proc.poll() is None:
+            executor.proc.kill()
+            executor.proc.wait()

@@ -26,15 +26,6 @@ if os.geteuid() != 0:
 
 
 @pytest.fixture(scope="session")
-def sandbox_root() -> Iterator[Path]:
-    """A sandbox root of this test session's own, searchable as nsjail needs it to be."""
-    root = Path(tempfile.mkdtemp(prefix="cellblock-test-sandbox-"))
-    root.chmod(0o711)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
 def sandbox_host(tmp_path_factory: pytest.TempPathFactory, sandbox_root: Path) -> host.SandboxHost:
     state = tmp_path_factory.mktemp("state")
     env = {"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'}

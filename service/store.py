@@ -1,0 +1,376 @@
+"""Submissions, events, the job queue and the worker registry, kept in Redis.
+
+Everything the system remembers lives here, so that service processes hold no state and any
+number of them can run side by side. Keys (``{p}`` is the prefix, ``cb`` by default):
+
+- ``{p}:sub:{id}``: a hash: ``job`` (the validated submission), ``owner``, ``state`` (the
+  submission document), ``status``, ``attempts``, ``version`` and ``seq``.
+- ``{p}:events:{id}``: a stream of the submission's events; entry ``0-N`` is event ``seq`` N, so
+  sequence numbers are gap-free by construction and ``since`` is a stream position.
+- ``{p}:jobs``: the job stream, read by executors through the consumer group ``executors``:
+  one executor per job, the pending-entries list is the lease, ``XCLAIM`` is the heartbeat and
+  ``XAUTOCLAIM`` the reclaim of a job whose executor stopped heartbeating.
+- ``{p}:queued``: the set of queued ids, for the queue-size limit.
+- ``{p}:owner:{name}``: a sorted set of a token's submission ids by creation time.
+- ``{p}:worker:{id}``: a worker's registration, expiring unless refreshed.
+
+Appending an event is atomic (a Lua script): the state machine runs in Python on the current
+state, and the script applies the result only if nobody changed the state meanwhile (its
+``version``), else the append is retried. A writer names the attempt it works for; an executor
+whose job was reclaimed by another (a newer attempt) is refused, so the final result is written
+once. Concurrency: every method is safe to call from many tasks and processes at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from cellblock.errors import CellblockError
+from cellblock.service.protocol import (
+    TERMINAL,
+    EventRecorder,
+    Submission,
+    SubmissionState,
+    now,
+)
+
+JOBS_GROUP = "executors"
+
+
+class QueueFull(CellblockError):
+    code = "queue_full"
+
+
+class UnknownSubmission(CellblockError):
+    code = "not_found"
+
+
+class Rejected(CellblockError):
+    """An event the submission no longer takes: it ended, or another attempt owns it now."""
+
+    code = "rejected"
+
+
+# KEYS: sub, events, queued, jobs, owner index, counters. ARGV: id, job, owner, state,
+# created (score), queue size, first event, retention.
+_SUBMIT = """
+if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[6]) then return 0 end
+redis.call('HSET', KEYS[1], 'job', ARGV[2], 'owner', ARGV[3], 'state', ARGV[4],
+           'status', 'queued', 'attempts', 0, 'version', 1, 'seq', 1)
+redis.call('XADD', KEYS[2], '0-1', 'e', ARGV[7])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[5], ARGV[1])
+redis.call('EXPIRE', KEYS[5], ARGV[8])
+redis.call('XADD', KEYS[4], '*', 'id', ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'submitted', 1)
+return 1
+"""
+
+# KEYS: sub, events, queued, counters. ARGV: expected version, attempt ('' for any), new state,
+# new status, new attempts, event, retention ('' unless the submission ends), id.
+# Returns the event's seq, or -1 (version conflict: retry), -2 (ended), -3 (stale attempt),
+# -4 (unknown).
+_APPLY = """
+local cur = redis.call('HMGET', KEYS[1], 'version', 'status', 'attempts', 'seq')
+if not cur[1] then return -4 end
+if ARGV[2] ~= '' and cur[3] ~= ARGV[2] then return -3 end
+if cur[1] ~= ARGV[1] then return -1 end
+local seq = tonumber(cur[4]) + 1
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'attempts', ARGV[5],
+           'version', tonumber(cur[1]) + 1, 'seq', seq)
+redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[6])
+if ARGV[4] ~= 'queued' then redis.call('SREM', KEYS[3], ARGV[8]) end
+if ARGV[7] ~= '' and cur[2] ~= ARGV[4] then
+  redis.call('EXPIRE', KEYS[1], ARGV[7])
+  redis.call('EXPIRE', KEYS[2], ARGV[7])
+  redis.call('HINCRBY', KEYS[4], 'ended:' .. ARGV[4], 1)
+end
+return seq
+"""
+
+# An event that changes no state (live output). KEYS: sub, events. ARGV: attempt, event.
+_OUTPUT = """
+local cur = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+if not cur[1] then return -4 end
+if cur[1] == 'finished' or cur[1] == 'cancelled' or cur[1] == 'error' then return -2 end
+if ARGV[1] ~= '' and cur[2] ~= ARGV[1] then return -3 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[2])
+return seq
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job taken from the queue: which submission, and the stream entry that is its lease."""
+
+    entry: str
+    submission_id: str
+    deliveries: int
+
+
+def _event_from_entry(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    event: dict[str, Any] = json.loads(fields["e"])
+    event["seq"] = int(entry_id.split("-")[1])
+    return event
+
+
+class Store:
+    """Cellblock's state in one Redis. See the module docstring for keys and guarantees."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "cb",
+        retention: float = 7 * 24 * 3600,
+        queue_size: int = 1000,
+    ) -> None:
+        # Typed loosely on purpose: redis-py annotates every reply as bytes-or-str, and this
+        # client decodes (decode_responses=True), so the replies here are str.
+        self.redis: Any = redis
+        self.p = prefix
+        self.retention = max(1, int(retention))
+        self.queue_size = queue_size
+        self._submit = redis.register_script(_SUBMIT)
+        self._apply = redis.register_script(_APPLY)
+        self._output = redis.register_script(_OUTPUT)
+
+    @classmethod
+    def connect(cls, url: str, **kwargs: Any) -> Store:
+        return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def _sub(self, sid: str) -> str:
+        return f"{self.p}:sub:{sid}"
+
+    def _events(self, sid: str) -> str:
+        return f"{self.p}:events:{sid}"
+
+    @property
+    def jobs_key(self) -> str:
+        return f"{self.p}:jobs"
+
+    # -- submissions ---------------------------------------------------------------------------
+
+    async def submit(self, sid: str, submission: Submission, owner: str) -> SubmissionState:
+        """Store and queue a submission, all or nothing; ``QueueFull`` when the queue is full."""
+        state = SubmissionState.new(sid, submission.request)
+        recorder = EventRecorder(state)
+        first = recorder.record({"type": "status", "status": "queued"})
+        first.pop("seq")
+        created = time.time()
+        ok = await self._submit(
+            keys=[self._sub(sid), self._events(sid), f"{self.p}:queued", self.jobs_key,
+                  f"{self.p}:owner:{owner}", f"{self.p}:counters"],
+            args=[sid, json.dumps(submission.as_json()), owner,
+                  json.dumps(recorder.state.as_record()), created, self.queue_size,
+                  json.dumps(first), self.retention],
+        )  # fmt: skip
+        if not ok:
+            raise QueueFull(f"the queue is full ({self.queue_size} submissions wait); retry later")
+        return recorder.state
+
+    async def state(self, sid: str) -> SubmissionState | None:
+        raw = await self.redis.hget(self._sub(sid), "state")
+        return None if raw is None else SubmissionState.from_record(json.loads(raw))
+
+    async def owner(self, sid: str) -> str | None:
+        owner: str | None = await self.redis.hget(self._sub(sid), "owner")
+        return owner
+
+    async def job(self, sid: str) -> Submission | None:
+        raw = await self.redis.hget(self._sub(sid), "job")
+        return None if raw is None else Submission.from_json(json.loads(raw))
+
+    async def recent(self, owner: str | None, limit: int) -> list[SubmissionState]:
+        """The newest submissions of ``owner`` (every owner's when ``None``), newest first."""
+        if owner is None:
+            keys = [k async for k in self.redis.scan_iter(f"{self.p}:owner:*")]
+        else:
+            keys = [f"{self.p}:owner:{owner}"]
+        horizon = time.time() - self.retention
+        ids: list[tuple[str, float]] = []
+        for key in keys:
+            await self.redis.zremrangebyscore(key, "-inf", horizon)
+            ids += await self.redis.zrevrange(key, 0, limit - 1, withscores=True)
+        ids.sort(key=lambda pair: pair[1], reverse=True)
+        states = []
+        for sid, _ in ids[:limit]:
+            if (state := await self.state(sid)) is not None:
+                states.append(state)
+        return states
+
+    async def status(self, sid: str) -> str | None:
+        """Just the status: cheap enough to poll while a submission runs."""
+        status: str | None = await self.redis.hget(self._sub(sid), "status")
+        return status
+
+    async def cancel(self, sid: str) -> SubmissionState:
+        """Cancel a queued or running submission (an executor running it notices and stops).
+        ``Rejected`` when it has ended already."""
+        await self.append(sid, {"type": "status", "status": "cancelled"})
+        await self.append(sid, {"type": "finished"})
+        state = await self.state(sid)
+        assert state is not None
+        return state
+
+    async def queued(self) -> int:
+        count: int = await self.redis.scard(f"{self.p}:queued")
+        return count
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def append(
+        self, sid: str, body: Mapping[str, Any], attempt: int | None = None
+    ) -> dict[str, Any]:
+        """Append one event, applying it to the state. ``attempt``: the writer's attempt number,
+        checked so that a reclaimed executor's late events are refused with ``Rejected``."""
+        expected = "" if attempt is None else str(attempt)
+        if body["type"] == "output":
+            event = {**body, "id": sid, "time": now()}
+            seq = await self._output(
+                keys=[self._sub(sid), self._events(sid)], args=[expected, json.dumps(event)]
+            )
+            return {**event, "seq": self._check(sid, seq)}
+        while True:
+            fields = await self.redis.hmget(self._sub(sid), ["state", "version", "seq"])
+            if fields[0] is None:
+                raise UnknownSubmission(f"no submission {sid}")
+            state = SubmissionState.from_record(json.loads(fields[0]))
+            recorder = EventRecorder(state, int(fields[2]))
+            try:
+                event = recorder.record(body)
+            except ValueError as exc:  # InvalidTransition
+                raise Rejected(str(exc)) from None
+            new = recorder.state
+            stored = dict(event)
+            stored.pop("seq")
+            seq = await self._apply(
+                keys=[self._sub(sid), self._events(sid), f"{self.p}:queued", f"{self.p}:counters"],
+                args=[fields[1], expected, json.dumps(new.as_record()), new.status,
+                      new.attempts, json.dumps(stored),
+                      self.retention if new.status in TERMINAL else "", sid],
+            )  # fmt: skip
+            if seq != -1:
+                self._check(sid, seq)
+                return event
+
+    @staticmethod
+    def _check(sid: str, seq: int) -> int:
+        if seq == -2:
+            raise Rejected(f"submission {sid} has ended")
+        if seq == -3:
+            raise Rejected(f"submission {sid} belongs to a newer attempt")
+        if seq == -4:
+            raise UnknownSubmission(f"no submission {sid}")
+        return seq
+
+    async def events(
+        self, sid: str, since: int = 0, block: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Events after ``since``; with ``block`` seconds, wait that long for one to come."""
+        if block is None:
+            entries = await self.redis.xrange(self._events(sid), f"(0-{since}", "+")
+            return [_event_from_entry(i, f) for i, f in entries]
+        reply = await self.redis.xread(
+            {self._events(sid): f"0-{since}"}, block=max(1, int(block * 1000))
+        )
+        return [_event_from_entry(i, f) for _, entries in reply for i, f in entries]
+
+    # -- the job queue -------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.jobs_key, JOBS_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def take(self, consumer: str, block: float) -> Job | None:
+        """The next new job for ``consumer``, waiting up to ``block`` seconds."""
+        reply = await self.redis.xreadgroup(
+            JOBS_GROUP, consumer, {self.jobs_key: ">"}, count=1, block=max(1, int(block * 1000))
+        )
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                return Job(entry_id, fields["id"], 1)
+        return None
+
+    async def reclaim(self, consumer: str, lease: float) -> Job | None:
+        """A job whose holder has not heartbeaten for ``lease`` seconds, now ``consumer``'s."""
+        _, claimed, deleted = await self.redis.xautoclaim(
+            self.jobs_key, JOBS_GROUP, consumer, int(lease * 1000), "0-0", count=1
+        )
+        for entry_id in deleted or []:
+            await self.redis.xack(self.jobs_key, JOBS_GROUP, entry_id)
+        for entry_id, fields in claimed:
+            info = await self.redis.xpending_range(self.jobs_key, JOBS_GROUP, entry_id, entry_id, 1)
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            return Job(entry_id, fields["id"], deliveries)
+        return None
+
+    async def heartbeat(self, consumer: str, job: Job) -> None:
+        """Renew the lease on ``job`` (resets its idle time; keeps the delivery count)."""
+        await self.redis.xclaim(self.jobs_key, JOBS_GROUP, consumer, 0, [job.entry], justid=True)
+
+    async def done(self, job: Job) -> None:
+        """Release ``job`` for good: acknowledged and removed from the stream."""
+        await self.redis.xack(self.jobs_key, JOBS_GROUP, job.entry)
+        await self.redis.xdel(self.jobs_key, job.entry)
+
+    # -- workers -------------------------------------------------------------------------------
+
+    async def register_worker(self, info: Mapping[str, Any], ttl: float) -> None:
+        await self.redis.set(
+            f"{self.p}:worker:{info['id']}", json.dumps(dict(info)), px=int(ttl * 1000)
+        )
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        await self.redis.delete(f"{self.p}:worker:{worker_id}", f"{self.p}:drain:{worker_id}")
+
+    async def workers(self) -> list[dict[str, Any]]:
+        found = []
+        async for key in self.redis.scan_iter(f"{self.p}:worker:*"):
+            raw = await self.redis.get(key)
+            if raw is not None:
+                found.append(json.loads(raw))
+        return sorted(found, key=lambda w: (w["kind"], w["id"]))
+
+    async def request_drain(self, worker_id: str) -> bool:
+        """Ask a worker to finish what it runs and stop; False when no such worker lives."""
+        if not await self.redis.exists(f"{self.p}:worker:{worker_id}"):
+            return False
+        await self.redis.set(f"{self.p}:drain:{worker_id}", "1", ex=3600)
+        return True
+
+    async def drain_requested(self, worker_id: str) -> bool:
+        return bool(await self.redis.exists(f"{self.p}:drain:{worker_id}"))
+
+    async def counters(self) -> dict[str, int]:
+        """Totals since the store was made: ``submitted`` and ``ended:<status>``."""
+        raw = await self.redis.hgetall(f"{self.p}:counters")
+        return {k: int(v) for k, v in raw.items()}
+
+    async def supervise(self, ttl: float) -> None:
+        """Say that a `cellblock up` supervisor acts on scale requests (for ``ttl`` seconds)."""
+        await self.redis.set(f"{self.p}:supervisor", "1", px=int(ttl * 1000))
+
+    async def supervised(self) -> bool:
+        return bool(await self.redis.exists(f"{self.p}:supervisor"))
+
+    async def set_scale(self, counts: Mapping[str, int]) -> None:
+        await self.redis.hset(f"{self.p}:scale", mapping={k: str(v) for k, v in counts.items()})
+
+    async def scale(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(f"{self.p}:scale")
+        return {k: int(v) for k, v in raw.items()}

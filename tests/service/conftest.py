@@ -1,0 +1,1 @@
+"""Service tests use the shared fixtures of tests/conftest.py (real redis, service, executors)."""

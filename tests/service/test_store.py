@@ -1,0 +1,160 @@
+"""The Redis store against a real redis-server: admission, events, leases, fencing, workers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from cellblock import config as config_module
+from cellblock.service.protocol import Submission, parse_submission
+from cellblock.service.store import QueueFull, Rejected, Store, UnknownSubmission
+
+
+def submission(**request: object) -> Submission:
+    policy = config_module.load(Path("/nonexistent"), environ={}).limits
+    return parse_submission({"run": "echo hi", **request}, policy)
+
+
+async def test_submit_stores_queues_and_emits_the_first_event(store: Store) -> None:
+    state = await store.submit("s1", submission(compile="true"), owner="alice")
+    assert (state.status, state.compiled, state.dependencies_installed) == ("queued", None, True)
+    assert (await store.state("s1")) == state
+    assert await store.owner("s1") == "alice"
+    assert (await store.job("s1")) == submission(compile="true")
+    events = await store.events("s1")
+    assert [(e["seq"], e["type"], e["status"]) for e in events] == [(1, "status", "queued")]
+    assert await store.queued() == 1
+
+
+async def test_a_full_queue_refuses_and_stores_nothing(store: Store) -> None:
+    store.queue_size = 5
+    for i in range(5):
+        await store.submit(f"s{i}", submission(), owner="a")
+    with pytest.raises(QueueFull, match="queue is full"):
+        await store.submit("s5", submission(), owner="a")
+    assert await store.state("s5") is None
+    assert await store.events("s5") == []
+    assert await store.redis.xlen(store.jobs_key) == 5
+
+
+async def test_events_are_numbered_without_gaps_and_replay_from_since(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
+    await store.append("s1", {"type": "stage_started", "stage": "run"})
+    for i in range(3):
+        await store.append(
+            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": f"{i}"}
+        )
+    await store.append("s1", {"type": "finished"})
+    events = await store.events("s1")
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6, 7]
+    assert [e["seq"] for e in await store.events("s1", since=4)] == [5, 6, 7]
+    assert events[-1]["submission"]["status"] == "finished"
+    state = await store.state("s1")
+    assert state is not None and state.status == "finished" and state.picked_up
+    assert await store.queued() == 0
+    assert 0 < await store.redis.ttl("cb:sub:s1") <= 3600  # retention starts when it ends
+    assert 0 < await store.redis.ttl("cb:events:s1") <= 3600
+
+
+async def test_a_blocking_read_wakes_on_the_next_event(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    waiter = asyncio.create_task(store.events("s1", since=1, block=5))
+    await asyncio.sleep(0.1)
+    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
+    events = await asyncio.wait_for(waiter, 2)
+    assert [e["seq"] for e in events] == [2]
+    assert await store.events("s1", since=2, block=0.05) == []
+
+
+async def test_a_stale_attempt_is_fenced_off(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    await store.append("s1", {"type": "status", "status": "running", "worker": "old"})
+    await store.append("s1", {"type": "status", "status": "running", "worker": "new"})  # reclaim
+    with pytest.raises(Rejected, match="newer attempt"):
+        await store.append("s1", {"type": "stage_started", "stage": "run"}, attempt=1)
+    with pytest.raises(Rejected, match="newer attempt"):
+        await store.append(
+            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}, attempt=1
+        )
+    await store.append("s1", {"type": "stage_started", "stage": "run"}, attempt=2)
+    state = await store.state("s1")
+    assert state is not None and (state.worker, state.attempts, state.stage) == ("new", 2, "run")
+
+
+async def test_the_final_result_is_written_once(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
+    results = await asyncio.gather(
+        *(store.append("s1", {"type": "finished"}) for _ in range(5)), return_exceptions=True
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, Rejected) for r in results if isinstance(r, BaseException))
+    assert [e["type"] for e in await store.events("s1")].count("finished") == 1
+
+
+async def test_cancel_ends_a_queued_submission_and_refuses_later_events(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    state = await store.cancel("s1")
+    assert state.status == "cancelled" and state.finished_at
+    assert [e["type"] for e in await store.events("s1")] == ["status", "status", "finished"]
+    assert await store.queued() == 0
+    with pytest.raises(Rejected, match="cancelled"):
+        await store.cancel("s1")
+    with pytest.raises(Rejected, match="has ended"):
+        await store.append(
+            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
+        )
+
+
+async def test_unknown_submissions(store: Store) -> None:
+    assert await store.state("nope") is None
+    with pytest.raises(UnknownSubmission):
+        await store.append("nope", {"type": "finished"})
+    with pytest.raises(UnknownSubmission):
+        await store.append(
+            "nope", {"type": "output", "stage": "run", "stream": "stdout", "data": ""}
+        )
+
+
+async def test_jobs_go_to_one_consumer_and_a_silent_one_loses_its_lease(store: Store) -> None:
+    await store.submit("s1", submission(), owner="a")
+    job = await store.take("exec-a", block=1)
+    assert job is not None and job.submission_id == "s1" and job.deliveries == 1
+    assert await store.take("exec-b", block=0.05) is None
+    assert await store.reclaim("exec-b", lease=0.5) is None  # exec-a holds a fresh lease
+    await asyncio.sleep(0.3)
+    await store.heartbeat("exec-a", job)
+    await asyncio.sleep(0.3)
+    assert await store.reclaim("exec-b", lease=0.5) is None  # the heartbeat renewed it
+    await asyncio.sleep(0.6)
+    taken = await store.reclaim("exec-b", lease=0.5)
+    assert taken is not None and taken.submission_id == "s1" and taken.deliveries == 2
+    await store.done(taken)
+    assert await store.reclaim("exec-c", lease=0) is None
+    assert await store.redis.xlen(store.jobs_key) == 0
+
+
+async def test_recent_lists_an_owners_submissions_newest_first(store: Store) -> None:
+    for i in range(3):
+        await store.submit(f"a{i}", submission(), owner="alice")
+    await store.submit("b0", submission(), owner="bob")
+    assert [s.id for s in await store.recent("alice", 10)] == ["a2", "a1", "a0"]
+    assert [s.id for s in await store.recent("alice", 2)] == ["a2", "a1"]
+    assert {s.id for s in await store.recent(None, 10)} == {"a0", "a1", "a2", "b0"}
+
+
+async def test_worker_registry_drain_and_scale(store: Store) -> None:
+    await store.register_worker({"id": "w1", "kind": "executor"}, ttl=0.3)
+    await store.register_worker({"id": "b1", "kind": "builder"}, ttl=10)
+    assert [w["id"] for w in await store.workers()] == ["b1", "w1"]
+    assert await store.request_drain("w1") and await store.drain_requested("w1")
+    assert not await store.request_drain("ghost")
+    await asyncio.sleep(0.4)
+    assert [w["id"] for w in await store.workers()] == ["b1"]  # w1 stopped refreshing
+    await store.unregister_worker("b1")
+    assert await store.workers() == []
+    await store.set_scale({"executors": 3, "builders": 1})
+    assert await store.scale() == {"executors": 3, "builders": 1}
