@@ -71,18 +71,47 @@ def build_parser() -> argparse.ArgumentParser:
         "host its own range",
     )
 
+    up = commands.add_parser(
+        "up",
+        help="run the whole system on this machine: Redis, the service, executors, builders",
+        description="Ctrl-C (or SIGTERM) stops everything and leaves no process behind.",
+    )
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8765)
+    up.add_argument(
+        "--token",
+        default=os.environ.get("CELLBLOCK_TOKEN"),
+        help="the client token (default: $CELLBLOCK_TOKEN, else generated)",
+    )
+    up.add_argument(
+        "--admin-token",
+        default=os.environ.get("CELLBLOCK_ADMIN_TOKEN"),
+        help="the admin token (default: $CELLBLOCK_ADMIN_TOKEN, else generated)",
+    )
+    up.add_argument("--executors", type=int, default=2)
+    up.add_argument("--builders", type=int, default=2)
+    up.add_argument("--redis", help="use this Redis instead of starting a private one")
+    _common(up)
+
     service = commands.add_parser("service", help="run the REST and WebSocket API")
     service.add_argument("--host", default="127.0.0.1")
     service.add_argument("--port", type=int, default=8765)
-    service.add_argument("--redis", default=os.environ.get("CELLBLOCK_REDIS_URL"), required=False,
-                         help="Redis URL (default: $CELLBLOCK_REDIS_URL)")  # fmt: skip
+    service.add_argument(
+        "--redis",
+        default=os.environ.get("CELLBLOCK_REDIS_URL"),
+        required=False,
+        help="Redis URL (default: $CELLBLOCK_REDIS_URL)",
+    )
     _common(service)
     return parser
 
 
 def _worker_options(parser: argparse.ArgumentParser, kind: str) -> None:
-    parser.add_argument("--redis", default=os.environ.get("CELLBLOCK_REDIS_URL"),
-                        help="Redis URL (default: $CELLBLOCK_REDIS_URL)")  # fmt: skip
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("CELLBLOCK_REDIS_URL"),
+        help="Redis URL (default: $CELLBLOCK_REDIS_URL)",
+    )
     parser.add_argument("--id", help=f"worker id (default: {kind}-HOST-PID)")
     _common(parser)
 
@@ -95,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_module.load(state_dir, args.config)
         if args.command == "exec":
             return asyncio.run(_exec(config, args))
+        if args.command == "up":
+            from cellblock import up
+
+            return asyncio.run(up.run(config, args))
         if args.command in ("executor", "service") and not args.redis:
             raise CellblockError("no Redis: give --redis URL or set CELLBLOCK_REDIS_URL")
         if args.command == "executor":
