@@ -8,9 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the system and its tests use. gcc and libc6-dev build the sandbox's static
 # init; python3 is the interpreter the sandbox offers to submissions.
-APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static
+APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs
 # The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
-PARTS := service executor
+PARTS := service executor cachebuilder
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: run test check lint typecheck bench system-packages python-packages clean

@@ -6,10 +6,15 @@ PARTS = {
     "cellblock": "cellblock",
     "cellblock.service": "service",
     "cellblock.executor": "executor",
+    "cellblock.cachebuilder": "cachebuilder",
 }
 
 setup(
     packages=list(PARTS),
     package_dir=PARTS,
-    package_data={"cellblock.executor": ["*.c"]},
+    package_data={
+        "cellblock.executor": ["*.c"],
+        "cellblock.cachebuilder": ["channel/*.nix", "channel/*.sh", "channel/builders/*",
+                                   "channel/shell-setup/*"],
+    },
 )

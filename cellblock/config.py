@@ -86,7 +86,14 @@ DEFAULTS: dict[str, Any] = {
     "slots": 2,
     "retention": 7 * 24 * 3600.0,
     "max_body_size": 32 * MiB,
+    # A nixpkgs checkout or channel path; empty: the bundled offline channel.
     "channel": "",
+    "cache": {
+        "size_budget": 20 * GiB,  # environments' closures above this are evicted, LRU first
+        "grace": 3600.0,  # an environment used this recently is never evicted
+        "binary_cache": "",  # builders copy closures here (file:// cache the service serves)
+        "substituter": "",  # where executors fetch store paths their host lacks
+    },
     # `root` holds what sandboxes mount (working directories, the init binary, /etc files):
     # nsjail mounts as the sandbox's unprivileged uid, so every folder above it must be
     # searchable by others, which a home or pytest temporary folder is not.
@@ -138,6 +145,10 @@ class Config:
     retention: float
     max_body_size: int
     channel: str
+    cache_size_budget: int
+    cache_grace: float
+    binary_cache: str
+    substituter: str
     tokens: tuple[NamedToken, ...] = field(default=())
 
 
@@ -231,6 +242,10 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
             retention=float(raw["retention"]),
             max_body_size=int(raw["max_body_size"]),
             channel=str(raw["channel"]),
+            cache_size_budget=int(raw["cache"]["size_budget"]),
+            cache_grace=float(raw["cache"]["grace"]),
+            binary_cache=str(raw["cache"]["binary_cache"]),
+            substituter=str(raw["cache"]["substituter"]),
             tokens=tokens,
         )
     except (KeyError, TypeError, ValueError) as exc:

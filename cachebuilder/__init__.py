@@ -1,0 +1,1 @@
+"""Cache builders: turn package sets into cached Nix environments; the offline channel."""

@@ -1,0 +1,167 @@
+"""The cache builder process: builds package sets into cached environments, and evicts.
+
+Build jobs come from the builds stream through the ``builders`` consumer group, so each goes
+to one builder; a builder heartbeats while it builds, and a build whose builder stops (crash,
+``kill -9``) is reclaimed by another after the lease. A build publishes its progress lines and
+its outcome to the build's log, which every executor waiting on that package set follows.
+
+Eviction: when the environments' closures outgrow the size budget, the least recently used
+environments not used within the grace period are unrooted and their store paths deleted.
+
+Drain (SIGTERM, SIGINT, ``DELETE /api/v1/workers/{id}``): the running build finishes, then the
+builder stops. Cancelling ``run`` stops at once; the build is then reclaimed by another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from cellblock.cachebuilder import nix
+from cellblock.cachebuilder.environments import (
+    BuildOutcome,
+    Channel,
+    Environment,
+    EnvironmentCache,
+)
+from cellblock.config import Config
+from cellblock.service.store import Job, Store
+from cellblock.worker import Presence, WorkerInfo
+
+log = logging.getLogger("cellblock.builder")
+TAKE_BLOCK = 1.0
+EVICT_EVERY = 60.0
+
+
+class Builder:
+    def __init__(self, store: Store, config: Config, *, worker_id: str) -> None:
+        self.store = store
+        self.config = config
+        self.cache = EnvironmentCache(store)
+        self.presence = Presence(
+            store, WorkerInfo(id=worker_id, kind="builder", slots=1), config.lease_timeout
+        )
+        self.info = self.presence.info
+        self.channel: Channel | None = None
+
+    async def start(self) -> Channel:
+        """Prepare the channel and publish it; executors compute keys from it."""
+        path = self.config.channel or str(nix.BUNDLED_CHANNEL)
+        if not self.config.channel:
+            await asyncio.to_thread(nix.bundled_channel_setup)
+        self.channel = await nix.channel_info(path)
+        await self.cache.publish_channel(self.channel)
+        await self.cache.ensure_group()
+        return self.channel
+
+    async def run(self) -> None:
+        """Build until drained. See the module docstring for cancellation."""
+        channel = await self.start()
+        await self.presence.register()
+        log.info("builder started", extra={"worker": self.info.id, "channel": channel.path,
+                                           "identity": channel.identity})  # fmt: skip
+        background = [
+            asyncio.create_task(self.presence.keep()),
+            asyncio.create_task(self._evict_periodically()),
+        ]
+        try:
+            while not self.presence.draining.is_set():
+                job = await self.cache.reclaim_build(self.info.id, self.config.lease_timeout)
+                job = job or await self.cache.take_build(self.info.id, block=TAKE_BLOCK)
+                if job is not None:
+                    self.info.busy = 1
+                    try:
+                        await self.build(job)
+                    finally:
+                        self.info.busy = 0
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            log.info("builder stopped", extra={"worker": self.info.id})
+
+    async def build(self, job: Job) -> BuildOutcome:
+        fields = json.loads(job.submission_id)
+        key, build, names = fields["key"], fields["build"], json.loads(fields["names"])
+        assert self.channel is not None
+        extra = {"worker": self.info.id, "key": key, "build": build, "packages": names}
+        log.info("build started", extra=extra)
+        started = time.monotonic()
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            if (await self.cache.get(key)) is not None:  # a reclaimed build already published
+                outcome = BuildOutcome(ok=True, message="already built")
+            else:
+                outcome = await self._build(key, build, names)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        await self.cache.build_done(job, key, build, outcome)
+        seconds = round(time.monotonic() - started, 3)
+        log.info("build ended", extra={**extra, "ok": outcome.ok, "message": outcome.message,
+                                       "seconds": seconds})  # fmt: skip
+        return outcome
+
+    async def _build(self, key: str, build: str, names: list[str]) -> BuildOutcome:
+        assert self.channel is not None
+
+        async def line(text: str) -> None:
+            await self.cache.log_line(build, text)
+
+        try:
+            env = await nix.build_environment(self.channel, key, names, on_line=line)
+            await self.cache.put(env)
+            if self.config.binary_cache:
+                await nix.copy_to_binary_cache(env.store_path, Path(self.config.binary_cache))
+        except nix.NixError as exc:
+            return BuildOutcome(ok=False, message=exc.message)
+        return BuildOutcome(ok=True, environment=env)
+
+    async def _heartbeat(self, job: Job) -> None:
+        while True:
+            await asyncio.sleep(max(0.2, self.config.lease_timeout / 3))
+            await self.cache.heartbeat_build(self.info.id, job)
+
+    async def _evict_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(EVICT_EVERY)
+            try:
+                await evict(self.cache, self.config.cache_size_budget, self.config.cache_grace)
+            except nix.NixError:
+                log.exception("eviction failed", extra={"worker": self.info.id})
+
+
+async def evict(cache: EnvironmentCache, budget: int, grace: float) -> list[Environment]:
+    """Evict least recently used environments until their closures fit ``budget`` bytes.
+
+    An environment used within ``grace`` seconds is never evicted: a submission may be using it.
+    Store paths shared with a kept environment stay (Nix refuses to delete a live path).
+    """
+    envs = await cache.environments()
+    sizes: dict[str, int] = {}
+    for env, _ in envs:
+        sizes.update(env.closure_sizes)
+    kept = {env.key: env for env, _ in envs}
+
+    def total() -> int:  # shared store paths count once
+        return sum(sizes.get(p, 0) for p in {p for env in kept.values() for p in env.closure})
+
+    evicted: list[Environment] = []
+    horizon = time.time() - grace
+    for env, last_used in envs:  # least recently used first
+        if total() <= budget:
+            break
+        if last_used > horizon:
+            continue
+        del kept[env.key]
+        await cache.forget(env)
+        await nix.delete(env)
+        evicted.append(env)
+        log.info("environment evicted", extra={"key": env.key, "packages": list(env.names),
+                                               "size": env.size})  # fmt: skip
+    return evicted

@@ -1,0 +1,116 @@
+"""The deps stage: a submission's Nix dependencies, from the shared environment cache.
+
+On a hit the executor reads the recorded environment and runs no Nix process at all: a few
+Redis reads and a ``stat`` per closure path. On a miss it asks the builders (one build per
+package set, however many submissions wait for it), follows the build's progress and relays
+it as ``output`` events of the deps stage. A closure path this host's store lacks (the builder
+ran elsewhere) is fetched from the builders' binary cache.
+
+Cancellation: cancelling ``provide`` stops waiting; the build itself goes on for others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from cellblock.cachebuilder import nix
+from cellblock.cachebuilder.environments import (
+    Channel,
+    EnvironmentCache,
+    environment_key,
+)
+from cellblock.executor.job import DepsOutcome, Emit, Environment
+
+#: How often to look again for a channel while no builder has published one.
+CHANNEL_POLL = 0.5
+
+
+class NixDependencies:
+    def __init__(self, cache: EnvironmentCache, substituter: str = "") -> None:
+        self.cache = cache
+        self.substituter = substituter
+
+    async def provide(self, names: Sequence[str], wall_time: float, emit: Emit) -> DepsOutcome:
+        log: list[str] = []
+
+        def say(line: str) -> None:
+            log.append(line)
+            emit({"type": "output", "stage": "deps", "stream": "stderr", "data": line + "\n"})
+
+        started = time.monotonic()
+        state: dict[str, Any] = {"cache": None}
+        try:
+            async with asyncio.timeout(wall_time):
+                return await self._provide(names, say, log, state, started)
+        except TimeoutError:
+            message = f"dependencies not ready within the deps wall time of {wall_time:g} s"
+            return _failed("time_limit", message, log, state["cache"], started)
+
+    async def _provide(
+        self, names: Sequence[str], say: Any, log: list[str], state: dict[str, Any], started: float
+    ) -> DepsOutcome:
+        channel = await self._channel(say)
+        key = environment_key(channel, names)
+        env = await self.cache.get(key)
+        state["cache"] = "hit" if env is not None else "miss"
+        if env is None:
+            build = await self.cache.request_build(key, names, ttl=3600)
+            say(f"building {', '.join(sorted(set(names)))} (build {build})")
+            async for entry in self.cache.follow(build):
+                if "line" in entry:
+                    say(entry["line"])
+                elif entry.get("done") == "failed":
+                    return _failed("failed", entry["message"], log, "miss", started)
+            env = await self.cache.get(key)
+            if env is None:
+                return _failed("failed", "the build ended without an environment", log, "miss", started)
+        missing = [p for p in env.closure if not os.path.exists(p)]
+        if missing:
+            if not self.substituter:
+                message = f"{len(missing)} store path(s) are missing here and no substituter is set"
+                return _failed("failed", message, log, state["cache"], started)
+            say(f"fetching {len(missing)} store path(s) from {self.substituter}")
+            try:
+                await nix.substitute(missing, self.substituter)
+            except nix.NixError as exc:
+                return _failed("failed", exc.message, log, state["cache"], started)
+        await self.cache.touch(env)
+        result = {
+            "status": "ok",
+            "cache": state["cache"],
+            "packages": [p.as_json() for p in env.packages],
+            "log": "\n".join(log),
+            "wall_time": round(time.monotonic() - started, 6),
+        }
+        provided = Environment(
+            variables=env.variables, paths=env.closure, packages=result["packages"]
+        )
+        return DepsOutcome(result=result, environment=provided)
+
+    async def _channel(self, say: Any) -> Channel:
+        """The builders' channel; waits (within the stage's wall time) for a builder to start."""
+        waited = False
+        while (channel := await self.cache.channel()) is None:
+            if not waited:
+                say("waiting for a cache builder to start")
+                waited = True
+            await asyncio.sleep(CHANNEL_POLL)
+        return channel
+
+
+def _failed(
+    status: str, message: str, log: list[str], cache: str | None, started: float
+) -> DepsOutcome:
+    result: dict[str, Any] = {
+        "status": status,
+        "cache": cache,
+        "packages": [],
+        "log": "\n".join([*log, message]),
+        "message": message,
+        "wall_time": round(time.monotonic() - started, 6),
+    }
+    return DepsOutcome(result=result, environment=None)

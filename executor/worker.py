@@ -1,0 +1,186 @@
+"""The executor process: N slots, each taking jobs from the queue and running them.
+
+A slot takes a new job, or reclaims one whose executor stopped heartbeating for a lease. While
+it runs a job it renews the lease, and polls the submission's status, so a cancellation stops
+the running stage within a fraction of a second. Events go to Redis in order through one
+publisher per job; an event the store refuses (the submission was cancelled, or the job was
+reclaimed by a newer attempt) stops the job.
+
+Drain (SIGTERM, SIGINT, or ``DELETE /api/v1/workers/{id}``): no slot takes new work, running jobs
+finish and are published, the worker unregisters and ``run`` returns. Cancelling ``run`` instead
+stops at once; unfinished jobs are then reclaimed by another executor after the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from cellblock.cachebuilder.environments import EnvironmentCache
+from cellblock.errors import CellblockError
+from cellblock.executor.deps import NixDependencies
+from cellblock.executor.host import SandboxHost
+from cellblock.executor.job import DependencyProvider, SubmissionRunner
+from cellblock.service.store import Job, Rejected, Store
+from cellblock.worker import Presence, WorkerInfo
+
+log = logging.getLogger("cellblock.executor")
+#: Seconds between polls of a running submission's status (cancellation latency).
+STATUS_POLL = 0.2
+#: Seconds a slot waits on the queue before looking again (drain latency).
+TAKE_BLOCK = 1.0
+
+
+class Executor:
+    def __init__(
+        self,
+        store: Store,
+        host: SandboxHost,
+        *,
+        worker_id: str,
+        slots: int,
+        uid_offset: int = 0,
+        dependencies: DependencyProvider | None = None,
+    ) -> None:
+        self.store = store
+        self.host = host
+        self.config = host.config
+        self.presence = Presence(
+            store, WorkerInfo(id=worker_id, kind="executor", slots=slots), self.config.lease_timeout
+        )
+        self.info = self.presence.info
+        if dependencies is None:
+            cache = EnvironmentCache(store)
+            dependencies = NixDependencies(cache, self.config.substituter)
+        self.runners = [
+            SubmissionRunner(host.sandbox(uid_offset + slot), host.work_root, dependencies)
+            for slot in range(slots)
+        ]
+
+    async def run(self) -> None:
+        """Work until drained. See the module docstring for cancellation."""
+        await self.store.ensure_group()
+        await self.presence.register()
+        log.info("executor started", extra={"worker": self.info.id, "slots": self.info.slots})
+        presence = asyncio.create_task(self.presence.keep())
+        try:
+            await asyncio.gather(*(self._slot(runner) for runner in self.runners))
+        finally:
+            presence.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await presence
+            log.info("executor stopped", extra={"worker": self.info.id})
+
+    async def _slot(self, runner: SubmissionRunner) -> None:
+        consumer = self.info.id
+        while not self.presence.draining.is_set():
+            job = await self.store.reclaim(consumer, self.config.lease_timeout)
+            if job is None:
+                job = await self.store.take(consumer, block=TAKE_BLOCK)
+            if job is None:
+                continue
+            self.info.busy += 1
+            try:
+                await self._process(job, runner)
+            finally:
+                self.info.busy -= 1
+
+    async def _process(self, job: Job, runner: SubmissionRunner) -> None:
+        sid = job.submission_id
+        fields = {"submission": sid, "worker": self.info.id}
+        state = await self.store.state(sid)
+        submission = await self.store.job(sid)
+        if state is None or submission is None or state.done:
+            log.info("job skipped", extra={**fields, "status": state and state.status})
+            await self.store.done(job)
+            return
+        if job.deliveries > self.config.max_attempts:
+            message = (
+                f"gave up after {job.deliveries - 1} attempts: the executors running it stopped"
+            )
+            log.warning("job abandoned", extra={**fields, "attempts": job.deliveries - 1})
+            with contextlib.suppress(Rejected):
+                await self.store.append(
+                    sid, {"type": "status", "status": "error", "error": message}
+                )
+                await self.store.append(sid, {"type": "finished"})
+            await self.store.done(job)
+            return
+        try:
+            await self.store.append(
+                sid, {"type": "status", "status": "running", "worker": self.info.id}
+            )
+        except Rejected:
+            await self.store.done(job)
+            return
+        attempt = state.attempts + 1
+        log.info("job started", extra={**fields, "attempt": attempt})
+        outcome = await self._run_job(job, runner, sid, submission, attempt)
+        log.info("job ended", extra={**fields, "attempt": attempt, "outcome": outcome})
+        await self.store.done(job)
+
+    async def _run_job(
+        self, job: Job, runner: SubmissionRunner, sid: str, submission: Any, attempt: int
+    ) -> str:
+        pending: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        work = asyncio.create_task(runner.run(sid, submission, pending.put_nowait))
+        publisher = asyncio.create_task(self._publish(sid, attempt, pending))
+        watcher = asyncio.create_task(self._watch(job, sid, work))
+        outcome = "finished"
+        try:
+            await work
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the executor itself is being stopped
+            outcome = "cancelled"
+        except CellblockError as exc:
+            outcome = "error"
+            pending.put_nowait({"type": "status", "status": "error", "error": exc.message})
+        except Exception as exc:
+            log.exception("job crashed", extra={"submission": sid})
+            outcome = "error"
+            pending.put_nowait(
+                {"type": "status", "status": "error", "error": f"the executor failed: {exc!r}"}
+            )
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if outcome != "cancelled":
+            pending.put_nowait({"type": "finished"})
+        pending.put_nowait(None)
+        if not await publisher:
+            outcome = "rejected"
+        return outcome
+
+    async def _publish(
+        self, sid: str, attempt: int, pending: asyncio.Queue[dict[str, Any] | None]
+    ) -> bool:
+        """Publish events in order until the end marker; False if the store refused one."""
+        accepted = True
+        while (body := await pending.get()) is not None:
+            if not accepted:
+                continue
+            try:
+                await self.store.append(sid, body, attempt=attempt)
+            except Rejected as exc:
+                log.info("event refused", extra={"submission": sid, "reason": exc.message})
+                accepted = False
+        return accepted
+
+    async def _watch(self, job: Job, sid: str, work: asyncio.Task[None]) -> None:
+        """Renew the lease and stop the job when its submission is cancelled."""
+        renew_every = max(0.2, self.config.lease_timeout / 3)
+        since_renewal = 0.0
+        while not work.done():
+            await asyncio.sleep(STATUS_POLL)
+            since_renewal += STATUS_POLL
+            if since_renewal >= renew_every:
+                await self.store.heartbeat(self.info.id, job)
+                since_renewal = 0.0
+            if await self.store.status(sid) in ("cancelled", "error", None):
+                log.info("job cancelled", extra={"submission": sid})
+                work.cancel()
+                return
