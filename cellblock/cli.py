@@ -176,7 +176,7 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
 
 async def _executor(config: config_module.Config, args: argparse.Namespace) -> int:
     from cellblock.executor import host
-    from cellblock.executor.worker import Executor, install_drain_signals
+    from cellblock.executor.worker import Executor
     from cellblock.service.store import Store
 
     store = Store.connect(args.redis, retention=config.retention, queue_size=config.queue_size)
@@ -188,7 +188,7 @@ async def _executor(config: config_module.Config, args: argparse.Namespace) -> i
         slots=args.slots or config.slots,
         uid_offset=args.uid_offset,
     )
-    install_drain_signals(executor)
+    executor.presence.drain_on_signals()
     try:
         await executor.run()
     finally:
