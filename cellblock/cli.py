@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "host its own range",
     )
 
+    builder = commands.add_parser(
+        "builder",
+        help="run a cache builder: build package sets into the shared Nix cache",
+        description="SIGTERM or SIGINT drains it: the running build finishes, then it exits.",
+    )
+    _worker_options(builder, "builder")
+
     up = commands.add_parser(
         "up",
         help="run the whole system on this machine: Redis, the service, executors, builders",
@@ -128,10 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from cellblock import up
 
             return asyncio.run(up.run(config, args))
-        if args.command in ("executor", "service") and not args.redis:
+        if args.command in ("executor", "builder", "service") and not args.redis:
             raise CellblockError("no Redis: give --redis URL or set CELLBLOCK_REDIS_URL")
         if args.command == "executor":
             return asyncio.run(_executor(config, args))
+        if args.command == "builder":
+            return asyncio.run(_builder(config, args))
         if args.command == "service":
             from cellblock.service import server
 
@@ -191,6 +200,22 @@ async def _executor(config: config_module.Config, args: argparse.Namespace) -> i
     executor.presence.drain_on_signals()
     try:
         await executor.run()
+    finally:
+        await store.close()
+    return 0
+
+
+async def _builder(config: config_module.Config, args: argparse.Namespace) -> int:
+    from cellblock.cachebuilder.builder import Builder
+    from cellblock.service.store import Store
+
+    store = Store.connect(args.redis, retention=config.retention, queue_size=config.queue_size)
+    builder = Builder(
+        store, config, worker_id=args.id or f"builder-{socket.gethostname()}-{os.getpid()}"
+    )
+    builder.presence.drain_on_signals()
+    try:
+        await builder.run()
     finally:
         await store.close()
     return 0
