@@ -429,6 +429,31 @@ class Submission:
         )
 
 
+class PackagesRequest(_Strict):
+    """``POST /api/v1/packages``: a package set to build into the cache ahead of use."""
+
+    names: list[Annotated[str, AfterValidator(_dependency_name)]] = Field(
+        min_length=1, max_length=MAX_DEPENDENCIES
+    )
+
+
+def parse_packages_request(raw: object) -> PackagesRequest:
+    """Validate a prefetch request; ``InvalidRequest`` names every bad field."""
+    try:
+        return PackagesRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    return InvalidRequest(
+        [
+            FieldProblem(field_path(e["loc"]), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors(include_url=False)
+        ]
+    )
+
+
 def field_path(loc: Iterable[int | str]) -> str:
     """A pydantic location as a field name: ``("files", 1, "name")`` → ``files[1].name``."""
     path = ""
@@ -444,11 +469,7 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
     try:
         request = SubmissionRequest.model_validate(raw)
     except ValidationError as exc:
-        problems = [
-            FieldProblem(field_path(e["loc"]), e["msg"].removeprefix("Value error, "))
-            for e in exc.errors(include_url=False)
-        ]
-        raise InvalidRequest(problems) from None
+        raise _invalid(exc) from None
     if problems := _file_name_problems(request.files):
         raise InvalidRequest(problems)
     return Submission(request=request, limits=resolve_limits(request.limits, policy))

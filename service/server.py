@@ -11,7 +11,7 @@ import tornado.httpserver
 import tornado.web
 
 from cellblock.config import Config
-from cellblock.service import api
+from cellblock.service import api, packages
 from cellblock.service.auth import Tokens, load_tokens
 from cellblock.service.metrics import Metrics
 from cellblock.service.store import Store
@@ -33,8 +33,13 @@ def make_app(store: Store, config: Config, tokens: Tokens) -> tornado.web.Applic
         (r"/api/v1/workers/([^/]+)", api.WorkerHandler),
         (r"/api/v1/admin/scale", api.ScaleHandler),
         (r"/api/v1/openapi.json", api.OpenApiHandler),
+        (r"/api/v1/packages", packages.PackagesHandler),
+        (r"/api/v1/packages/builds/([0-9a-f]{1,32})", packages.BuildHandler),
         (r"/metrics", api.MetricsHandler),
     ]
+    if config.binary_cache:
+        binary_cache = {"path": config.binary_cache}
+        routes.append((r"/nix-cache/(.*)", packages.BinaryCacheHandler, binary_cache))
     return tornado.web.Application(
         routes,
         services=services,

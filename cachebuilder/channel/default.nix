@@ -104,6 +104,22 @@ let
       description = "A package whose build always fails, for tests";
       requiresHostBase = false;
     };
+
+    # A build that takes two seconds and is new at every evaluation (the time is one of its
+    # inputs): for tests of builds that are in progress, e.g. a builder killed mid-build.
+    slow-example = mkPackage {
+      pname = "slow-example";
+      version = "1.0";
+      builder = builtins.toFile "slow-example.sh" ''
+        echo "slow-example: building for 2 s" >&2
+        sleep 2
+        mkdir -p "$out/bin"
+        echo "built at $stamp" > "$out/stamp"
+      '';
+      description = "A package that takes two seconds to build, anew each time, for tests";
+      requiresHostBase = false;
+      env = { stamp = toString builtins.currentTime; };
+    };
   };
 
   # Just enough of nixpkgs' interface for `nix-shell -I nixpkgs=<this dir> -p NAME...`, which
