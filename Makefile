@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # init; python3 is the interpreter the sandbox offers to submissions.
 APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs
 # The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
-PARTS := service executor cachebuilder
+PARTS := service executor cachebuilder kernel
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: run test check lint typecheck bench system-packages python-packages clean

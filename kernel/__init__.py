@@ -1,0 +1,1 @@
+"""The Cellblock Jupyter kernel: cell sections to submissions, live status in the cell."""

@@ -1,0 +1,84 @@
+"""Completion and inspection (Shift-Tab) for the notebook syntax. Pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from cellblock.kernel.sections import LINE_MAGICS, OPTIONS, SECTION_MAGICS, STAGE_LIMITS
+
+MAGIC_HELP = {
+    "files": "%%files NAME [--encoding utf8|hex|base64] [--executable]\n"
+    "The body is the content of file NAME in the working directory (whitespace kept exactly).",
+    "deps": "%%deps [NAME ...]\nNix packages the compile and run stages need: names on the magic "
+    "line and/or in the body. Replaces the staged dependencies.",
+    "compile": "%%compile [--show-output]\nThe body is the compile script (bash). Its output is "
+    "shown when it fails, or always with --show-output.",
+    "run": "%%run [ARG ...]\nThe body is the run script (bash); the words after %%run are its "
+    'arguments ("$@"). This section submits everything staged plus the cell\'s sections.',
+    "stdin": "%%stdin [--encoding utf8|hex|base64]\nThe body is the run stage's standard input.",
+    "env": "%%env\nBody lines NAME=value: environment variables of compile and run.",
+    "limits": "%%limits\nBody lines stage.limit = value, e.g. run.cpu = 2, run.as = 256M, "
+    "compile.wall_time = 20s, run.nproc = 16:32 (soft:hard). Sizes take K, M, G; times ms, s, m.",
+    "reset": "%reset\nForget everything staged.",
+    "staged": "%staged\nShow what is staged.",
+    "packages": "%packages\nList the packages the shared cache holds.",
+    "workers": "%workers\nList the live executors and cache builders (needs the admin token).",
+    "status": "%status [ID]\nThe status of a submission (the last one by default).",
+}
+
+
+def _word_at(code: str, cursor_pos: int) -> tuple[str, int, str]:
+    """The word before the cursor, where it starts, and the cursor's line up to it."""
+    line_start = code.rfind("\n", 0, cursor_pos) + 1
+    line = code[line_start:cursor_pos]
+    start = cursor_pos
+    while start > line_start and not code[start - 1].isspace():
+        start -= 1
+    return code[start:cursor_pos], start, line
+
+
+def _section_of(code: str, cursor_pos: int) -> str | None:
+    """The magic of the section the cursor is in, if any."""
+    before = code[:cursor_pos]
+    for line in reversed(
+        before.splitlines()[:-1] if not before.endswith("\n") else before.splitlines()
+    ):
+        if line.startswith("%%"):
+            words = line[2:].split()
+            return words[0] if words else None
+    return None
+
+
+def complete(code: str, cursor_pos: int, packages: Sequence[str]) -> tuple[list[str], int]:
+    """Completions for the word at the cursor and where it starts."""
+    word, start, line = _word_at(code, cursor_pos)
+    if line == word and word.startswith("%%"):
+        return [f"%%{m}" for m in SECTION_MAGICS if f"%%{m}".startswith(word)], start
+    if line == word and word.startswith("%"):
+        return [f"%{m}" for m in LINE_MAGICS if f"%{m}".startswith(word)], start
+    if line.startswith("%%"):
+        magic = line[2:].split()[0] if line[2:].split() else ""
+        if word.startswith("-"):
+            return [o for o in OPTIONS.get(magic, {}) if o.startswith(word)], start
+        if magic == "deps":
+            return [p for p in packages if p.startswith(word)], start
+        return [], start
+    section = _section_of(code, cursor_pos)
+    if section == "limits" and line == word:
+        names = [f"{stage}.{name}" for stage in ("compile", "run") for name in STAGE_LIMITS]
+        return [n for n in [*names, "deps.wall_time"] if n.startswith(word)], start
+    if section == "deps":
+        return [p for p in packages if p.startswith(word)], start
+    return [], start
+
+
+def inspect_text(code: str, cursor_pos: int) -> str:
+    """Help for the magic on the cursor's line, or of the section the cursor is in."""
+    line_start = code.rfind("\n", 0, cursor_pos) + 1
+    line_end = code.find("\n", cursor_pos)
+    line = code[line_start : line_end if line_end >= 0 else len(code)]
+    name = (
+        line.lstrip("%").split()[0] if line.startswith("%") and line.lstrip("%").split() else None
+    )
+    name = name or _section_of(code, cursor_pos)
+    return MAGIC_HELP.get(name or "", "")

@@ -1,0 +1,297 @@
+"""The Cellblock Jupyter kernel: notebook cells to submissions, live status in the cell.
+
+Cells are parsed (``sections``) and staged (``staging``) before anything is sent, so a bad
+magic, option or limit is reported with its line and nothing is submitted. A cell that runs
+submits over the service's WebSocket (``cellblock.service.client``) and renders events as they
+come: one status line updated in place, the run stage's output as stream messages, a summary
+table at the end. The cell ends in error when a stage fails, hits a limit, or the dependencies
+cannot be installed.
+
+Interrupting the kernel (SIGINT, which Jupyter sends) cancels the running submission on the
+service. A dropped connection is resumed by the client without losing or repeating events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+
+from ipykernel.kernelbase import Kernel
+
+from cellblock import __version__
+from cellblock.kernel import render, sections, staging
+from cellblock.kernel.help import MAGIC_HELP, complete, inspect_text
+from cellblock.kernel.sections import CellSyntaxError
+from cellblock.kernel.staging import Staged
+from cellblock.service.client import (
+    ApiError,
+    Client,
+    ClientError,
+    InvalidRequest,
+    ServiceUnavailable,
+)
+from cellblock.service.protocol import InvalidTransition, SubmissionState, apply_event
+
+PACKAGES_TTL = 30.0
+
+
+class CellblockKernel(Kernel):
+    implementation = "cellblock"
+    implementation_version = __version__
+    language = "cellblock"
+    language_version = "1"
+    language_info = {
+        "name": "cellblock",
+        "mimetype": "text/x-sh",
+        "file_extension": ".sh",
+        "codemirror_mode": "shell",
+        "pygments_lexer": "bash",
+    }
+    banner = "Cellblock: %%files, %%deps, %%compile, %%run, %%stdin, %%env, %%limits"
+    help_links = [{"text": "Cellblock notebook syntax", "url": "https://example.invalid/cellblock"}]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.staged = Staged()
+        self.last_id: str | None = None
+        self._clients: dict[bool, Client] = {}
+        self._packages: tuple[float, list[str]] = (0.0, [])
+
+    # -- talking to the service ------------------------------------------------------------
+
+    def client(self, admin: bool = False) -> Client:
+        if admin not in self._clients:
+            self._clients[admin] = Client.from_environment(admin=admin)
+        return self._clients[admin]
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        return {"status": "ok", "restart": restart}
+
+    # -- output helpers -----------------------------------------------------------------------
+
+    def _print(self, text: str, name: str = "stdout") -> None:
+        self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+
+    def _display(
+        self, html: str, text: str, display_id: str | None = None, update: bool = False
+    ) -> None:
+        content: dict[str, Any] = {"data": {"text/html": html, "text/plain": text}, "metadata": {}}
+        if display_id is not None:
+            content["transient"] = {"display_id": display_id}
+        self.send_response(
+            self.iopub_socket, "update_display_data" if update else "display_data", content
+        )
+
+    def _error(self, ename: str, evalue: str) -> dict[str, Any]:
+        traceback = [f"\x1b[0;31m{ename}\x1b[0m: {evalue}"]
+        self.send_response(self.iopub_socket, "error",
+                           {"ename": ename, "evalue": evalue, "traceback": traceback})  # fmt: skip
+        return {"status": "error", "execution_count": self.execution_count, "ename": ename,
+                "evalue": evalue, "traceback": traceback}  # fmt: skip
+
+    def _ok(self) -> dict[str, Any]:
+        return {"status": "ok", "execution_count": self.execution_count, "payload": [],
+                "user_expressions": {}}  # fmt: skip
+
+    # -- execution -----------------------------------------------------------------------------
+
+    async def do_execute(
+        self,
+        code: str,
+        silent: bool,
+        store_history: bool = True,
+        user_expressions: Mapping[str, Any] | None = None,
+        allow_stdin: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        try:
+            cell = sections.parse(code)
+            staged = staging.stage(self.staged, cell)
+            request = staging.request(staged, cell)
+        except CellSyntaxError as exc:
+            return self._error("CellSyntaxError", str(exc))
+        try:
+            for magic in cell.magics:
+                await self._line_magic(magic)
+        except ClientError as exc:
+            return self._error(type(exc).__name__, exc.message)
+        self.staged = staged
+        if request is None:
+            if cell.sections and not silent:
+                self._print(f"staged: {staged.summary()}\n")
+            return self._ok()
+        try:
+            return await self._submit(request, staged.show_compile_output)
+        except ServiceUnavailable as exc:
+            return self._error("CellblockServiceUnavailable", exc.message)
+        except InvalidRequest as exc:
+            details = "; ".join(f"{p.field}: {p.message}" for p in exc.problems) or exc.message
+            return self._error("CellblockInvalidSubmission", details)
+        except ClientError as exc:
+            return self._error(type(exc).__name__, exc.message)
+
+    async def _submit(self, request: dict[str, Any], show_compile: bool) -> dict[str, Any]:
+        display_id = uuid.uuid4().hex
+        state: SubmissionState | None = None
+        shown = ""
+        buffered: dict[str, list[tuple[str, str]]] = {"deps": [], "compile": []}
+        self._display('<div class="cellblock-status">submitting…</div>', "submitting…", display_id)
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        interrupted = False
+
+        def on_interrupt(signum: int, frame: FrameType | None) -> None:
+            nonlocal interrupted
+            interrupted = True
+            loop.call_soon_threadsafe(task.cancel)
+
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+        stream = self.client().stream(request)
+        try:
+            async with stream:
+                async for event in stream:
+                    if state is None:
+                        self.last_id = event["id"]
+                        state = SubmissionState(
+                            id=event["id"],
+                            has_dependencies=bool(request.get("dependencies")),
+                            has_compile=request.get("compile") is not None,
+                        ).restarted()
+                    state = _advance(state, event)
+                    if event["type"] == "output":
+                        if event["stage"] == "run":
+                            self._print(event["data"], event["stream"])
+                        else:
+                            buffered[event["stage"]].append((event["stream"], event["data"]))
+                    line = render.status_line(state)
+                    if line != shown:
+                        shown = line
+                        self._display(render.status_html(state), line, display_id, update=True)
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            task.uncancel()
+            return await self._interrupted(stream.id, display_id)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert stream.submission is not None
+        final = SubmissionState.from_record(stream.submission)
+        self._display(render.status_html(final), render.status_line(final), display_id, update=True)
+        failure = render.failure(final)
+        compile_result = final.stages.get("compile")
+        if compile_result is not None and (show_compile or compile_result["status"] != "ok"):
+            for name in ("stdout", "stderr"):
+                if compile_result.get(name):
+                    self._print(compile_result[name], name)
+        deps_result = final.stages.get("deps")
+        if deps_result is not None and deps_result["status"] != "ok" and deps_result.get("log"):
+            self._print(deps_result["log"] + "\n", "stderr")
+        self._display(render.summary_html(final), render.summary_text(final))
+        return self._error(*failure) if failure else self._ok()
+
+    async def _interrupted(self, submission_id: str | None, display_id: str) -> dict[str, Any]:
+        """The user interrupted: cancel the submission on the service and show where it was."""
+        if submission_id is not None:
+            try:
+                await self.client().cancel(submission_id)
+                final = SubmissionState.from_record(await self.client().get(submission_id))
+                self._display(
+                    render.status_html(final), render.status_line(final), display_id, update=True
+                )
+            except ApiError:
+                pass  # it ended on its own meanwhile; the error below still stands
+        return self._error("CellblockCancelled", "interrupted: the submission was cancelled")
+
+    # -- line magics ---------------------------------------------------------------------------
+
+    async def _line_magic(self, magic: sections.LineMagic) -> None:
+        if magic.name == "reset":
+            self.staged = Staged()
+            self._print("staged submission cleared\n")
+        elif magic.name == "staged":
+            self._print(_describe(self.staged))
+        elif magic.name == "packages":
+            packages = await self.client().packages()
+            rows = [["name", "version", "size", "uses", "last used"]] + [
+                [p["name"], p["version"], render.size(p.get("size")), str(p.get("uses", 0)),
+                 p.get("last_used") or ""] for p in packages
+            ]  # fmt: skip
+            self._print(_table(rows) if packages else "the cache holds no packages yet\n")
+        elif magic.name == "workers":
+            workers = await self.client(admin=True).workers()
+            rows = [["id", "kind", "host", "busy", "slots", "last seen"]] + [
+                [w["id"], w["kind"], w["host"], str(w["busy"]), str(w["slots"]), w["last_seen"]]
+                for w in workers
+            ]
+            self._print(_table(rows))
+        elif magic.name == "status":
+            target = magic.args[0] if magic.args else self.last_id
+            if target is None:
+                self._print("no submission yet: give an id, %status ID\n")
+                return
+            state = SubmissionState.from_record(await self.client().get(target))
+            self._display(render.status_html(state), render.status_line(state))
+            if any(state.stages.values()):
+                self._display(render.summary_html(state), render.summary_text(state))
+
+    # -- completion and inspection -------------------------------------------------------------
+
+    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
+        matches, start = complete(code, cursor_pos, await self._package_names())
+        return {"status": "ok", "matches": matches, "cursor_start": start,
+                "cursor_end": cursor_pos, "metadata": {}}  # fmt: skip
+
+    async def _package_names(self) -> list[str]:
+        fetched, names = self._packages
+        if time.monotonic() - fetched > PACKAGES_TTL:
+            try:
+                names = [p["name"] for p in await self.client().packages()]
+            except ClientError:
+                names = []
+            self._packages = (time.monotonic(), names)
+        return names
+
+    async def do_inspect(
+        self, code: str, cursor_pos: int, detail_level: int = 0, omit_sections: Any = ()
+    ) -> dict[str, Any]:
+        text = inspect_text(code, cursor_pos)
+        data = {"text/plain": text} if text else {}
+        return {"status": "ok", "found": bool(text), "data": data, "metadata": {}}
+
+
+def _advance(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionState:
+    if event["type"] == "finished":
+        return SubmissionState.from_record(event["submission"])
+    try:
+        return apply_event(state, event)
+    except InvalidTransition:
+        return state  # the final document settles it
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows
+    )
+
+
+def _describe(staged: Staged) -> str:
+    lines = [f"staged: {staged.summary()}"]
+    for name, f in sorted(staged.files.items()):
+        flags = f" ({f.encoding}{', executable' if f.executable else ''})"
+        lines.append(f"  file {name}: {len(f.content)} chars{flags}")
+    if staged.compile is not None:
+        lines.append("  compile: " + staged.compile.strip().replace("\n", "\n           "))
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["MAGIC_HELP", "CellblockKernel"]

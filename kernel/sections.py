@@ -1,0 +1,278 @@
+"""The notebook syntax (shared/NOTEBOOK.md) as a pure parser: cell text in, sections out.
+
+A cell is split into sections at every line that starts with ``%%``; each section is a magic
+line and the body up to the next ``%%`` line. Line magics (``%reset`` …) may open a cell. A cell
+with no ``%%`` line is a run script. Every error is a ``CellSyntaxError`` naming the line it
+came from, raised before anything is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from cellblock.service.protocol import DEPENDENCY_NAME, ENV_NAME, RLIMITS
+
+SECTION_MAGICS = ("files", "deps", "compile", "run", "stdin", "env", "limits")
+LINE_MAGICS = ("reset", "staged", "packages", "workers", "status")
+ENCODINGS = ("utf8", "hex", "base64")
+#: Options each section magic takes; a value of True means the option takes an argument.
+OPTIONS: dict[str, dict[str, bool]] = {
+    "files": {"--encoding": True, "--executable": False},
+    "deps": {},
+    "compile": {"--show-output": False},
+    "run": {},
+    "stdin": {"--encoding": True},
+    "env": {},
+    "limits": {},
+}
+STAGE_LIMITS = (*RLIMITS, "wall_time", "memory", "pids", "output")
+#: How each limit's value is read: bytes take K/M/G, seconds take ms/s/m.
+BYTE_LIMITS = frozenset(
+    {"as", "core", "data", "fsize", "memlock", "msgqueue", "rss", "stack", "memory", "output"}
+)
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "": 1.0}
+_NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+
+class CellSyntaxError(ValueError):
+    """A bad magic, option or value; ``line`` is 1-based within the cell."""
+
+    def __init__(self, line: int, text: str, message: str) -> None:
+        super().__init__(f"line {line}: {message}\n    {text}")
+        self.line = line
+        self.text = text
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Section:
+    magic: str
+    args: tuple[str, ...]
+    options: dict[str, str | bool]
+    body: str
+    line: int  # of the magic line, 1-based
+    text: str  # the magic line itself
+
+
+@dataclass(frozen=True)
+class LineMagic:
+    name: str
+    args: tuple[str, ...]
+    line: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    magics: tuple[LineMagic, ...] = ()
+    sections: tuple[Section, ...] = ()
+    plain_run: str | None = None  # a cell without %% lines: its text is a run script
+
+    @property
+    def run(self) -> Section | None:
+        runs = [s for s in self.sections if s.magic == "run"]
+        return runs[-1] if runs else None
+
+
+def parse(code: str) -> Cell:
+    """Split a cell into line magics and sections and check every magic line."""
+    lines = code.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.startswith("%%")]
+    head = lines[: starts[0]] if starts else lines
+    magics, rest = _line_magics(head)
+    if not starts:
+        script = "".join(line for _, line in rest)
+        return Cell(magics=magics, plain_run=script if script.strip() else None)
+    for number, line in rest:
+        if line.strip():
+            raise CellSyntaxError(
+                number, line.rstrip("\n"), "text before the first %% section; put it in a section"
+            )
+    sections = []
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else len(lines)
+        sections.append(_section(start + 1, lines[start], "".join(lines[start + 1 : end])))
+    if sum(s.magic == "run" for s in sections) > 1:
+        second = [s for s in sections if s.magic == "run"][1]
+        raise CellSyntaxError(second.line, second.text, "a cell takes one %%run section")
+    return Cell(magics=magics, sections=tuple(sections))
+
+
+def _line_magics(head: list[str]) -> tuple[tuple[LineMagic, ...], list[tuple[int, str]]]:
+    """Line magics at the top of the cell; the lines after them."""
+    magics: list[LineMagic] = []
+    for i, line in enumerate(head):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if not stripped.startswith("%"):
+            return tuple(magics), list(enumerate(head[i:], start=i + 1))
+        words = _split(i + 1, line, stripped[1:])
+        if not words or words[0] not in LINE_MAGICS:
+            name = words[0] if words else ""
+            raise CellSyntaxError(
+                i + 1,
+                line.rstrip("\n"),
+                f"unknown line magic %{name}; known: " + ", ".join(f"%{m}" for m in LINE_MAGICS),
+            )
+        magics.append(LineMagic(words[0], tuple(words[1:]), i + 1))
+    return tuple(magics), []
+
+
+def _split(number: int, line: str, text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise CellSyntaxError(
+            number, line.rstrip("\n"), f"cannot split the arguments: {exc}"
+        ) from None
+
+
+def _section(number: int, line: str, body: str) -> Section:
+    text = line.rstrip("\n")
+    words = _split(number, line, line[2:])
+    if not words:
+        raise CellSyntaxError(number, text, "%% without a magic name")
+    magic, *rest = words
+    if magic not in SECTION_MAGICS:
+        known = ", ".join(f"%%{m}" for m in SECTION_MAGICS)
+        raise CellSyntaxError(number, text, f"unknown magic %%{magic}; known: {known}")
+    args: list[str] = []
+    options: dict[str, str | bool] = {}
+    takes = OPTIONS[magic]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        name, eq, value = word.partition("=")
+        if magic != "run" and name.startswith("--"):
+            if name not in takes:
+                allowed = ", ".join(takes) or "none"
+                raise CellSyntaxError(
+                    number, text, f"%%{magic} has no option {name} (options: {allowed})"
+                )
+            if takes[name]:
+                if not eq:
+                    if i + 1 >= len(rest):
+                        raise CellSyntaxError(number, text, f"{name} needs a value")
+                    i += 1
+                    value = rest[i]
+                options[name] = value
+            else:
+                if eq:
+                    raise CellSyntaxError(number, text, f"{name} takes no value")
+                options[name] = True
+        else:
+            args.append(word)
+        i += 1
+    encoding = options.get("--encoding")
+    if encoding is not None and encoding not in ENCODINGS:
+        raise CellSyntaxError(
+            number, text, f"unknown encoding {encoding!r}; use {', '.join(ENCODINGS)}"
+        )
+    if magic == "files" and len(args) != 1:
+        raise CellSyntaxError(number, text, "%%files takes one file name: %%files NAME")
+    if magic in ("compile", "stdin", "env", "limits") and args:
+        raise CellSyntaxError(number, text, f"%%{magic} takes no arguments, only a body")
+    return Section(magic, tuple(args), options, body, number, text)
+
+
+# -- section bodies ---------------------------------------------------------------------------
+
+
+def deps_names(section: Section) -> list[str]:
+    names = [*section.args, *section.body.split()]
+    for name in names:
+        if not DEPENDENCY_NAME.fullmatch(name):
+            raise CellSyntaxError(
+                section.line,
+                section.text,
+                f"{name!r} is not a package name (like gcc or python3Packages.numpy)",
+            )
+    return names
+
+
+def env_variables(section: Section) -> dict[str, str]:
+    variables: dict[str, str] = {}
+    for offset, line in enumerate(section.body.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, eq, value = line.partition("=")
+        name = name.strip()
+        if not eq or not ENV_NAME.fullmatch(name):
+            raise CellSyntaxError(
+                section.line + offset, line, "write NAME=value (NAME: letters, digits, _)"
+            )
+        variables[name] = value
+    return variables
+
+
+@dataclass(frozen=True)
+class LimitSetting:
+    stage: str
+    name: str
+    value: Any  # int, float, or [soft, hard]
+
+
+def limit_settings(section: Section) -> list[LimitSetting]:
+    """``stage.limit = value`` lines, values with units and ``soft:hard`` pairs."""
+    settings = []
+    for offset, line in enumerate(section.body.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        number = section.line + offset
+        key, eq, value = line.partition("=")
+        stage, dot, name = key.strip().partition(".")
+        if not eq or not dot:
+            raise CellSyntaxError(number, line, "write stage.limit = value, e.g. run.cpu = 2")
+        if stage not in ("compile", "run", "deps"):
+            raise CellSyntaxError(
+                number, line, f"unknown stage {stage!r}; use compile, run or deps"
+            )
+        if name not in STAGE_LIMITS or (stage == "deps" and name != "wall_time"):
+            known = "wall_time" if stage == "deps" else ", ".join(STAGE_LIMITS)
+            raise CellSyntaxError(number, line, f"unknown limit {stage}.{name}; known: {known}")
+        try:
+            parts = value.split(":")
+            if len(parts) > 2 or (
+                len(parts) == 2 and name in ("wall_time", "memory", "pids", "output")
+            ):
+                raise ValueError(f"{name} takes one value, not soft:hard")
+            values = [limit_value(name, p) for p in parts]
+        except ValueError as exc:
+            raise CellSyntaxError(number, line, f"{stage}.{name}: {exc}") from None
+        settings.append(LimitSetting(stage, name, values[0] if len(values) == 1 else values))
+    return settings
+
+
+def limit_value(name: str, text: str) -> int | float:
+    """One limit value in the limit's own unit: bytes, seconds (wall_time: fractional), or µs."""
+    match = _NUMBER.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a number")
+    number, unit = float(match.group(1)), match.group(2)
+    if name in BYTE_LIMITS:
+        if unit.upper() not in SIZE_UNITS:
+            raise ValueError(f"unknown size unit {unit!r}; use K, M or G (powers of 1024)")
+        return _whole(number * SIZE_UNITS[unit.upper()], name)
+    if name in ("cpu", "wall_time", "rttime"):
+        if unit not in TIME_UNITS:
+            raise ValueError(f"unknown time unit {unit!r}; use ms, s or m")
+        seconds = number * TIME_UNITS[unit]
+        if name == "wall_time":
+            return seconds
+        if name == "rttime":  # RLIMIT_RTTIME counts microseconds
+            return _whole(seconds * 1_000_000, name)
+        return _whole(seconds, name)
+    if unit:
+        raise ValueError(f"{name} is a count and takes no unit")
+    return _whole(number, name)
+
+
+def _whole(value: float, name: str) -> int:
+    if not math.isclose(value, round(value), abs_tol=1e-9):
+        raise ValueError(f"{name} takes a whole number, not {value:g}")
+    return round(value)
