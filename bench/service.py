@@ -42,11 +42,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sandbox import Bench  # noqa: E402  (bench/sandbox.py: the bare nsjail baseline)
+from sandbox import Bench
 
-from cellblock import config as cellblock_config  # noqa: E402
-from cellblock.executor.host import prepare  # noqa: E402
-from cellblock.service.client import Client  # noqa: E402
+from cellblock import config as cellblock_config
+from cellblock.executor.host import prepare
+from cellblock.service.client import Client
 
 TARGET_MEDIAN_MS = 25.0
 TARGET_THROUGHPUT_RATIO = 0.5
@@ -61,8 +61,12 @@ def percentile(samples: Sequence[float], q: int) -> float:
 
 def stats(samples: Sequence[float]) -> dict[str, float]:
     ms = [s * 1000 for s in samples]
-    return {"median": statistics.median(ms), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
-            "mean": statistics.fmean(ms)}  # fmt: skip
+    return {
+        "median": statistics.median(ms),
+        "p95": percentile(ms, 95),
+        "p99": percentile(ms, 99),
+        "mean": statistics.fmean(ms),
+    }
 
 
 class Deployment:
@@ -72,24 +76,67 @@ class Deployment:
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "CELLBLOCK_TOKEN": TOKEN, "CELLBLOCK_ADMIN_TOKEN": TOKEN + "-admin",
-                    "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"', "CELLBLOCK_QUEUE_SIZE": "100000"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "CELLBLOCK_TOKEN": TOKEN,
+            "CELLBLOCK_ADMIN_TOKEN": TOKEN + "-admin",
+            "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
+            "CELLBLOCK_QUEUE_SIZE": "100000",
+        }
         self.procs: list[subprocess.Popen[bytes]] = []
         sock = root / "redis.sock"
-        self._start(["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(root),
-                     "--save", "", "--appendonly", "no"])  # fmt: skip
+        self._start(
+            [
+                "redis-server",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(sock),
+                "--dir",
+                str(root),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+        )
         while not sock.exists():
             time.sleep(0.01)
         redis = f"unix://{sock}"
-        self._start([*CELLBLOCK, "service", "--redis", redis, "--port", str(self.port),
-                     "--state-dir", str(root)])  # fmt: skip
+        self._start(
+            [
+                *CELLBLOCK,
+                "service",
+                "--redis",
+                redis,
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(root),
+            ]
+        )
         for i in range(executors):
-            self._start([*CELLBLOCK, "executor", "--redis", redis, "--state-dir", str(root),
-                         "--id", f"bench-executor-{i}", "--uid-offset", str(300 + 10 * i)])  # fmt: skip
+            self._start(
+                [
+                    *CELLBLOCK,
+                    "executor",
+                    "--redis",
+                    redis,
+                    "--state-dir",
+                    str(root),
+                    "--id",
+                    f"bench-executor-{i}",
+                    "--uid-offset",
+                    str(300 + 10 * i),
+                ]
+            )
 
     def _start(self, argv: list[str]) -> None:
-        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL))  # fmt: skip
+        self.procs.append(
+            subprocess.Popen(
+                argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
 
     async def ready(self, client: Client, executors: int) -> None:
         deadline = time.monotonic() + 30
@@ -137,8 +184,11 @@ async def latency(client: Client, bare: Bench, runs: int, warmup: int) -> dict[s
     async def nsjail() -> None:
         await bare.run_bare(bare.argv)
 
-    methods: dict[str, Callable[[], Awaitable[None]]] = {"websocket": websocket, "wait": wait,
-                                                          "nsjail": nsjail}  # fmt: skip
+    methods: dict[str, Callable[[], Awaitable[None]]] = {
+        "websocket": websocket,
+        "wait": wait,
+        "nsjail": nsjail,
+    }
     samples: dict[str, list[float]] = {k: [] for k in methods}
     order = list(methods)
     for i in range(warmup + runs):
@@ -172,8 +222,14 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
 
     def loop(i: int) -> None:
         while time.monotonic() < deadline:
-            subprocess.run(argvs[i], stdin=subprocess.DEVNULL, capture_output=True,
-                           pass_fds=(bare.status.w, bare.log.w), start_new_session=True, env={})  # fmt: skip
+            subprocess.run(
+                argvs[i],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                pass_fds=(bare.status.w, bare.log.w),
+                start_new_session=True,
+                env={},
+            )
             counts[i] += 1
 
     start = time.monotonic()
@@ -233,30 +289,30 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 def print_report(f: dict[str, Any]) -> None:
     print(f"end-to-end latency of `echo hi`, {f['runs']} interleaved rounds (ms)")
     print(f"{'':34}{'median':>8}{'p95':>8}{'p99':>8}{'mean':>8}")
-    labels = {"websocket": "service, WebSocket (Client.run)", "wait": "service, POST ?wait=true",
-              "nsjail": "bare nsjail, same run stage"}  # fmt: skip
+    labels = {
+        "websocket": "service, WebSocket (Client.run)",
+        "wait": "service, POST ?wait=true",
+        "nsjail": "bare nsjail, same run stage",
+    }
     for key, label in labels.items():
         s = f["latency_ms"][key]
         print(f"{label:34}{s['median']:8.2f}{s['p95']:8.2f}{s['p99']:8.2f}{s['mean']:8.2f}")
     print(f"\nWebSocket / bare nsjail: {f['ratio_websocket_to_nsjail']:.2f}x (medians)")
     print(f"wait=true / bare nsjail: {f['ratio_wait_to_nsjail']:.2f}x (medians)")
     t = f["throughput"]
-    print(
-        f"\nthroughput, {t['clients']} clients, {t['seconds']:g} s: {t['service_per_s']:.1f} submissions/s"
-    )
+    rate = t["service_per_s"]
+    print(f"\nthroughput, {t['clients']} clients, {t['seconds']:g} s: {rate:.1f} submissions/s")
     for loops, rate in t["nsjail_per_s"].items():
         print(f"bare nsjail, {loops} parallel loops: {rate:.1f} runs/s")
     print(f"service / best bare nsjail: {t['ratio']:.2f}")
     for label, key in (("WebSocket", "websocket"), ("wait=true", "wait")):
         median = f["latency_ms"][key]["median"]
         verdict = "PASS" if median < TARGET_MEDIAN_MS else "MISS"
-        print(
-            f"median end-to-end ({label}): {median:.1f} ms (target < {TARGET_MEDIAN_MS:g} ms): {verdict}"
-        )
+        target = f"target < {TARGET_MEDIAN_MS:g} ms"
+        print(f"median end-to-end ({label}): {median:.1f} ms ({target}): {verdict}")
     verdict = "PASS" if t["ratio"] >= TARGET_THROUGHPUT_RATIO else "MISS"
-    print(
-        f"throughput vs bare nsjail: {t['ratio']:.2f} (target >= {TARGET_THROUGHPUT_RATIO}): {verdict}"
-    )
+    target = f"target >= {TARGET_THROUGHPUT_RATIO}"
+    print(f"throughput vs bare nsjail: {t['ratio']:.2f} ({target}): {verdict}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
