@@ -114,7 +114,10 @@ class CellblockKernel(Kernel):
     ) -> dict[str, Any]:
         try:
             cell = sections.parse(code)
-            staged = staging.stage(self.staged, cell)
+            # Line magics come before the sections: after a %reset, the cell's sections are
+            # staged on nothing, not on what was staged before.
+            reset = any(magic.name == "reset" for magic in cell.magics)
+            staged = staging.stage(Staged() if reset else self.staged, cell)
             request = staging.request(staged, cell)
         except CellSyntaxError as exc:
             return self._error("CellSyntaxError", str(exc))
