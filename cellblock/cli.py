@@ -11,11 +11,14 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cellblock import config as config_module
 from cellblock import logs
 from cellblock.errors import CellblockError, InvalidRequest
+
+if TYPE_CHECKING:
+    from cellblock.service.client import Client
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CELLBLOCK_STATE_DIR", "~/.local/state/cellblock"))
 
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Redis URL (default: $CELLBLOCK_REDIS_URL)",
     )
     _common(service)
+    _client_commands(commands)
     return parser
 
 
@@ -128,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, component=args.command)
     state_dir: Path = args.state_dir.expanduser()
     try:
+        if args.command in CLIENT_COMMANDS:  # they talk to a service: no configuration needed
+            return asyncio.run(_client_command(args, state_dir))
         config = config_module.load(state_dir, args.config)
         if args.command == "exec":
             return asyncio.run(_exec(config, args))
@@ -219,6 +225,148 @@ async def _builder(config: config_module.Config, args: argparse.Namespace) -> in
     finally:
         await store.close()
     return 0
+
+
+# -- commands that talk to a service --------------------------------------------------------
+
+CLIENT_COMMANDS = ("submit", "workers", "scale")
+
+
+def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="send a submission to a Cellblock service",
+        description="Send SUBMISSION (a JSON file of shared/PROTOCOL.md's submission request, "
+        "or - for standard input) to the service and print its id and status as JSON. With "
+        "--wait, print the finished submission; with --stream, print its events as JSON lines "
+        "as they happen (a dropped connection is resumed). Ctrl-C while waiting cancels the "
+        "submission. Exit status: 0 when it was accepted (or, waiting, every stage succeeded), "
+        "1 when a stage did not succeed or it was cancelled, 2 for bad input, 3 when the "
+        "service or the system failed.",
+    )
+    submit.add_argument("submission", help="submission request JSON file, or - for stdin")
+    submit.add_argument("--wait", action="store_true", help="wait and print the result")
+    submit.add_argument("--stream", action="store_true", help="print events as JSON lines")
+    _client_options(submit, admin=False)
+
+    workers = commands.add_parser(
+        "workers",
+        help="list the service's executors and builders (admin)",
+        description="Print every live worker as JSON; --drain ID drains and stops one.",
+    )
+    workers.add_argument("--drain", metavar="ID", help="drain and stop this worker")
+    _client_options(workers, admin=True)
+
+    scale = commands.add_parser(
+        "scale",
+        help="start or stop workers of a `cellblock up` deployment (admin)",
+        description="Ask the service for this many executors and/or builders; stopping drains.",
+    )
+    scale.add_argument("--executors", type=int, metavar="N")
+    scale.add_argument("--builders", type=int, metavar="M")
+    _client_options(scale, admin=True)
+
+
+def _client_options(parser: argparse.ArgumentParser, *, admin: bool) -> None:
+    variable, file = (
+        ("CELLBLOCK_ADMIN_TOKEN", "admin-token") if admin else ("CELLBLOCK_TOKEN", "token")
+    )
+    parser.add_argument("--url", help="the service (default: $CELLBLOCK_URL, else <state-dir>/url)")
+    parser.add_argument(
+        "--token", help=f"the token (default: ${variable}, else <state-dir>/{file})"
+    )
+    parser.add_argument("--timeout", type=float, default=30, help="seconds to wait for answers")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="where `cellblock up` wrote the URL and tokens (default: %(default)s)",
+    )
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+
+
+async def _client_command(args: argparse.Namespace, state_dir: Path) -> int:
+    from cellblock.service.client import Client
+
+    client = Client.from_environment(
+        state_dir,
+        admin=args.command != "submit",
+        url=args.url,
+        token=args.token,
+        timeout=args.timeout,
+    )
+    async with client:
+        if args.command == "submit":
+            return await _submit(client, args)
+        if args.command == "workers":
+            return await _workers(client, args)
+        return await _scale(client, args)
+
+
+async def _submit(client: Client, args: argparse.Namespace) -> int:
+    from cellblock.errors import FieldProblem
+
+    request = _read_json(args.submission)
+    if not isinstance(request, dict):
+        raise InvalidRequest([FieldProblem("", "the submission must be a JSON object")])
+    if not (args.wait or args.stream):
+        _print_json(await client.submit(request))
+        return EXIT_OK
+    stream = client.stream(request)
+    try:
+        async with stream:
+            async for event in stream:
+                if args.stream:
+                    print(json.dumps(event), flush=True)
+    except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels this task
+        if stream.id is not None:
+            await _cancel_quietly(client, stream.id)
+        raise
+    assert stream.submission is not None
+    if not args.stream:
+        _print_json(stream.submission, indent=2)
+    return _submission_exit_status(stream.submission)
+
+
+async def _cancel_quietly(client: Client, submission_id: str) -> None:
+    try:
+        await asyncio.wait_for(client.cancel(submission_id), client.timeout)
+        print(f"cellblock: cancelled submission {submission_id}", file=sys.stderr)
+    except (CellblockError, TimeoutError) as exc:
+        reason = exc.message if isinstance(exc, CellblockError) else "no answer"
+        print(f"cellblock: could not cancel {submission_id}: {reason}", file=sys.stderr)
+
+
+def _submission_exit_status(submission: dict[str, Any]) -> int:
+    """0 when every stage succeeded, 1 when one did not (or it was cancelled), 3 when the
+    system failed it (or the sandbox failed a stage)."""
+    stages = [s for s in submission["stages"].values() if s is not None]
+    if submission["status"] == "error" or any(s["status"] == "error" for s in stages):
+        return EXIT_SYSTEM
+    if submission["status"] == "finished" and all(s["status"] == "ok" for s in stages):
+        return EXIT_OK
+    return EXIT_STAGE_FAILED
+
+
+async def _workers(client: Client, args: argparse.Namespace) -> int:
+    if args.drain:
+        _print_json(await client.drain(args.drain))
+    else:
+        _print_json({"workers": await client.workers()}, indent=2)
+    return EXIT_OK
+
+
+async def _scale(client: Client, args: argparse.Namespace) -> int:
+    from cellblock.errors import FieldProblem
+
+    if args.executors is None and args.builders is None:
+        raise InvalidRequest([FieldProblem("", "give --executors N and/or --builders M")])
+    _print_json(await client.scale(executors=args.executors, builders=args.builders))
+    return EXIT_OK
+
+
+def _print_json(document: object, indent: int | None = None) -> None:
+    print(json.dumps(document, indent=indent), flush=True)
 
 
 def _read_json(source: str) -> object:

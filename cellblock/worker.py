@@ -74,6 +74,12 @@ class Presence:
                 await self.register()
                 if await self.store.drain_requested(self.info.id):
                     self.drain()
+                # Python 3.11's asyncio.wait_for (which redis-py uses to send a command) loses
+                # a cancellation that lands as the command completes; without this check the
+                # worker would never stop. A cancellation is still counted by cancelling().
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 await asyncio.sleep(min(1.0, self.lease / 3))
         finally:
             await asyncio.shield(self.store.unregister_worker(self.info.id))

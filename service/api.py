@@ -11,10 +11,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import tornado.iostream
 import tornado.web
 
 from cellblock.config import Config
@@ -29,6 +30,13 @@ log = logging.getLogger("cellblock.service")
 RETRY_AFTER = 5
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
+#: Seconds one blocking read of a submission's events may wait. It must stay below the Redis
+#: client's read timeout: Store.connect keeps redis-py's default socket_timeout (5 s), so a
+#: longer XREAD BLOCK fails with a TimeoutError whenever a submission is quiet for that long.
+EVENTS_BLOCK = 4.0
+#: Seconds to wait for more events of a submission that has ended: its closing events are
+#: appended back to back, so any still to come arrive at once.
+ENDED_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,10 +52,15 @@ class Services:
 class ApiError(CellblockError):
     """An error with its HTTP status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        # Headers belong on the error answer itself: ``send_error`` clears every header set
+        # before it, so a handler setting Retry-After and then raising would lose it.
+        self.headers = dict(headers or {})
 
 
 def new_submission_id() -> str:
@@ -73,8 +86,12 @@ class BaseHandler(tornado.web.RequestHandler):
         token = token or self.get_query_argument("token", None)
         principal = self.services.tokens.authenticate(token)
         if principal is None:
-            self.set_header("WWW-Authenticate", 'Bearer realm="cellblock"')
-            raise ApiError(401, "unauthorized", "a valid token is required (Authorization: Bearer)")
+            raise ApiError(
+                401,
+                "unauthorized",
+                "a valid token is required (Authorization: Bearer)",
+                headers={"WWW-Authenticate": 'Bearer realm="cellblock"'},
+            )
         if admin and not principal.is_admin:
             raise ApiError(403, "forbidden", "this needs an admin token")
         self.principal = principal
@@ -86,8 +103,13 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        # Set here, not only in set_default_headers: a handler with other defaults (the event
+        # stream) still answers its errors as JSON.
+        self.set_header("Content-Type", "application/json; charset=utf-8")
         body: dict[str, Any]
         if isinstance(exc, ApiError):
+            for name, value in exc.headers.items():
+                self.set_header(name, value)
             body = {"error": {"code": exc.code, "message": exc.message, "details": []}}
         elif isinstance(exc, InvalidRequest):
             body = exc.as_json()
@@ -150,37 +172,54 @@ class SubmissionsHandler(BaseHandler):
         self._size = 0
         if self.request.method != "POST":
             return None
-        limit = self.services.config.max_body_size
         length = self.request.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ApiError(413, "body_too_large", f"the body is over {limit} bytes")
-        self.request.connection.set_max_body_size(limit + 1)  # type: ignore[union-attr]
+        if length is not None and length.isdigit() and int(length) > self._body_limit():
+            raise self._too_large()
+        # The connection keeps the server's larger bound: lowered to the limit, Tornado itself
+        # would refuse a chunked body that outgrows it with a bare 400 before data_received
+        # could answer 413.
         return None
 
+    def _body_limit(self) -> int:
+        return self.services.config.max_body_size
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, "body_too_large", f"the body is over {self._body_limit()} bytes")
+
     def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
         self._size += len(chunk)
-        if self._size > self.services.config.max_body_size:
-            raise ApiError(
-                413,
-                "body_too_large",
-                f"the body is over {self.services.config.max_body_size} bytes",
-            )
+        if self._size > self._body_limit():
+            # A chunked body (no Content-Length) grew too large. Raising here would only make
+            # Tornado log the error and drop the connection unanswered; answering now makes
+            # it close the connection once the 413 is sent, without reading the rest.
+            self._chunks.clear()
+            error = self._too_large()
+            self.send_error(error.status, exc_info=(type(error), error, None))
+            return
         self._chunks.append(chunk)
 
     async def post(self) -> None:
+        if self._finished:  # answered 413 while the body streamed in
+            return
         principal = self.authenticate()
         self.request.body = b"".join(self._chunks)
         raw = self.json_body()
         submission = parse_submission(raw, self.services.config.limits)
+        # Every query parameter is checked before the submission is stored: a bad one must
+        # not leave an accepted submission behind its 422.
+        wait = self.get_query_argument("wait", "false").lower() in ("true", "1", "yes")
+        timeout = self._timeout() if wait else DEFAULT_WAIT
         sid = new_submission_id()
         try:
             state = await self.services.store.submit(sid, submission, principal.name)
         except QueueFull as exc:
-            self.set_header("Retry-After", str(RETRY_AFTER))
-            raise ApiError(429, exc.code, exc.message) from None
+            raise ApiError(
+                429, exc.code, exc.message, headers={"Retry-After": str(RETRY_AFTER)}
+            ) from None
         log.info("submission accepted", extra={"submission": sid, "owner": principal.name})
-        if self.get_query_argument("wait", "false").lower() in ("true", "1", "yes"):
-            timeout = self._timeout()
+        if wait:
             state = await wait_until_done(self.services.store, sid, timeout) or state
             self.send_json(201, state.as_json())
             return
@@ -219,12 +258,41 @@ async def wait_until_done(store: Store, sid: str, timeout: float) -> SubmissionS
     deadline = time.monotonic() + timeout
     since = 0
     while (remaining := deadline - time.monotonic()) > 0:
-        events = await store.events(sid, since, block=min(remaining, 5.0))
+        events = await store.events(sid, since, block=min(remaining, EVENTS_BLOCK))
         for event in events:
             since = event["seq"]
             if event["type"] == "finished":
                 return SubmissionState.from_record(event["submission"])
     return await store.state(sid)
+
+
+async def follow_events(
+    store: Store, sid: str, since: int, ended: bool = False
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """Batches of the submission's events after ``since``, up to its ``finished`` event, and
+    an empty batch whenever nothing came for a while (time for a keep-alive).
+
+    ``ended``: the submission had ended already. The stream also ends when the submission has
+    ended and nothing follows ``since`` (a client resuming after the last event, which would
+    otherwise wait for events that never come), and when the submission expires.
+    """
+    while True:
+        events = await store.events(sid, since, block=ENDED_GRACE if ended else EVENTS_BLOCK)
+        if not events:
+            if ended:
+                return
+            state = await store.state(sid)
+            if state is None:  # expired under us
+                return
+            ended = state.done
+            yield []
+            continue
+        for i, event in enumerate(events):
+            if event["type"] == "finished":  # the last event: nothing follows it
+                yield events[: i + 1]
+                return
+        yield events
+        since = events[-1]["seq"]
 
 
 class SubmissionHandler(BaseHandler):
@@ -251,7 +319,7 @@ class EventsHandler(BaseHandler):
 
     async def get(self, sid: str) -> None:
         self.authenticate()
-        await self.visible_state(sid)
+        state = await self.visible_state(sid)
         since_text = self.get_query_argument("since", None) or self.request.headers.get(
             "Last-Event-ID", "0"
         )
@@ -259,22 +327,18 @@ class EventsHandler(BaseHandler):
             raise InvalidRequest([FieldProblem("since", "must be a whole number")])
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
-        since = int(since_text)
-        store = self.services.store
-        while True:
-            events = await store.events(sid, since, block=15.0)
-            if not events:
-                if await store.state(sid) is None:  # expired under us
-                    break
-                self.write(": keep-alive\n\n")
-                await self.flush()
-                continue
+        async for events in follow_events(
+            self.services.store, sid, int(since_text), ended=state.done
+        ):
             for event in events:
-                since = event["seq"]
-                self.write(f"id: {since}\nevent: {event['type']}\ndata: {json.dumps(event)}\n\n")
-            await self.flush()
-            if events[-1]["type"] == "finished":
-                break
+                seq, kind = event["seq"], event["type"]
+                self.write(f"id: {seq}\nevent: {kind}\ndata: {json.dumps(event)}\n\n")
+            if not events:
+                self.write(": keep-alive\n\n")
+            try:
+                await self.flush()
+            except tornado.iostream.StreamClosedError:
+                return  # the client went away: nobody to answer
         self.finish()
 
     def on_connection_close(self) -> None:

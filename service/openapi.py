@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 from functools import cache
+from importlib import metadata
 from typing import Any
 
-from cellblock import __version__
-from cellblock.service.protocol import RLIMITS, SANDBOX_LIMITS, SubmissionRequest
+from cellblock.service.protocol import (
+    RLIMITS,
+    SANDBOX_LIMITS,
+    PackagesRequest,
+    SubmissionRequest,
+)
+
+
+def _version() -> str:
+    """The installed distribution's version. Not ``cellblock.__version__``: wherever a folder
+    named ``cellblock`` without an ``__init__.py`` comes first on the path (the test folder
+    tests/cellblock under pytest), ``cellblock`` imports as a namespace package without it,
+    and this document would answer 500."""
+    try:
+        return metadata.version("cellblock")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -99,6 +115,10 @@ def document() -> dict[str, Any]:
         "content": {"application/json": {"schema": _ref("SubmissionRequest")}},
     }
     sse = {"description": "Server-sent events.", "content": {"text/event-stream": {}}}
+    packages_body = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref("PackagesRequest")}},
+    }
     paths = {
         "/api/v1/health": {"get": _op({"200": _json(obj, "Alive.")}, security=[])},
         "/api/v1/submissions": {
@@ -128,23 +148,41 @@ def document() -> dict[str, Any]:
             "get": _op({"200": sse}),
         },
         "/api/v1/ws": {"get": _op({"101": {"description": "The WebSocket (PROTOCOL.md)."}})},
-        "/api/v1/packages": {"get": _op({"200": _json(obj, "Cached packages.")})},
+        "/api/v1/packages": {
+            "get": _op({"200": _json(obj, "Cached packages.")}),
+            "post": _op(
+                {
+                    "200": _json(obj, "Every package is cached already."),
+                    "202": _json(obj, "Building; the answer's id is the build to watch."),
+                    "400": errors["400"],
+                    "422": errors["422"],
+                    "503": _json(_ref("Error"), "No cache builder has started yet."),
+                },
+                requestBody=packages_body,
+            ),
+        },
+        "/api/v1/packages/builds/{id}": {
+            "parameters": [sid],
+            "get": _op({"200": _json(obj, "A build's status."), "404": errors["404"]}),
+        },
         "/api/v1/workers": {"get": _op({"200": _json(obj, "Live workers (admin).")})},
         "/api/v1/workers/{id}": {
             "parameters": [sid],
             "delete": _op({"202": _json(obj, "Draining (admin).")}),
         },
         "/api/v1/admin/scale": {"post": _op({"202": _json(obj, "Scaling (admin).")})},
+        "/api/v1/openapi.json": {"get": _op({"200": _json(obj, "This document.")})},
         "/metrics": {"get": _op({"200": {"description": "Prometheus text format (admin)."}})},
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Cellblock", "version": __version__},
+        "info": {"title": "Cellblock", "version": _version()},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 **definitions,
                 "SubmissionRequest": request,
+                "PackagesRequest": PackagesRequest.model_json_schema(),
                 "StageLimits": stage_limits,
                 "Submission": submission,
                 "Error": error,

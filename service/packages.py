@@ -67,5 +67,8 @@ class BinaryCacheHandler(tornado.web.StaticFileHandler):
             except (ValueError, UnicodeDecodeError):
                 token = None
         if self.settings["services"].tokens.authenticate(token) is None:
+            # Answered here rather than raised: send_error clears every header set before it,
+            # and a 401 without its challenge leaves a client not knowing to send Basic.
+            self.set_status(401)
             self.set_header("WWW-Authenticate", 'Basic realm="cellblock nix cache"')
-            raise tornado.web.HTTPError(401)
+            self.finish()

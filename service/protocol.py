@@ -569,6 +569,8 @@ class SubmissionState:
     #: Which stages the request has; a stage it lacks counts as done from the start.
     has_dependencies: bool = True
     has_compile: bool = True
+    #: The closing ``finished`` event came: nothing more is taken.
+    closed: bool = False
 
     @classmethod
     def new(
@@ -617,6 +619,7 @@ class SubmissionState:
             **self.as_json(),
             "has_dependencies": self.has_dependencies,
             "has_compile": self.has_compile,
+            "closed": self.closed,
         }
 
     @classmethod
@@ -631,7 +634,7 @@ class SubmissionState:
 def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionState:
     """The state machine: the submission after ``event``. Pure; raises ``InvalidTransition``."""
     kind = event["type"]
-    if state.status == "finished" or (state.done and kind != "finished"):
+    if state.closed or (state.done and kind != "finished"):
         raise InvalidTransition(f"{state.id} is {state.status}; it takes no {kind} event")
     if kind == "output":
         return state
@@ -677,9 +680,15 @@ def apply_event(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionS
         if state.status == "queued":
             raise InvalidTransition(f"{state.id} is queued; it cannot finish before it runs")
         if state.status != "running":
-            # The closing event after a cancellation or a system error: it changes nothing.
-            return state
-        return replace(state, status="finished", stage=None, finished_at=event.get("time") or now())
+            # The closing event after a cancellation or a system error: it only closes.
+            return replace(state, closed=True)
+        return replace(
+            state,
+            status="finished",
+            stage=None,
+            finished_at=event.get("time") or now(),
+            closed=True,
+        )
     raise InvalidTransition(f"unknown event type {kind!r}")
 
 

@@ -145,7 +145,10 @@ class Store:
 
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Store:
-        return cls(aioredis.Redis.from_url(url, decode_responses=True), **kwargs)
+        # No read timeout: blocking reads (XREAD BLOCK, XREADGROUP BLOCK) wait longer than
+        # redis-py's default of 5 s, and each names its own bound.
+        client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None)
+        return cls(client, **kwargs)
 
     async def close(self) -> None:
         await self.redis.aclose()

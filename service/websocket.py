@@ -16,8 +16,9 @@ from typing import Any
 
 import tornado.websocket
 
+from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError, FieldProblem, InvalidRequest
-from cellblock.service.api import ApiError, BaseHandler, new_submission_id
+from cellblock.service.api import ApiError, BaseHandler, follow_events, new_submission_id
 from cellblock.service.protocol import parse_submission
 from cellblock.service.store import QueueFull, Rejected
 
@@ -83,8 +84,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             since = msg.get("since", 0)
             if isinstance(since, bool) or not isinstance(since, int) or since < 0:
                 raise InvalidRequest([FieldProblem("since", "must be a whole number")])
-            await self.visible_state(sid)
-            self._relay(sid, since)
+            state = await self.visible_state(sid)
+            self._relay(sid, since, ended=state.done)
         elif kind == "status":
             state = await self.visible_state(_id(msg))
             self._send({"type": "submission", "submission": state.as_json()}, request_id)
@@ -96,28 +97,25 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             except Rejected as exc:
                 raise ApiError(409, "conflict", f"cannot cancel: {exc.message}") from None
             self._send({"type": "cancelled", "id": sid}, request_id)
+        elif kind == "packages":
+            # What GET /api/v1/packages answers, for clients that only hold the socket.
+            packages = await EnvironmentCache(store).packages()
+            self._send({"type": "packages", "packages": packages}, request_id)
         else:
-            known = "submit, watch, status, cancel"
+            known = "submit, watch, status, cancel, packages"
             raise InvalidRequest(
                 [FieldProblem("type", f"unknown message type {kind!r}; use {known}")]
             )
 
-    def _relay(self, sid: str, since: int) -> None:
-        task = asyncio.create_task(self._relay_events(sid, since))
+    def _relay(self, sid: str, since: int, ended: bool = False) -> None:
+        task = asyncio.create_task(self._relay_events(sid, since, ended))
         self._relays.add(task)
         task.add_done_callback(self._relays.discard)
 
-    async def _relay_events(self, sid: str, since: int) -> None:
-        store = self.services.store
-        while True:
-            events = await store.events(sid, since, block=15.0)
-            if not events and await store.state(sid) is None:
-                return
+    async def _relay_events(self, sid: str, since: int, ended: bool) -> None:
+        async for events in follow_events(self.services.store, sid, since, ended):
             for event in events:
-                since = event["seq"]
                 self._send(event, None)
-                if event["type"] == "finished":
-                    return
 
     def _send(self, message: dict[str, Any], request_id: Any) -> None:
         if request_id is not None:

@@ -54,6 +54,15 @@ def sandbox_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def _accepts(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     """A real redis-server of this test's own, on a unix socket."""
@@ -66,10 +75,12 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
          "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    # The socket file appears a moment before redis-server listens on it: wait for a connection.
     deadline = time.monotonic() + 10
-    while not sock.exists():
+    while not _accepts(sock):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
+            proc.wait()
             pytest.fail("redis-server did not start")
         time.sleep(0.01)
     yield f"unix://{sock}"
@@ -152,12 +163,13 @@ def start_executor(redis_url: str, tmp_path: Path, sandbox_root: Path) -> Iterat
         proc_env = {
             **os.environ, **TEST_ENV, "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"', **env,
         }  # fmt: skip
-        proc = subprocess.Popen(
-            [*CELLBLOCK, "executor", "--redis", redis_url, "--state-dir", str(state),
-             "--id", worker_id, "--slots", str(slots), "--uid-offset", str(100 + 10 * index),
-             "--log-level", "info"],
-            env=proc_env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
-        )  # fmt: skip
+        with log.open("w") as log_file:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                [*CELLBLOCK, "executor", "--redis", redis_url, "--state-dir", str(state),
+                 "--id", worker_id, "--slots", str(slots), "--uid-offset", str(100 + 10 * index),
+                 "--log-level", "info"],
+                env=proc_env, stdout=subprocess.DEVNULL, stderr=log_file,
+            )  # fmt: skip
         executor = ExecutorProcess(worker_id, proc, log)
         started.append(executor)
         return executor
@@ -167,3 +179,100 @@ def start_executor(redis_url: str, tmp_path: Path, sandbox_root: Path) -> Iterat
         if executor.proc.poll() is None:
             executor.proc.kill()
             executor.proc.wait()
+
+
+@dataclass
+class BuilderProcess:
+    worker_id: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+    def events(self, name: str) -> list[dict[str, object]]:
+        """This builder's structured log lines whose event is ``name`` (e.g. "build started")."""
+        import json
+
+        found = []
+        for line in self.logs().splitlines():
+            if line.startswith("{") and f'"event": "{name}"' in line:
+                found.append(json.loads(line))
+        return found
+
+    async def started(self, timeout: float = 20) -> None:
+        """Wait (without blocking the event loop) until the builder has published its channel."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while not self.events("builder started"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"builder {self.worker_id} did not start:\n{self.logs()}")
+            await asyncio.sleep(0.05)
+
+
+StartBuilder = Callable[..., BuilderProcess]
+
+
+@pytest.fixture
+def start_builder(redis_url: str, tmp_path: Path) -> Iterator[StartBuilder]:
+    """Start real `cellblock builder` processes (real nix-build against the bundled offline
+    channel). Keyword arguments are extra environment variables (``CELLBLOCK_*`` settings)."""
+    started: list[BuilderProcess] = []
+
+    def start(**env: str) -> BuilderProcess:
+        index = len(started)
+        worker_id = f"builder-test-{index}"
+        state = tmp_path / f"builder-{index}"
+        state.mkdir()
+        log = tmp_path / f"{worker_id}.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [*CELLBLOCK, "builder", "--redis", redis_url, "--state-dir", str(state),
+                 "--id", worker_id, "--log-level", "info"],
+                env={**os.environ, **TEST_ENV, **env}, stdout=subprocess.DEVNULL, stderr=stderr,
+            )  # fmt: skip
+        builder = BuilderProcess(worker_id, proc, log)
+        started.append(builder)
+        return builder
+
+    yield start
+    for builder in started:
+        if builder.proc.poll() is None:
+            builder.proc.kill()
+            builder.proc.wait()
+
+
+class PopenSpy:
+    """Records every process this test's own process starts, then lets it start for real
+    (``subprocess.run`` and ``asyncio.create_subprocess_exec`` both go through
+    ``subprocess.Popen``): a spy, not a fake."""
+
+    def __init__(self) -> None:
+        self.argvs: list[list[str]] = []
+        self.pids: list[int] = []
+
+    def nix(self) -> list[list[str]]:
+        """The Nix commands among them."""
+        return [argv for argv in self.argvs if os.path.basename(argv[0]).startswith("nix")]
+
+
+@pytest.fixture
+def popen_spy(monkeypatch: pytest.MonkeyPatch) -> PopenSpy:
+    spy = PopenSpy()
+    real = subprocess.Popen
+
+    class Spying(real):  # type: ignore[valid-type,misc]
+        def __init__(self, args: object, *rest: object, **kwargs: object) -> None:
+            argv = args if isinstance(args, list | tuple) else [args]
+            spy.argvs.append([str(a) for a in argv])
+            super().__init__(args, *rest, **kwargs)
+            spy.pids.append(self.pid)
+
+    monkeypatch.setattr(subprocess, "Popen", Spying)
+    return spy

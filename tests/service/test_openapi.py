@@ -1,0 +1,235 @@
+"""``GET /api/v1/openapi.json``: an OpenAPI 3.1 description that matches what is served."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.routing
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+
+from cellblock import config as config_module
+from cellblock.service.auth import Principal, Tokens
+from cellblock.service.protocol import RLIMITS, SANDBOX_LIMITS
+from cellblock.service.server import make_app
+from cellblock.service.store import Store
+
+ALICE, ADMIN = "alice-token", "admin-token"
+METHODS = ("get", "post", "put", "patch", "delete")
+#: The protocol's submission request fields (PROTOCOL.md, "Submission request").
+REQUEST_FIELDS = {"files", "dependencies", "compile", "run", "env", "stdin", "stdin_encoding",
+                  "args", "limits"}  # fmt: skip
+#: An example from PROTOCOL.md, which the schema must accept.
+EXAMPLE = {
+    "files": [
+        {"name": "main.c", "content": "int main(void){return 0;}", "encoding": "utf8"},
+        {"name": "data/blob.bin", "content": "00ff10", "encoding": "hex"},
+        {"name": "run.sh", "content": "ZWNobyBoaQo=", "encoding": "base64", "executable": True},
+    ],
+    "dependencies": ["gcc", "python3"],
+    "compile": "gcc -O2 -o main main.c",
+    "run": './main "$@"',
+    "env": {"GREETING": "hello"},
+    "stdin": "3 4\n",
+    "stdin_encoding": "utf8",
+    "args": ["--fast", "x y"],
+    "limits": {
+        "compile": {"cpu": 10, "as": 1073741824, "wall_time": 20},
+        "run": {"cpu": 2, "as": 268435456, "nproc": 32, "fsize": 1048576, "wall_time": 5,
+                "output": 65536, "stack": [8388608, 16777216]},
+    },
+}  # fmt: skip
+
+
+@pytest.fixture
+def redis_url(redis_url: str) -> str:
+    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
+    creates a moment before it listens (a connection refused now and then): wait for it."""
+    path = redis_url.removeprefix("unix://")
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+                return redis_url
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.01)
+
+
+async def fetch(service: Any, path: str, token: str | None = ALICE, **kwargs: Any) -> HTTPResponse:
+    client = AsyncHTTPClient(force_instance=True)
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    try:
+        return await client.fetch(service.url + path, headers=headers, raise_error=False, **kwargs)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def document(service: Any) -> AsyncIterator[dict[str, Any]]:
+    response = await fetch(service, "/api/v1/openapi.json")
+    assert response.code == 200, response.body
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    yield json.loads(response.body)
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref":
+                yield value
+            else:
+                yield from refs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from refs(item)
+
+
+def resolve(document: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = document
+    for part in ref[2:].split("/"):
+        assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
+        node = node[part]
+    return node
+
+
+async def test_the_document_needs_a_token(service: Any) -> None:
+    assert (await fetch(service, "/api/v1/openapi.json", token=None)).code == 401
+    assert (await fetch(service, "/api/v1/openapi.json", token=ADMIN)).code == 200
+
+
+async def test_it_is_a_well_formed_openapi_3_1_document(document: dict[str, Any]) -> None:
+    assert document["openapi"] == "3.1.0"
+    assert document["info"]["title"] and document["info"]["version"] == version("cellblock")
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer"}  # fmt: skip
+    assert document["security"] == [{"bearer": []}]
+    all_refs = list(refs(document))
+    assert all_refs and all(resolve(document, ref) is not None for ref in all_refs)
+    for path, item in document["paths"].items():
+        assert path.startswith("/")
+        operations = {k: v for k, v in item.items() if k in METHODS}
+        assert operations and set(item) <= {*METHODS, "parameters"}, path
+        for method, operation in operations.items():
+            assert operation["responses"], (path, method)
+            for code, response in operation["responses"].items():
+                assert re.fullmatch(r"[1-5][0-9][0-9]", code), (path, method, code)
+                assert response["description"], (path, method, code)
+            # Every {name} in the path is declared as a required path parameter.
+            declared = {
+                p["name"]
+                for p in [*item.get("parameters", []), *operation.get("parameters", [])]
+                if p["in"] == "path" and p["required"] is True
+            }
+            assert declared == set(re.findall(r"\{(\w+)\}", path)), (path, method)
+    # Health alone needs no token.
+    open_ops = [
+        (path, method)
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method in METHODS and operation.get("security") == []
+    ]
+    assert open_ops == [("/api/v1/health", "get")]
+
+
+async def test_the_submission_request_schema_is_the_protocols(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    request = schemas["SubmissionRequest"]
+    assert request["type"] == "object" and request["additionalProperties"] is False
+    assert set(request["properties"]) == REQUEST_FIELDS
+    assert request["required"] == ["run"]
+    [post] = [document["paths"]["/api/v1/submissions"]["post"]]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert resolve(document, body["$ref"]) == request
+    for code in ("201", "400", "401", "413", "422", "429"):
+        assert code in post["responses"]
+    file_spec = resolve(document, request["properties"]["files"]["items"]["$ref"])
+    assert set(file_spec["properties"]) == {"name", "content", "encoding", "executable"}
+    assert set(file_spec["required"]) == {"name", "content"}
+    assert file_spec["properties"]["encoding"]["enum"] == ["utf8", "hex", "base64"]
+    assert request["properties"]["stdin_encoding"]["enum"] == ["utf8", "hex", "base64"]
+    limits = request["properties"]["limits"]["properties"]
+    for stage in ("compile", "run"):
+        stage_limits = resolve(document, limits[stage]["$ref"])
+        assert set(stage_limits["properties"]) == {*RLIMITS, *SANDBOX_LIMITS}
+        assert stage_limits["additionalProperties"] is False
+    assert set(limits["deps"]["properties"]) == {"wall_time"}
+    error = schemas["Error"]["properties"]["error"]["properties"]
+    assert set(error) == {"code", "message", "details"}
+    assert set(error["details"]["items"]["properties"]) == {"field", "message"}
+
+
+async def test_the_protocols_example_fits_the_schema(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    request = schemas["SubmissionRequest"]
+    assert set(EXAMPLE) <= set(request["properties"])
+    file_spec = resolve(document, request["properties"]["files"]["items"]["$ref"])
+    for spec in EXAMPLE["files"]:  # type: ignore[attr-defined]
+        assert set(file_spec["required"]) <= set(spec) <= set(file_spec["properties"])
+        assert spec.get("encoding", "utf8") in file_spec["properties"]["encoding"]["enum"]
+    for stage, limits in EXAMPLE["limits"].items():  # type: ignore[attr-defined]
+        stage_schema = resolve(
+            document, request["properties"]["limits"]["properties"][stage]["$ref"]
+        )
+        assert set(limits) <= set(stage_schema["properties"]), stage
+    packages = schemas["PackagesRequest"]
+    assert packages["required"] == ["names"] and packages["additionalProperties"] is False
+    post = document["paths"]["/api/v1/packages"]["post"]
+    schema = post["requestBody"]["content"]["application/json"]["schema"]
+    assert resolve(document, schema["$ref"]) == packages
+
+
+def documented(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (path, method)
+        for path, item in document["paths"].items()
+        for method in item
+        if method in METHODS
+    }
+
+
+def served(state_dir: Path, store: Store) -> set[tuple[str, str]]:
+    """Every (path, method) the application routes, read from the application itself."""
+    app = make_app(
+        store, config_module.load(state_dir, environ={}), Tokens({"t": Principal("t", "admin")})
+    )
+    found = set()
+    for rule in app.wildcard_router.rules:
+        matcher = rule.matcher
+        assert isinstance(matcher, tornado.routing.PathMatches)
+        template = matcher._path  # "/api/v1/submissions/%s"
+        assert template is not None
+        path = template % (("{id}",) * template.count("%s"))
+        handler = rule.target
+        for method in METHODS:
+            own = getattr(handler, method, None)
+            if own is not None and own is not getattr(tornado.web.RequestHandler, method):
+                found.add((path, method))
+    return found
+
+
+async def test_every_route_served_is_documented_and_the_reverse(
+    document: dict[str, Any], state_dir: Path, store: Store, service: Any
+) -> None:
+    routes = served(state_dir, store)
+    assert ("/api/v1/submissions", "post") in routes  # the introspection finds something
+    assert routes - documented(document) == set(), "served but not documented"
+    assert documented(document) - routes == set(), "documented but not served"
+    # And over HTTP: no documented operation falls through to "no endpoint".
+    for path, method in sorted(documented(document)):
+        body = None if method in ("get", "delete") else "{}"
+        response = await fetch(service, path.replace("{id}", "0a1b"), token=ADMIN,
+                               method=method.upper(), body=body)  # fmt: skip
+        assert response.code not in (404, 405) or b"no endpoint" not in response.body, path
+        assert response.code != 405, (path, method)
