@@ -51,9 +51,7 @@ class Builder:
     async def start(self) -> Channel:
         """Prepare the channel and publish it; executors compute keys from it."""
         path = self.config.channel or str(nix.BUNDLED_CHANNEL)
-        if not self.config.channel:
-            await asyncio.to_thread(nix.bundled_channel_setup)
-        self.channel = await nix.channel_info(path)
+        self.channel = await nix.prepare_channel(path, bundled=not self.config.channel)
         await self.cache.publish_channel(self.channel)
         await self.cache.ensure_group()
         return self.channel
@@ -103,7 +101,8 @@ class Builder:
                 await heartbeat
         await self.cache.build_done(job, key, build, outcome)
         seconds = round(time.monotonic() - started, 3)
-        log.info("build ended", extra={**extra, "ok": outcome.ok, "message": outcome.message,
+        # "outcome", not "message": a LogRecord's own attribute may not be set through extra.
+        log.info("build ended", extra={**extra, "ok": outcome.ok, "outcome": outcome.message,
                                        "seconds": seconds})  # fmt: skip
         return outcome
 
@@ -115,9 +114,11 @@ class Builder:
 
         try:
             env = await nix.build_environment(self.channel, key, names, on_line=line)
-            await self.cache.put(env)
+            # Into the binary cache before publishing: executors on other hosts can use only
+            # an environment they can fetch, so a failed copy fails the build.
             if self.config.binary_cache:
                 await nix.copy_to_binary_cache(env.store_path, Path(self.config.binary_cache))
+            await self.cache.put(env)
         except nix.NixError as exc:
             return BuildOutcome(ok=False, message=exc.message)
         return BuildOutcome(ok=True, environment=env)

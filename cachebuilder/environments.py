@@ -9,7 +9,10 @@ Keys (``{p}`` is the store prefix):
 
 - ``{p}:channel``: the channel builders build from (path, identity, system), set by builders.
 - ``{p}:env:{key}``: an environment record (JSON); ``{p}:envs``: keys by last use (a sorted set).
-- ``{p}:packages``: the package index, name → JSON.
+- ``{p}:packages``: the package index, name → JSON (name, version, store path, size);
+  ``{p}:packages:cached_at``, ``{p}:packages:uses``, ``{p}:packages:last_used``: name → when it
+  was first cached, how often used, when last used. Separate hashes, so that no update reads,
+  modifies and writes back a JSON entry, and concurrent uses are all counted.
 - ``{p}:builds``: the build job stream, consumer group ``builders``.
 - ``{p}:building:{key}``: the id of the build in progress for a key (set-if-absent: one build).
 - ``{p}:buildlog:{build}``: a build's progress lines and, last, its outcome.
@@ -36,6 +39,21 @@ from cellblock.service.store import Job, Store
 BUILDS_GROUP = "builders"
 #: How long a finished build's log stays readable for late waiters.
 BUILD_LOG_TTL = 600
+# Record a use. KEYS: envs, packages:uses, packages:last_used. ARGV: epoch seconds, the
+# environment's key, the RFC 3339 time, its package names.
+_TOUCH = """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+for i = 4, #ARGV do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[3])
+end
+return 1
+"""
+# Delete KEYS[1] if it holds ARGV[1]: compare-and-delete in one step.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,7 @@ class EnvironmentCache:
         self.store = store
         self.redis: Any = store.redis
         self.p = store.p
+        self._touch = store.redis.register_script(_TOUCH)
 
     @property
     def builds_key(self) -> str:
@@ -136,27 +155,37 @@ class EnvironmentCache:
         raw = await self.redis.get(f"{self.p}:env:{key}")
         return None if raw is None else Environment.from_json(json.loads(raw))
 
+    async def get_with_channel(self, key: str) -> tuple[Channel | None, Environment | None]:
+        """The published channel and the record of ``key``, in one command (a hit's read)."""
+        raw_channel, raw_env = await self.redis.mget(f"{self.p}:channel", f"{self.p}:env:{key}")
+        channel = None if raw_channel is None else Channel(**json.loads(raw_channel))
+        env = None if raw_env is None else Environment.from_json(json.loads(raw_env))
+        return channel, env
+
     async def touch(self, env: Environment) -> None:
-        """Record a use: last use of the environment and of each of its packages."""
-        stamp = time.time()
-        await self.redis.zadd(f"{self.p}:envs", {env.key: stamp})
-        for package in env.packages:
-            raw = await self.redis.hget(f"{self.p}:packages", package.name)
-            if raw is not None:
-                entry = json.loads(raw)
-                entry["last_used"], entry["uses"] = now(), entry.get("uses", 0) + 1
-                await self.redis.hset(f"{self.p}:packages", package.name, json.dumps(entry))
+        """Record a use: last use of the environment and of each of its packages.
+
+        One atomic script of single-command updates (no read-modify-write in Python), so
+        that many executors using one package at once count every use, in one round trip:
+        this runs on every cache hit.
+        """
+        names = [package.name for package in env.packages]
+        await self._touch(
+            keys=[f"{self.p}:envs", f"{self.p}:packages:uses", f"{self.p}:packages:last_used"],
+            args=[time.time(), env.key, now(), *names],
+        )
 
     async def put(self, env: Environment) -> None:
         """Publish a built environment and index its packages."""
         stamp = now()
+        pipe = self.redis.pipeline(transaction=False)
         for package in env.packages:
-            raw = await self.redis.hget(f"{self.p}:packages", package.name)
-            entry = json.loads(raw) if raw else {"cached_at": stamp, "uses": 0, "last_used": None}
-            entry.update(package.as_json(), size=env.closure_sizes.get(package.store_path, 0))
-            await self.redis.hset(f"{self.p}:packages", package.name, json.dumps(entry))
-        await self.redis.set(f"{self.p}:env:{env.key}", json.dumps(env.as_json()))
-        await self.redis.zadd(f"{self.p}:envs", {env.key: time.time()})
+            entry = {**package.as_json(), "size": env.closure_sizes.get(package.store_path, 0)}
+            pipe.hset(f"{self.p}:packages", package.name, json.dumps(entry))
+            pipe.hsetnx(f"{self.p}:packages:cached_at", package.name, stamp)
+        pipe.set(f"{self.p}:env:{env.key}", json.dumps(env.as_json()))
+        pipe.zadd(f"{self.p}:envs", {env.key: time.time()})
+        await pipe.execute()
 
     async def environments(self) -> list[tuple[Environment, float]]:
         """Every environment with its last use (epoch seconds), least recently used first."""
@@ -173,11 +202,20 @@ class EnvironmentCache:
         still_used = {p.name for other, _ in await self.environments() for p in other.packages}
         for package in env.packages:
             if package.name not in still_used:
-                await self.redis.hdel(f"{self.p}:packages", package.name)
+                for suffix in ("", ":cached_at", ":uses", ":last_used"):
+                    await self.redis.hdel(f"{self.p}:packages{suffix}", package.name)
 
     async def packages(self) -> list[dict[str, Any]]:
-        raw = await self.redis.hgetall(f"{self.p}:packages")
-        return sorted((json.loads(v) for v in raw.values()), key=lambda p: p["name"])
+        """The package index: name, version, store_path, size, cached_at, last_used, uses."""
+        pipe = self.redis.pipeline(transaction=False)
+        for suffix in ("", ":cached_at", ":uses", ":last_used"):
+            pipe.hgetall(f"{self.p}:packages{suffix}")
+        index, cached_at, uses, last_used = await pipe.execute()
+        return [
+            {**json.loads(index[name]), "cached_at": cached_at.get(name),
+             "last_used": last_used.get(name), "uses": int(uses.get(name, 0))}
+            for name in sorted(index)
+        ]  # fmt: skip
 
     # -- builds --------------------------------------------------------------------------------
 
@@ -228,15 +266,16 @@ class EnvironmentCache:
         )
 
     async def build_done(self, job: Job, key: str, build: str, outcome: BuildOutcome) -> None:
-        """Publish a build's outcome to its waiters and release the key and the job."""
+        """Release the key, publish a build's outcome to its waiters, and release the job."""
+        # The key first: a request made once the outcome is out must not join this build (and
+        # be handed its failure again) but start a new one. Only the build that holds the key
+        # releases it, atomically (a reclaimed build may finish late, after a newer one began).
+        await self.redis.eval(_RELEASE, 1, f"{self.p}:building:{key}", build)
         log = f"{self.p}:buildlog:{build}"
         await self.redis.xadd(
             log, {"done": "ok" if outcome.ok else "failed", "message": outcome.message}
         )
         await self.redis.expire(log, BUILD_LOG_TTL)
-        # Only the build that holds the key releases it (a reclaimed build may finish late).
-        if await self.redis.get(f"{self.p}:building:{key}") == build:
-            await self.redis.delete(f"{self.p}:building:{key}")
         await self.redis.xack(self.builds_key, BUILDS_GROUP, job.entry)
         await self.redis.xdel(self.builds_key, job.entry)
 

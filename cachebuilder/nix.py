@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import re
@@ -103,6 +104,27 @@ def bundled_channel_setup() -> None:
         raise NixError(f"the bundled channel's setup failed: {result.stderr.strip()}")
 
 
+async def prepare_channel(path: str, *, bundled: bool) -> Channel:
+    """The channel at ``path`` with its identity, after the bundled channel's setup.
+
+    Builders on one host start together (``cellblock up``), and setup.sh writes a temporary
+    file into the very directory whose contents are the identity: a builder hashing it then
+    publishes a bogus identity, so keys that match no other builder's. An exclusive ``flock``
+    on the channel directory makes setup and hashing one step among this host's builders.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise NixError(f"{path} is not a Nix channel: {exc.strerror}") from None
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        if bundled:
+            await asyncio.to_thread(bundled_channel_setup)
+        return await channel_info(path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
 async def channel_info(path: str) -> Channel:
     """The channel at ``path`` with its identity: the hash of its contents (NAR hash)."""
     if not Path(path, "default.nix").exists():
@@ -191,7 +213,12 @@ async def path_sizes(paths: Sequence[str]) -> dict[str, int]:
 
 async def copy_to_binary_cache(store_path: str, cache_dir: Path) -> None:
     """Put a closure into a file binary cache, for executors on other hosts."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a NixError, so that the build fails rather than the builder
+        raise NixError(
+            f"cannot copy {store_path} to the binary cache {cache_dir}: {exc.strerror}"
+        ) from None
     status, _, err = await run(
         ["nix", "--extra-experimental-features", "nix-command", "copy",
          "--to", f"file://{cache_dir}", store_path]

@@ -23,6 +23,9 @@ from cellblock.cachebuilder.environments import (
     EnvironmentCache,
     environment_key,
 )
+from cellblock.cachebuilder.environments import (
+    Environment as CachedEnvironment,  # not job.Environment, what a stage is given
+)
 from cellblock.executor.job import DepsOutcome, Emit, Environment
 
 #: How often to look again for a channel while no builder has published one.
@@ -33,6 +36,8 @@ class NixDependencies:
     def __init__(self, cache: EnvironmentCache, substituter: str = "") -> None:
         self.cache = cache
         self.substituter = substituter
+        #: The channel seen last: a guess at the current one, checked on every lookup.
+        self._known: Channel | None = None
 
     async def provide(self, names: Sequence[str], wall_time: float, emit: Emit) -> DepsOutcome:
         log: list[str] = []
@@ -53,9 +58,7 @@ class NixDependencies:
     async def _provide(
         self, names: Sequence[str], say: Any, log: list[str], state: dict[str, Any], started: float
     ) -> DepsOutcome:
-        channel = await self._channel(say)
-        key = environment_key(channel, names)
-        env = await self.cache.get(key)
+        key, env = await self._lookup(names, say)
         state["cache"] = "hit" if env is not None else "miss"
         if env is None:
             build = await self.cache.request_build(key, names, ttl=3600)
@@ -67,7 +70,9 @@ class NixDependencies:
                     return _failed("failed", entry["message"], log, "miss", started)
             env = await self.cache.get(key)
             if env is None:
-                return _failed("failed", "the build ended without an environment", log, "miss", started)
+                return _failed(
+                    "failed", "the build ended without an environment", log, "miss", started
+                )
         missing = [p for p in env.closure if not os.path.exists(p)]
         if missing:
             if not self.substituter:
@@ -90,6 +95,22 @@ class NixDependencies:
             variables=env.variables, paths=env.closure, packages=result["packages"]
         )
         return DepsOutcome(result=result, environment=provided)
+
+    async def _lookup(self, names: Sequence[str], say: Any) -> tuple[str, CachedEnvironment | None]:
+        """The key of ``names`` and its record, if any.
+
+        A hit costs one Redis command here: the key comes from the channel seen last, and the
+        channel is read together with the record; only if it changed meanwhile (a builder
+        published another) is the key computed again and the record read again.
+        """
+        if self._known is not None:
+            key = environment_key(self._known, names)
+            channel, env = await self.cache.get_with_channel(key)
+            if channel == self._known:
+                return key, env
+        self._known = await self._channel(say)
+        key = environment_key(self._known, names)
+        return key, await self.cache.get(key)
 
     async def _channel(self, say: Any) -> Channel:
         """The builders' channel; waits (within the stage's wall time) for a builder to start."""

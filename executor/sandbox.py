@@ -181,7 +181,15 @@ def classify(
     cpu_soft = limits.rlimits["cpu"][0]
     # The kernel enforces RLIMIT_CPU on tick-sampled time, so the measured total can fall a
     # little short of the limit that killed the program.
-    cpu_exhausted = cpu_soft is not None and cpu_time >= cpu_soft * 0.95
+    cpu_hard = limits.rlimits["cpu"][1]
+    killed = (report.kind == "signaled" and report.code == signal.SIGKILL) or (
+        report.kind == "exited" and report.code == 128 + signal.SIGKILL
+    )
+    cpu_exhausted = (cpu_soft is not None and cpu_time >= cpu_soft * 0.95) or (
+        # At the hard limit the kernel sends SIGKILL, and the tree's measured time may fall
+        # further short of it (seen: 0.92 s for 1 s); no other cause here kills with SIGKILL.
+        killed and cpu_hard is not None and cpu_time >= cpu_hard * 0.8
+    )
     if (report.kind == "signaled" and report.code == signal.SIGXCPU) or cpu_exhausted:
         return "time_limit", f"CPU time limit of {cpu_soft} s exceeded"
     # A shell reports a child killed by signal N as exit status 128+N.
