@@ -20,7 +20,6 @@ def install(user: bool = False, prefix: str | None = None) -> str:
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "kernel.json").write_text(json.dumps(spec, indent=2))
         return str(
-            KernelSpecManager().install_kernel_spec(
-                folder, "cellblock", user=user, prefix=prefix, replace=True
-            )
+            # Installing always replaces an earlier installation (``replace=`` is deprecated).
+            KernelSpecManager().install_kernel_spec(folder, "cellblock", user=user, prefix=prefix)
         )

@@ -125,7 +125,7 @@ class CellblockKernel(Kernel):
             for magic in cell.magics:
                 await self._line_magic(magic)
         except ClientError as exc:
-            return self._error(type(exc).__name__, exc.message)
+            return self._client_error(exc)
         self.staged = staged
         if request is None:
             if cell.sections and not silent:
@@ -133,19 +133,23 @@ class CellblockKernel(Kernel):
             return self._ok()
         try:
             return await self._submit(request, staged.show_compile_output)
-        except ServiceUnavailable as exc:
+        except ClientError as exc:
+            return self._client_error(exc)
+
+    def _client_error(self, exc: ClientError) -> dict[str, Any]:
+        """The cell's error for what the service (or the way to it) answered: one line, the
+        same for a line magic as for a submission, never a traceback."""
+        if isinstance(exc, ServiceUnavailable):
             return self._error("CellblockServiceUnavailable", exc.message)
-        except InvalidRequest as exc:
+        if isinstance(exc, InvalidRequest):
             details = "; ".join(f"{p.field}: {p.message}" for p in exc.problems) or exc.message
             return self._error("CellblockInvalidSubmission", details)
-        except ClientError as exc:
-            return self._error(type(exc).__name__, exc.message)
+        return self._error(type(exc).__name__, exc.message)
 
     async def _submit(self, request: dict[str, Any], show_compile: bool) -> dict[str, Any]:
         display_id = uuid.uuid4().hex
         state: SubmissionState | None = None
         shown = ""
-        buffered: dict[str, list[tuple[str, str]]] = {"deps": [], "compile": []}
         self._display('<div class="cellblock-status">submitting…</div>', "submitting…", display_id)
         task = asyncio.current_task()
         assert task is not None
@@ -170,11 +174,10 @@ class CellblockKernel(Kernel):
                             has_compile=request.get("compile") is not None,
                         ).restarted()
                     state = _advance(state, event)
-                    if event["type"] == "output":
-                        if event["stage"] == "run":
-                            self._print(event["data"], event["stream"])
-                        else:
-                            buffered[event["stage"]].append((event["stream"], event["data"]))
+                    # Run output streams live; compile and deps output is in their results,
+                    # shown at the end when they fail (or on request).
+                    if event["type"] == "output" and event["stage"] == "run":
+                        self._print(event["data"], event["stream"])
                     line = render.status_line(state)
                     if line != shown:
                         shown = line
@@ -184,6 +187,11 @@ class CellblockKernel(Kernel):
                 raise
             task.uncancel()
             return await self._interrupted(stream.id, display_id)
+        except ClientError:
+            if stream.id is None:  # refused or unreachable: the status must not stay "submitting…"
+                html = '<div class="cellblock-status">not submitted</div>'
+                self._display(html, "not submitted", display_id, update=True)
+            raise
         finally:
             signal.signal(signal.SIGINT, previous)
         assert stream.submission is not None

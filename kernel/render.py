@@ -89,7 +89,8 @@ def summary_rows(state: SubmissionState) -> list[list[str]]:
             continue
         status = result["status"]
         if stage == "deps":
-            rows.append([stage, f"{ICONS.get(status, '')} {status}", f"cache {result.get('cache')}",
+            cache = f"cache {result['cache']}" if result.get("cache") else ""
+            rows.append([stage, f"{ICONS.get(status, '')} {status}", cache,
                          "", seconds(result.get("wall_time")), "", ""])  # fmt: skip
         else:
             rows.append([

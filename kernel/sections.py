@@ -8,13 +8,13 @@ came from, raised before anything is sent anywhere.
 
 from __future__ import annotations
 
-import math
 import re
 import shlex
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
-from cellblock.service.protocol import DEPENDENCY_NAME, ENV_NAME, RLIMITS
+from cellblock.service.protocol import DEPENDENCY_NAME, ENV_NAME, MAX_LIMIT, RLIMITS, decode
 
 SECTION_MAGICS = ("files", "deps", "compile", "run", "stdin", "env", "limits")
 LINE_MAGICS = ("reset", "staged", "packages", "workers", "status")
@@ -35,8 +35,9 @@ BYTE_LIMITS = frozenset(
     {"as", "core", "data", "fsize", "memlock", "msgqueue", "rss", "stack", "memory", "output"}
 )
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "": 1.0}
-_NUMBER = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+#: Seconds per time unit; exact, so that ``1500ms`` is 1.5 s and not 1.5000000000000002.
+TIME_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60)}
+_NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 
 class CellSyntaxError(ValueError):
@@ -78,9 +79,22 @@ class Cell:
         return runs[-1] if runs else None
 
 
+def lines_of(text: str) -> list[str]:
+    """``text`` split after every newline, and only there: a form feed, a vertical tab or a
+    Unicode line separator inside a file is content (``str.splitlines`` would split there, so a
+    body would lose its exact text and errors would name the wrong line)."""
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+def _text(line: str) -> str:
+    """A line without its line end (``\\n`` or ``\\r\\n``), as errors quote it."""
+    return line.removesuffix("\n").removesuffix("\r")
+
+
 def parse(code: str) -> Cell:
     """Split a cell into line magics and sections and check every magic line."""
-    lines = code.splitlines(keepends=True)
+    lines = lines_of(code)
     starts = [i for i, line in enumerate(lines) if line.startswith("%%")]
     head = lines[: starts[0]] if starts else lines
     magics, rest = _line_magics(head)
@@ -90,7 +104,7 @@ def parse(code: str) -> Cell:
     for number, line in rest:
         if line.strip():
             raise CellSyntaxError(
-                number, line.rstrip("\n"), "text before the first %% section; put it in a section"
+                number, _text(line), "text before the first %% section; put it in a section"
             )
     sections = []
     for k, start in enumerate(starts):
@@ -116,7 +130,7 @@ def _line_magics(head: list[str]) -> tuple[tuple[LineMagic, ...], list[tuple[int
             name = words[0] if words else ""
             raise CellSyntaxError(
                 i + 1,
-                line.rstrip("\n"),
+                _text(line),
                 f"unknown line magic %{name}; known: " + ", ".join(f"%{m}" for m in LINE_MAGICS),
             )
         magics.append(LineMagic(words[0], tuple(words[1:]), i + 1))
@@ -127,13 +141,11 @@ def _split(number: int, line: str, text: str) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as exc:
-        raise CellSyntaxError(
-            number, line.rstrip("\n"), f"cannot split the arguments: {exc}"
-        ) from None
+        raise CellSyntaxError(number, _text(line), f"cannot split the arguments: {exc}") from None
 
 
 def _section(number: int, line: str, body: str) -> Section:
-    text = line.rstrip("\n")
+    text = _text(line)
     words = _split(number, line, line[2:])
     if not words:
         raise CellSyntaxError(number, text, "%% without a magic name")
@@ -183,21 +195,42 @@ def _section(number: int, line: str, body: str) -> Section:
 # -- section bodies ---------------------------------------------------------------------------
 
 
+def encoded_body(section: Section) -> tuple[str, str]:
+    """The content of a ``%%files`` or ``%%stdin`` section as the request carries it, and its
+    encoding. Text (utf8) is kept exactly. A hex or base64 body loses its whitespace (the line
+    breaks of ``base64`` output, the newline before the next section), which is no part of the
+    bytes it encodes, and must decode: a bad one is reported here, with the magic line."""
+    encoding = str(section.options.get("--encoding", "utf8"))
+    if encoding == "utf8":
+        return section.body, encoding
+    content = "".join(section.body.split())
+    try:
+        decode(content, encoding)
+    except ValueError as exc:
+        raise CellSyntaxError(section.line, section.text, f"the body {exc}") from None
+    return content, encoding
+
+
 def deps_names(section: Section) -> list[str]:
-    names = [*section.args, *section.body.split()]
-    for name in names:
-        if not DEPENDENCY_NAME.fullmatch(name):
-            raise CellSyntaxError(
-                section.line,
-                section.text,
-                f"{name!r} is not a package name (like gcc or python3Packages.numpy)",
-            )
+    """The names on the magic line, then those of the body; a bad name is reported with the
+    line it is on."""
+    lines = [(section.line, section.text, list(section.args))] + [
+        (section.line + offset, _text(line), line.split())
+        for offset, line in enumerate(lines_of(section.body), start=1)
+    ]
+    names = []
+    for number, text, words in lines:
+        for name in words:
+            if not DEPENDENCY_NAME.fullmatch(name):
+                message = f"{name!r} is not a package name (like gcc or python3Packages.numpy)"
+                raise CellSyntaxError(number, text, message)
+            names.append(name)
     return names
 
 
 def env_variables(section: Section) -> dict[str, str]:
     variables: dict[str, str] = {}
-    for offset, line in enumerate(section.body.splitlines(), start=1):
+    for offset, line in enumerate(_body_lines(section), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         name, eq, value = line.partition("=")
@@ -220,7 +253,7 @@ class LimitSetting:
 def limit_settings(section: Section) -> list[LimitSetting]:
     """``stage.limit = value`` lines, values with units and ``soft:hard`` pairs."""
     settings = []
-    for offset, line in enumerate(section.body.splitlines(), start=1):
+    for offset, line in enumerate(_body_lines(section), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         number = section.line + offset
@@ -242,37 +275,52 @@ def limit_settings(section: Section) -> list[LimitSetting]:
             ):
                 raise ValueError(f"{name} takes one value, not soft:hard")
             values = [limit_value(name, p) for p in parts]
+            if len(values) == 2 and values[0] > values[1]:
+                raise ValueError(f"the soft limit {values[0]} is above the hard limit {values[1]}")
         except ValueError as exc:
             raise CellSyntaxError(number, line, f"{stage}.{name}: {exc}") from None
         settings.append(LimitSetting(stage, name, values[0] if len(values) == 1 else values))
     return settings
 
 
+def _body_lines(section: Section) -> list[str]:
+    return [_text(line) for line in lines_of(section.body)]
+
+
 def limit_value(name: str, text: str) -> int | float:
-    """One limit value in the limit's own unit: bytes, seconds (wall_time: fractional), or µs."""
+    """One limit value in the limit's own unit, which is also what a bare number means: bytes,
+    seconds (``cpu`` whole, ``wall_time`` fractional), or for ``rttime`` microseconds (as
+    RLIMIT_RTTIME and ``prlimit --rttime`` count). Computed exactly: no float rounding."""
     match = _NUMBER.fullmatch(text)
     if not match:
         raise ValueError(f"{text.strip()!r} is not a number")
-    number, unit = float(match.group(1)), match.group(2)
+    number, unit = Fraction(match.group(1)), match.group(2)
     if name in BYTE_LIMITS:
         if unit.upper() not in SIZE_UNITS:
             raise ValueError(f"unknown size unit {unit!r}; use K, M or G (powers of 1024)")
         return _whole(number * SIZE_UNITS[unit.upper()], name)
     if name in ("cpu", "wall_time", "rttime"):
-        if unit not in TIME_UNITS:
+        if unit and unit not in TIME_UNITS:
             raise ValueError(f"unknown time unit {unit!r}; use ms, s or m")
-        seconds = number * TIME_UNITS[unit]
+        if name == "rttime":
+            return _whole(number * TIME_UNITS[unit] * 1_000_000 if unit else number, name)
+        seconds = number * TIME_UNITS[unit] if unit else number
         if name == "wall_time":
-            return seconds
-        if name == "rttime":  # RLIMIT_RTTIME counts microseconds
-            return _whole(seconds * 1_000_000, name)
+            _check_range(seconds, name)
+            return float(seconds)
         return _whole(seconds, name)
     if unit:
         raise ValueError(f"{name} is a count and takes no unit")
     return _whole(number, name)
 
 
-def _whole(value: float, name: str) -> int:
-    if not math.isclose(value, round(value), abs_tol=1e-9):
-        raise ValueError(f"{name} takes a whole number, not {value:g}")
-    return round(value)
+def _whole(value: Fraction, name: str) -> int:
+    if value.denominator != 1:
+        raise ValueError(f"{name} takes a whole number, not {float(value):g}")
+    _check_range(value, name)
+    return value.numerator
+
+
+def _check_range(value: Fraction, name: str) -> None:
+    if value > MAX_LIMIT:
+        raise ValueError(f"{name} is larger than any limit the kernel holds ({MAX_LIMIT})")

@@ -16,6 +16,7 @@ from cellblock.kernel.sections import (
     CellSyntaxError,
     Section,
     deps_names,
+    encoded_body,
     env_variables,
     limit_settings,
 )
@@ -69,8 +70,8 @@ def stage(staged: Staged, cell: Cell) -> Staged:
 def _apply(staged: Staged, section: Section) -> Staged:
     magic = section.magic
     if magic == "files":
-        encoding = str(section.options.get("--encoding", "utf8"))
-        staged_file = StagedFile(section.body, encoding, bool(section.options.get("--executable")))
+        content, encoding = encoded_body(section)
+        staged_file = StagedFile(content, encoding, bool(section.options.get("--executable")))
         return replace(staged, files={**staged.files, section.args[0]: staged_file})
     if magic == "deps":
         return replace(staged, dependencies=tuple(deps_names(section)))
@@ -79,8 +80,8 @@ def _apply(staged: Staged, section: Section) -> Staged:
         show = bool(section.options.get("--show-output"))
         return replace(staged, compile=script, show_compile_output=show)
     if magic == "stdin":
-        encoding = str(section.options.get("--encoding", "utf8"))
-        return replace(staged, stdin=section.body, stdin_encoding=encoding)
+        content, encoding = encoded_body(section)
+        return replace(staged, stdin=content, stdin_encoding=encoding)
     if magic == "env":
         return replace(staged, env={**staged.env, **env_variables(section)})
     if magic == "limits":
