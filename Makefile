@@ -10,13 +10,14 @@ BIN := $(VENV)/bin
 # init; python3 is the interpreter the sandbox offers to submissions.
 APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs
 # The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
-PARTS := service executor cachebuilder kernel
+PARTS := service executor cachebuilder kernel server_ext
 STATE_DIR ?= $(CURDIR)/state
 
 .PHONY: run test check lint typecheck bench system-packages python-packages clean
 
+# The whole system on this machine (Redis, the service, executors, builders) until Ctrl-C.
 run: system-packages python-packages
-	$(BIN)/cellblock exec --stream --state-dir $(STATE_DIR) examples/hello-c.json
+	$(BIN)/cellblock up --state-dir $(STATE_DIR)
 
 test: system-packages python-packages check
 	$(BIN)/pytest -q
