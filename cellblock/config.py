@@ -31,7 +31,8 @@ KiB, MiB, GiB = 1024, 1024**2, 1024**3
 ENV_PREFIX = "CELLBLOCK_"
 # Variables that are not configuration keys: they say where things are.
 ENV_NOT_KEYS = frozenset({"CELLBLOCK_URL", "CELLBLOCK_TOKEN", "CELLBLOCK_ADMIN_TOKEN",
-                          "CELLBLOCK_STATE_DIR", "CELLBLOCK_CONFIG"})  # fmt: skip
+                          "CELLBLOCK_STATE_DIR", "CELLBLOCK_CONFIG",
+                          "CELLBLOCK_REDIS_URL"})  # fmt: skip
 
 _STAGE_DEFAULTS: dict[str, Any] = {
     "as": "unlimited",  # the cgroup memory cap is the real bound; `as` breaks JVMs and Go

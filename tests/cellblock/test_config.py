@@ -160,6 +160,7 @@ def test_other_variables_are_not_configuration(tmp_path):
         "CELLBLOCK_ADMIN_TOKEN",
         "CELLBLOCK_STATE_DIR",
         "CELLBLOCK_CONFIG",
+        "CELLBLOCK_REDIS_URL",
     ],
 )
 def test_variables_that_say_where_things_are_are_not_keys(tmp_path, name):
