@@ -119,6 +119,22 @@ class Cgroups(ABC):
     def create(self, name: str, memory: int, pids: int) -> StageCgroup:
         """A fresh, empty cgroup for one stage with its memory and pids caps set."""
 
+    @abstractmethod
+    def _bases(self) -> list[Path]:
+        """Where stage cgroups are made, one folder per hierarchy."""
+
+    def remove_stale(self, uids: list[int]) -> int:
+        """Remove the stage cgroups a previous run of these slots left (it was killed
+        mid-stage): a slot's uid is its own, so any cgroup named for it now is stale."""
+        removed = 0
+        for base in self._bases():
+            for uid in uids:
+                for stale in base.glob(f"{uid}-*"):
+                    if stale.is_dir():
+                        StageCgroupV1._remove_stale(stale)
+                        removed += 1
+        return removed
+
 
 class CgroupsV1(Cgroups):
     version = 1
@@ -132,6 +148,9 @@ class CgroupsV1(Cgroups):
 
     def create(self, name: str, memory: int, pids: int) -> StageCgroup:
         return StageCgroupV1(self, name, memory, pids)
+
+    def _bases(self) -> list[Path]:
+        return [self.memory_base, self.pids_base]
 
 
 class StageCgroupV1(StageCgroup):
@@ -216,6 +235,9 @@ class CgroupsV2(Cgroups):
 
     def create(self, name: str, memory: int, pids: int) -> StageCgroup:
         return StageCgroupV2(self.base / name, memory, pids)
+
+    def _bases(self) -> list[Path]:
+        return [self.base]
 
 
 class StageCgroupV2(StageCgroup):

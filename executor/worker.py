@@ -58,6 +58,9 @@ class Executor:
             SubmissionRunner(host.sandbox(uid_offset + slot), host.work_root, dependencies)
             for slot in range(slots)
         ]
+        stale = host.cgroups.remove_stale([runner.sandbox.uid for runner in self.runners])
+        if stale:
+            log.info("stale cgroups removed", extra={"worker": worker_id, "count": stale})
 
     async def run(self) -> None:
         """Work until drained. See the module docstring for cancellation."""

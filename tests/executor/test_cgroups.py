@@ -85,3 +85,18 @@ def test_v2_is_detected_and_its_stage_files_are_used(
 def test_detect_refuses_a_host_without_controllers(tmp_path: Path) -> None:
     with pytest.raises(SandboxError, match="no memory and pids cgroup controllers"):
         cgroups.detect(tmp_path)
+
+
+@pytest.mark.skipif(not V1_HOST or os.geteuid() != 0, reason="needs root on a cgroup v1 host")
+def test_stale_stage_cgroups_of_a_slot_are_removed_at_start() -> None:
+    detected = cgroups.detect()
+    left = detected.create("987654-leftover", 32 * MiB, 8)  # as if its executor died mid-stage
+    left.close()
+    other = detected.create("987655-running", 32 * MiB, 8)
+    try:
+        assert detected.remove_stale([987654]) == 2  # its memory and pids cgroups
+        assert not (detected.memory_base / "987654-leftover").exists()  # type: ignore[attr-defined]
+        assert (detected.memory_base / "987655-running").exists()  # type: ignore[attr-defined]
+    finally:
+        other.close()
+        other.remove()
