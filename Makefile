@@ -54,6 +54,11 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@# An editable install skips the wheel's shared data: the kernelspec and the server
+	@# extension's enabling config, which a plain `pip install` puts in place.
+	$(BIN)/cellblock kernel install --sys-prefix
+	mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d
+	cp server_ext/jupyter-config/cellblock.json $(VENV)/etc/jupyter/jupyter_server_config.d/
 	@touch $@
 
 clean:

@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
     _common(up)
 
+    kernel = commands.add_parser("kernel", help="the Jupyter kernel")
+    kernel_actions = kernel.add_subparsers(dest="kernel_action", required=True, metavar="ACTION")
+    install = kernel_actions.add_parser(
+        "install", help="install the kernelspec `cellblock` (default: for the whole system)"
+    )
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user only")
+    where.add_argument("--sys-prefix", action="store_true", help="into this Python's prefix")
+    where.add_argument("--prefix", help="into this prefix")
+    install.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=argparse.SUPPRESS
+    )
+    install.add_argument("--log-level", default="warning", help=argparse.SUPPRESS)
+
     service = commands.add_parser("service", help="run the REST and WebSocket API")
     service.add_argument("--host", default="127.0.0.1")
     service.add_argument("--port", type=int, default=8765)
@@ -132,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, component=args.command)
     state_dir: Path = args.state_dir.expanduser()
     try:
+        if args.command == "kernel":
+            return _kernel(args)
+        if args.command == "packages" and args.action == "gc":
+            config = config_module.load(state_dir, args.config)
+            return asyncio.run(_packages_gc(config, args))
         if args.command in CLIENT_COMMANDS:  # they talk to a service: no configuration needed
             return asyncio.run(_client_command(args, state_dir))
         config = config_module.load(state_dir, args.config)
@@ -229,7 +248,7 @@ async def _builder(config: config_module.Config, args: argparse.Namespace) -> in
 
 # -- commands that talk to a service --------------------------------------------------------
 
-CLIENT_COMMANDS = ("submit", "workers", "scale")
+CLIENT_COMMANDS = ("submit", "workers", "scale", "packages")
 
 
 def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -266,6 +285,24 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     scale.add_argument("--builders", type=int, metavar="M")
     _client_options(scale, admin=True)
 
+    packages = commands.add_parser(
+        "packages",
+        help="the shared package cache: list it, prefetch into it, evict from it",
+        description="list: the cached packages as JSON. prefetch NAME...: build a package set "
+        "into the cache ahead of use (with --wait, until it is built). gc: evict least recently "
+        "used environments over the size budget (runs on a builder host: needs --redis).",
+    )
+    packages.add_argument("action", choices=("list", "prefetch", "gc"), nargs="?", default="list")
+    packages.add_argument("names", nargs="*", metavar="NAME", help="package names to prefetch")
+    packages.add_argument("--wait", action="store_true", help="prefetch: wait for the build")
+    packages.add_argument(
+        "--redis",
+        default=os.environ.get("CELLBLOCK_REDIS_URL"),
+        help="gc: the Redis URL (default: $CELLBLOCK_REDIS_URL)",
+    )
+    packages.add_argument("--config", type=Path, help="gc: configuration file")
+    _client_options(packages, admin=False)
+
 
 def _client_options(parser: argparse.ArgumentParser, *, admin: bool) -> None:
     variable, file = (
@@ -300,7 +337,27 @@ async def _client_command(args: argparse.Namespace, state_dir: Path) -> int:
             return await _submit(client, args)
         if args.command == "workers":
             return await _workers(client, args)
+        if args.command == "packages":
+            return await _packages(client, args)
         return await _scale(client, args)
+
+
+async def _packages(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        _print_json(await client.packages(), indent=2)
+        return EXIT_OK
+    from cellblock.errors import FieldProblem
+
+    if not args.names:
+        raise InvalidRequest([FieldProblem("names", "name the packages to prefetch")])
+    answer = await client.prefetch(args.names)
+    while args.wait and answer.get("status") == "building":
+        await asyncio.sleep(0.5)
+        build = await client.build(answer["id"])
+        if build["status"] != "building":
+            answer = {**answer, "status": build["status"], "message": build.get("message", "")}
+    _print_json(answer, indent=2)
+    return EXIT_OK if answer.get("status") in ("cached", "ok", "building") else EXIT_STAGE_FAILED
 
 
 async def _submit(client: Client, args: argparse.Namespace) -> int:
@@ -367,6 +424,33 @@ async def _scale(client: Client, args: argparse.Namespace) -> int:
 
 def _print_json(document: object, indent: int | None = None) -> None:
     print(json.dumps(document, indent=indent), flush=True)
+
+
+async def _packages_gc(config: config_module.Config, args: argparse.Namespace) -> int:
+    from cellblock.cachebuilder.builder import evict
+    from cellblock.cachebuilder.environments import EnvironmentCache
+    from cellblock.service.store import Store
+
+    if not args.redis:
+        raise CellblockError("no Redis: give --redis URL or set CELLBLOCK_REDIS_URL")
+    store = Store.connect(args.redis)
+    try:
+        evicted = await evict(EnvironmentCache(store), config.cache_size_budget, config.cache_grace)
+    finally:
+        await store.close()
+    _print_json(
+        {"evicted": [{"key": e.key, "packages": list(e.names), "size": e.size} for e in evicted]},
+        indent=2,
+    )
+    return EXIT_OK
+
+
+def _kernel(args: argparse.Namespace) -> int:
+    from cellblock.kernel.install import install
+
+    prefix = args.prefix or (sys.prefix if args.sys_prefix else None)
+    print(f"installed the cellblock kernelspec in {install(user=args.user, prefix=prefix)}")
+    return EXIT_OK
 
 
 def _read_json(source: str) -> object:

@@ -77,7 +77,11 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
             self.log.exception("Cellblock: the local deployment did not start")
 
     def _use(self, backend: Backend) -> None:
+        # The web application copied this extension's settings when it loaded; the
+        # embedded deployment comes up later, so its backend goes to the live settings.
         self.settings["cellblock_backend"] = backend
+        assert self.serverapp is not None
+        self.serverapp.web_app.settings["cellblock_backend"] = backend
         # Kernels started from now on inherit the server's environment.
         os.environ["CELLBLOCK_URL"] = backend.url
         os.environ["CELLBLOCK_TOKEN"] = backend.token

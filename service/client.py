@@ -419,6 +419,10 @@ class Client:
         body = {"names": [names] if isinstance(names, str) else [*names]}
         return _object(await self._call("POST", "/packages", body=body))
 
+    async def build(self, id: str) -> Document:
+        """A prefetch build's state: ``status`` (building, ok, failed), ``message``, ``log``."""
+        return _object(await self._call("GET", f"/packages/builds/{urllib.parse.quote(id)}"))
+
     async def openapi(self) -> Document:
         """The service's OpenAPI document."""
         return _object(await self._call("GET", "/openapi.json"))
