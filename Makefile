@@ -1,4 +1,5 @@
-# Cellblock: `make run` starts the system on this machine, `make test` runs every test.
+# Cellblock: `make run` starts the classroom (JupyterLab and the whole system) on this
+# machine, `make test` runs every test.
 # Both install what is missing first (Debian packages with apt-get, Python packages into
 # .venv/), and are safe to run again.
 
@@ -7,17 +8,26 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the system and its tests use. gcc and libc6-dev build the sandbox's static
-# init; python3 is the interpreter the sandbox offers to submissions.
-APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs
+# init; python3 is the interpreter the sandbox offers to submissions. nodejs builds the
+# JupyterLab extension with its bundled npm (the machine's NodeSource nodejs conflicts with
+# Debian's npm package, so that is not listed); chromium runs the browser tests (tests/e2e).
+APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium
 # The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
 PARTS := service executor cachebuilder kernel server_ext
 STATE_DIR ?= $(CURDIR)/state
+LABEXT := server_ext/labextension
+LABEXT_INSTALLED := $(VENV)/share/jupyter/labextensions/cellblock-launcher
 
 .PHONY: run test check lint typecheck bench system-packages python-packages clean
 
-# The whole system on this machine (Redis, the service, executors, builders) until Ctrl-C.
+# The classroom on this machine until Ctrl-C: JupyterLab on notebooks/, whose Cellblock
+# extension starts the whole system with it (`cellblock up`: Redis, the service, executors,
+# a cache builder; state in $(STATE_DIR)) and stops it with it. Open the URL it prints.
+# JupyterLab refuses root unless told, and the sandbox wants root.
 run: system-packages python-packages
-	$(BIN)/cellblock up --state-dir $(STATE_DIR)
+	$(BIN)/jupyter lab --ServerApp.root_dir=notebooks --ip=127.0.0.1 --no-browser \
+		--Cellblock.start_local=True --Cellblock.state_dir=$(STATE_DIR) \
+		$(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: system-packages python-packages check
 	$(BIN)/pytest -q
@@ -48,7 +58,7 @@ system-packages:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-python-packages: $(VENV)/.installed
+python-packages: $(VENV)/.installed $(LABEXT_INSTALLED)/package.json
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -61,5 +71,22 @@ $(VENV)/.installed: pyproject.toml setup.py
 	cp server_ext/jupyter-config/cellblock.json $(VENV)/etc/jupyter/jupyter_server_config.d/
 	@touch $@
 
+# The JupyterLab frontend extension (server_ext/labextension: a launcher card for the status
+# page). npm fetches its build tools, jupyter-builder bundles it into $(LABEXT)/build, which
+# setup.py ships in the wheel; for the editable venv a copy of that folder installs it. Each
+# step reruns only when its inputs change.
+$(LABEXT)/node_modules/.installed: $(LABEXT)/package.json $(LABEXT)/package-lock.json
+	cd $(LABEXT) && npm ci --no-audit --no-fund
+	@touch $@
+
+# `jupyter labextension build` only forwards to this (and finds it through PATH).
+$(LABEXT)/build/package.json: $(LABEXT)/node_modules/.installed $(wildcard $(LABEXT)/src/*) \
+		$(VENV)/.installed
+	$(BIN)/jupyter-builder build $(LABEXT)
+
+$(LABEXT_INSTALLED)/package.json: $(LABEXT)/build/package.json
+	rm -rf $(LABEXT_INSTALLED) && mkdir -p $(dir $(LABEXT_INSTALLED))
+	cp -r $(LABEXT)/build $(LABEXT_INSTALLED)
+
 clean:
-	rm -rf $(VENV) .build *.egg-info
+	rm -rf $(VENV) .build *.egg-info $(LABEXT)/build $(LABEXT)/node_modules
