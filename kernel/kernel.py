@@ -203,6 +203,11 @@ class CellblockKernel(Kernel):
             for name in ("stdout", "stderr"):
                 if compile_result.get(name):
                     self._print(compile_result[name], name)
+        # The run's output streamed live stops where the output limit cut it, which looks like
+        # the program's last words; say right below it that the rest was dropped.
+        run_result = final.stages.get("run")
+        if run_result is not None and (cut := render.truncation(run_result)):
+            self._print(f"[{cut}: the rest was not kept; raise run.output in %%limits]\n", "stderr")
         deps_result = final.stages.get("deps")
         if deps_result is not None and deps_result["status"] != "ok" and deps_result.get("log"):
             self._print(deps_result["log"] + "\n", "stderr")

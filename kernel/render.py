@@ -51,7 +51,26 @@ def _stage_words(stage: str, result: Mapping[str, Any] | None, current: bool) ->
         words.append(seconds(result.get("wall_time")))
         if result.get("memory"):
             words.append(size(result["memory"]))
+    if streams := truncated_streams(result):
+        words.append(f"({' and '.join(streams)} truncated)")
     return " ".join(w for w in words if w)
+
+
+def truncated_streams(result: Mapping[str, Any]) -> list[str]:
+    """The streams of a stage that wrote more than its ``output`` limit keeps. The program went
+    on but the rest of its output is gone, which the student must be told: what the cell shows
+    looks complete otherwise."""
+    return [name for name in ("stdout", "stderr") if result.get(f"{name}_truncated")]
+
+
+def truncation(result: Mapping[str, Any]) -> str | None:
+    """``stdout truncated at 1.0 KiB`` (the stage's ``output`` limit), or None."""
+    streams = truncated_streams(result)
+    if not streams:
+        return None
+    limit = (result.get("limits") or {}).get("output")
+    at = f" at {size(limit)}" if isinstance(limit, int) else ""
+    return f"{' and '.join(streams)} truncated{at}"
 
 
 def status_line(state: SubmissionState) -> str:
@@ -136,9 +155,10 @@ def failure(state: SubmissionState) -> tuple[str, str] | None:
         if result is not None and result["status"] not in ("ok", "skipped"):
             reason = result.get("message") or _reason(result)
             title = "dependencies" if stage == "deps" else f"{stage} stage"
-            return "CellblockStageFailed", f"{title}: {result['status']}" + (
-                f": {reason}" if reason else ""
-            )
+            evalue = f"{title}: {result['status']}" + (f": {reason}" if reason else "")
+            if cut := truncation(result):
+                evalue += f" ({cut})"
+            return "CellblockStageFailed", evalue
     return None
 
 

@@ -62,6 +62,10 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
                 self.log.warning("Cellblock: no service configured (c.Cellblock.url / token)")
             return
         state = Path(self.state_dir)
+        # A kernel started before the deployment is up (JupyterLab restores the open notebooks
+        # at once) inherits no CELLBLOCK_URL. Pointed at the state directory, its client reads
+        # the url and token files `cellblock up` writes there, when its first cell needs them.
+        os.environ["CELLBLOCK_STATE_DIR"] = str(state)
         self.deployment = LocalDeployment(
             state, executors=self.executors, builders=self.builders, log=state / "up.log"
         )

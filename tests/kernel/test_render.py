@@ -263,3 +263,21 @@ def test_no_failure_when_every_stage_succeeded() -> None:
     state = finished_state(deps=deps_result(), compile=result(), run=result())
     assert render.failure(state) is None
     assert render.failure(finished_state(run=result())) is None
+
+
+def test_truncated_output_is_named_in_the_status_line_and_the_failure() -> None:
+    flood = result("time_limit", message="wall time limit of 1 s exceeded", wall_time=1.05,
+                   stdout_truncated=True, limits={"output": 1024})  # fmt: skip
+    state = finished_state(run=flood)
+    assert "run: time_limit 1.05 s 1.8 MiB (stdout truncated)" in render.status_line(state)
+    assert render.failure(state) == (
+        "CellblockStageFailed",
+        "run stage: time_limit: wall time limit of 1 s exceeded (stdout truncated at 1.0 KiB)",
+    )
+    both = result(stdout_truncated=True, stderr_truncated=True)  # no limits: no size
+    assert render.truncation(both) == "stdout and stderr truncated"
+    assert "run: ok 12 ms 1.8 MiB (stdout and stderr truncated)" in render.status_line(
+        finished_state(run=both)
+    )
+    assert render.failure(finished_state(run=both)) is None  # cut output alone is no failure
+    assert render.truncation(result()) is None

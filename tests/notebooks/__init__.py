@@ -1,0 +1,1 @@
+"""A package, so that this folder's test_notebooks.py is not taken for tests/kernel's."""
