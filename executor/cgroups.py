@@ -124,15 +124,22 @@ class Cgroups(ABC):
         """Where stage cgroups are made, one folder per hierarchy."""
 
     def remove_stale(self, uids: list[int]) -> int:
-        """Remove the stage cgroups a previous run of these slots left (it was killed
-        mid-stage): a slot's uid is its own, so any cgroup named for it now is stale."""
+        """Remove the empty stage cgroups a previous run of these slots left (it was killed
+        mid-stage). One that still holds processes is left alone: they may be another
+        deployment's on this host using the same uids, and a killed executor's own jail ends
+        at nsjail's time limit, after which its cgroup is empty and goes at the next start."""
         removed = 0
         for base in self._bases():
             for uid in uids:
                 for stale in base.glob(f"{uid}-*"):
-                    if stale.is_dir():
-                        StageCgroupV1._remove_stale(stale)
+                    try:
+                        for parent, dirs, _ in os.walk(stale, topdown=False):
+                            for d in dirs:
+                                os.rmdir(os.path.join(parent, d))
+                        stale.rmdir()
                         removed += 1
+                    except OSError:
+                        continue  # not empty: in use
         return removed
 
 

@@ -5,6 +5,7 @@ kernel lays out a delegated v2 subtree (the real v2 path runs wherever a host us
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -92,11 +93,17 @@ def test_stale_stage_cgroups_of_a_slot_are_removed_at_start() -> None:
     detected = cgroups.detect()
     left = detected.create("987654-leftover", 32 * MiB, 8)  # as if its executor died mid-stage
     left.close()
-    other = detected.create("987655-running", 32 * MiB, 8)
+    busy = detected.create("987654-busy", 32 * MiB, 8)
+    sleeper = subprocess.Popen(["sleep", "30"])
+    for base in (detected.memory_base, detected.pids_base):  # type: ignore[attr-defined]
+        (base / "987654-busy" / "cgroup.procs").write_text(str(sleeper.pid))
     try:
-        assert detected.remove_stale([987654]) == 2  # its memory and pids cgroups
+        assert detected.remove_stale([987654]) == 2  # the empty one's memory and pids cgroups
         assert not (detected.memory_base / "987654-leftover").exists()  # type: ignore[attr-defined]
-        assert (detected.memory_base / "987655-running").exists()  # type: ignore[attr-defined]
+        assert (detected.memory_base / "987654-busy").exists()  # type: ignore[attr-defined]
+        assert sleeper.poll() is None  # a cgroup in use is left alone, its processes too
     finally:
-        other.close()
-        other.remove()
+        sleeper.kill()
+        sleeper.wait()
+        busy.close()
+        busy.remove()
