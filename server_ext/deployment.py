@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -79,9 +80,11 @@ class LocalDeployment:
                 raise CellblockError(
                     f"`cellblock up` exited ({self.proc.returncode}); see {self.log_path}"
                 )
-            with contextlib.suppress(HTTPClientError, OSError):
+            with contextlib.suppress(HTTPClientError, OSError, ValueError, KeyError):
                 response = await client.fetch(f"{self.url}/api/v1/health", request_timeout=2)
-                if b'"executors": 0' not in response.body:
+                # Ready when an executor can take work; with none asked for (they may be
+                # scaled up later), when the service answers: waiting for one would time out.
+                if json.loads(response.body)["executors"] >= min(self.executors, 1):
                     return self.backend()
             await asyncio.sleep(0.2)
         await self.stop()
