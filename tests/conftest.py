@@ -4,6 +4,9 @@ processes running real nsjail."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
 import os
 import shutil
 import signal
@@ -12,13 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tornado.httpserver
 import tornado.netutil
+from tornado.httpclient import AsyncHTTPClient
 
 from cellblock import config as config_module
 from cellblock.service.auth import Principal, Tokens
@@ -131,8 +136,39 @@ async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncI
     await store.close()
 
 
+Until = Callable[..., Awaitable[Any]]
+
+
+async def until(
+    check: Callable[[], Any], what: str, timeout: float = 20, every: float = 0.05
+) -> Any:
+    """Poll ``check`` (a function or a coroutine function) until it answers something truthy;
+    that answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+@pytest.fixture(name="until")
+def until_fixture() -> Until:
+    """``await until(check, what, timeout=20, every=0.05)``: poll ``check`` (a function or a
+    coroutine function) until it answers something truthy, and return that answer; after
+    ``timeout`` seconds the test fails, saying it was waiting for ``what``. (A fixture because
+    test modules cannot import from conftest.py, which pytest imports as plain ``conftest``.)"""
+    return until
+
+
 @dataclass
-class ExecutorProcess:
+class WorkerProcess:
+    """A real worker process (executor or builder) and the file its stderr goes to."""
+
     worker_id: str
     proc: subprocess.Popen[bytes]
     log: Path
@@ -142,8 +178,24 @@ class ExecutorProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
+    def kill(self) -> None:
+        """Kill it if it still runs (what every test's teardown does)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def logs(self) -> str:
         return self.log.read_text()
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with its stderr in the file ``log``."""
+    with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+class ExecutorProcess(WorkerProcess):
+    """A real ``cellblock executor`` process."""
 
 
 StartExecutor = Callable[..., ExecutorProcess]
@@ -163,42 +215,58 @@ def start_executor(redis_url: str, tmp_path: Path, sandbox_root: Path) -> Iterat
         proc_env = {
             **os.environ, **TEST_ENV, "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"', **env,
         }  # fmt: skip
-        with log.open("w") as log_file:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(
-                [*CELLBLOCK, "executor", "--redis", redis_url, "--state-dir", str(state),
-                 "--id", worker_id, "--slots", str(slots), "--uid-offset", str(100 + 10 * index),
-                 "--log-level", "info"],
-                env=proc_env, stdout=subprocess.DEVNULL, stderr=log_file,
-            )  # fmt: skip
+        proc = spawn(
+            [*CELLBLOCK, "executor", "--redis", redis_url, "--state-dir", str(state),
+             "--id", worker_id, "--slots", str(slots), "--uid-offset", str(100 + 10 * index),
+             "--log-level", "info"],
+            proc_env, log,
+        )  # fmt: skip
         executor = ExecutorProcess(worker_id, proc, log)
         started.append(executor)
         return executor
 
     yield start
     for executor in started:
-        if executor.proc.poll() is None:
-            executor.proc.kill()
-            executor.proc.wait()
+        executor.kill()
 
 
-@dataclass
-class BuilderProcess:
-    worker_id: str
-    proc: subprocess.Popen[bytes]
-    log: Path
+@pytest.fixture
+def executor(start_executor: StartExecutor) -> ExecutorProcess:
+    """One real executor (two slots), for tests that only need one to be there."""
+    return start_executor()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
 
-    def logs(self) -> str:
-        return self.log.read_text()
+Launch = Callable[..., Awaitable[ExecutorProcess]]
+
+
+@pytest.fixture
+async def launch(service: Service, start_executor: StartExecutor) -> AsyncIterator[Launch]:
+    """Start a real executor (``start_executor``'s arguments) and wait until the service lists
+    it among its workers, so that it takes work."""
+    http = AsyncHTTPClient(force_instance=True)
+
+    async def start(**kwargs: Any) -> ExecutorProcess:
+        executor = start_executor(**kwargs)
+
+        async def registered() -> bool:
+            assert executor.proc.poll() is None, executor.logs()
+            response = await http.fetch(
+                f"{service.url}/api/v1/workers", headers={"Authorization": "Bearer admin-token"}
+            )
+            return any(w["id"] == executor.worker_id for w in json.loads(response.body)["workers"])
+
+        await until(registered, f"{executor.worker_id} to register")
+        return executor
+
+    yield start
+    http.close()
+
+
+class BuilderProcess(WorkerProcess):
+    """A real ``cellblock builder`` process."""
 
     def events(self, name: str) -> list[dict[str, object]]:
         """This builder's structured log lines whose event is ``name`` (e.g. "build started")."""
-        import json
-
         found = []
         for line in self.logs().splitlines():
             if line.startswith("{") and f'"event": "{name}"' in line:
@@ -207,8 +275,6 @@ class BuilderProcess:
 
     async def started(self, timeout: float = 20) -> None:
         """Wait (without blocking the event loop) until the builder has published its channel."""
-        import asyncio
-
         deadline = time.monotonic() + timeout
         while not self.events("builder started"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -231,21 +297,18 @@ def start_builder(redis_url: str, tmp_path: Path) -> Iterator[StartBuilder]:
         state = tmp_path / f"builder-{index}"
         state.mkdir()
         log = tmp_path / f"{worker_id}.log"
-        with log.open("w") as stderr:
-            proc = subprocess.Popen(
-                [*CELLBLOCK, "builder", "--redis", redis_url, "--state-dir", str(state),
-                 "--id", worker_id, "--log-level", "info"],
-                env={**os.environ, **TEST_ENV, **env}, stdout=subprocess.DEVNULL, stderr=stderr,
-            )  # fmt: skip
+        proc = spawn(
+            [*CELLBLOCK, "builder", "--redis", redis_url, "--state-dir", str(state),
+             "--id", worker_id, "--log-level", "info"],
+            {**os.environ, **TEST_ENV, **env}, log,
+        )  # fmt: skip
         builder = BuilderProcess(worker_id, proc, log)
         started.append(builder)
         return builder
 
     yield start
     for builder in started:
-        if builder.proc.poll() is None:
-            builder.proc.kill()
-            builder.proc.wait()
+        builder.kill()
 
 
 class PopenSpy:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -33,25 +31,3 @@ def channel() -> Channel:
 @pytest.fixture
 async def cache(store: Store) -> AsyncIterator[EnvironmentCache]:
     yield EnvironmentCache(store)
-
-
-def ready_redis(url: str, timeout: float = 10) -> str:
-    """Wait until the redis-server at the unix socket ``url`` accepts connections."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(url.removeprefix("unix://"))
-                return url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.005)
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py's redis-server, once it accepts connections: that fixture waits for
-    the socket file, which redis-server binds a moment before it listens, so a connection
-    in between is refused and the test errors at setup. (Drop this when it waits for PONG.)"""
-    return ready_redis(redis_url)

@@ -30,15 +30,6 @@ from cellblock.service.store import Store
 BROKEN_LINE = "broken-example: this package always fails to build (on purpose, for tests)"
 
 
-async def until(check: Any, what: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return result
-
-
 async def deps(cache: EnvironmentCache, names: list[str], wall_time: float = 30) -> dict[str, Any]:
     """One deps stage; its result with the output events it emitted under ``events``."""
     events: list[dict[str, Any]] = []
@@ -94,7 +85,7 @@ async def test_builders_starting_together_publish_one_channel_identity(
 
 @pytest.mark.timeout(60)
 async def test_a_builder_goes_on_building_after_failed_builds(
-    start_builder, cache: EnvironmentCache
+    start_builder, cache: EnvironmentCache, until
 ) -> None:
     builder = start_builder()
     await builder.started()
@@ -107,7 +98,7 @@ async def test_a_builder_goes_on_building_after_failed_builds(
     assert builder.proc.poll() is None
     # (A builder logs a build's end just after telling its waiters.)
     ended = await until(
-        lambda: _async(len(builder.events("build ended")) == 3 and builder.events("build ended")),
+        lambda: len(builder.events("build ended")) == 3 and builder.events("build ended"),
         "the third build's end",
     )
     assert [e["ok"] for e in ended] == [False, False, True]
@@ -132,7 +123,7 @@ async def test_a_build_the_binary_cache_refuses_fails_and_publishes_nothing(
 
 @pytest.mark.timeout(60)
 async def test_a_killed_builders_build_is_reclaimed_and_finished_by_another(
-    start_builder, cache: EnvironmentCache, channel: Channel
+    start_builder, cache: EnvironmentCache, channel: Channel, until
 ) -> None:
     builders = [start_builder(), start_builder()]
     for builder in builders:
@@ -166,7 +157,7 @@ async def test_a_killed_builders_build_is_reclaimed_and_finished_by_another(
     took_over = logged_at(started) - killed_at
     assert 1.0 - 0.01 <= took_over < 1.5 + 1.0 + 1.0, took_over  # + its queue poll, + slack
     # (It logs the end after telling the waiters.)
-    [ended] = await until(lambda: _async(survivor.events("build ended")), "the build's end")
+    [ended] = await until(lambda: survivor.events("build ended"), "the build's end")
     assert ended["ok"] is True and ended["seconds"] >= 2
     env = await cache.get(key)
     assert env is not None and all(os.path.exists(p) for p in env.closure)
@@ -178,22 +169,18 @@ async def test_a_killed_builders_build_is_reclaimed_and_finished_by_another(
 
 @pytest.mark.timeout(60)
 async def test_sigterm_drains_a_builder_after_its_running_build(
-    start_builder, store: Store, cache: EnvironmentCache
+    start_builder, store: Store, cache: EnvironmentCache, until
 ) -> None:
     builder = start_builder()
     await builder.started()
     waiting = asyncio.create_task(deps(cache, ["slow-example"]))
-    await until(lambda: _async(builder.events("build started")), "the build to start")
+    await until(lambda: builder.events("build started"), "the build to start")
     builder.proc.send_signal(signal.SIGTERM)
     result = await asyncio.wait_for(waiting, 30)
     assert result["status"] == "ok"
     assert await asyncio.to_thread(builder.proc.wait, 10) == 0
     assert [e["ok"] for e in builder.events("build ended")] == [True]
     assert builder.events("builder stopped") and await store.workers() == []
-
-
-async def _async(value: Any) -> Any:
-    return value
 
 
 # -- eviction -----------------------------------------------------------------------------------

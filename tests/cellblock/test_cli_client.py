@@ -14,8 +14,7 @@ import logging
 import os
 import socket
 import sys
-import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +37,6 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
-
-
-@pytest.fixture
-def executor(start_executor: Callable[..., Any]) -> Any:
-    # The fixture hands Popen a log file it never closes; that is not what these tests test.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "unclosed file", ResourceWarning)
-        return start_executor()
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import time
-import warnings
 from typing import Any
 
 import pytest
@@ -51,23 +49,6 @@ def host_versions() -> dict[str, str]:
         "versions"
     ]
     return versions
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py's redis-server, once it accepts connections: that fixture waits for
-    the socket file, which redis-server binds a moment before it listens, so a connection
-    in between is refused and the test errors at setup. (Drop this when it waits for PONG.)"""
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(redis_url.removeprefix("unix://"))
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.005)
 
 
 # -- the deps stage in this process -------------------------------------------------------------
@@ -204,29 +185,16 @@ async def client(service: Any) -> Any:
     client.http.close()
 
 
-@pytest.fixture
-def executor(start_executor: Any) -> Any:
-    """``start_executor``, minus the ResourceWarning of its log file, which tests/conftest.py
-    leaves unclosed (an error under filterwarnings=error; garbage the moment it returns)."""
-
-    def start(**kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "unclosed file", ResourceWarning)
-            return start_executor(**kwargs)
-
-    return start
-
-
 def stages(state: dict[str, Any]) -> dict[str, str]:
     return {name: result["status"] for name, result in state["stages"].items() if result}
 
 
 @pytest.mark.timeout(90)
 async def test_a_c_program_compiles_and_runs_with_gcc_from_the_cache(
-    start_builder, executor, client: Client, store: Store
+    start_builder, start_executor, client: Client, store: Store
 ) -> None:
     await start_builder().started()
-    executor(slots=1)
+    start_executor(slots=1)
     state = await client.run({
         "files": [{"name": "main.c", "content": HELLO_C}],
         "dependencies": ["gcc"],
@@ -255,10 +223,10 @@ async def test_a_c_program_compiles_and_runs_with_gcc_from_the_cache(
 
 @pytest.mark.timeout(90)
 async def test_a_pure_sandbox_sees_only_the_closure(
-    start_builder, executor, client: Client, store: Store, channel_key: Any
+    start_builder, start_executor, client: Client, store: Store, channel_key: Any
 ) -> None:
     start_builder()
-    executor(slots=1, CELLBLOCK_SANDBOX__BASE="pure")
+    start_executor(slots=1, CELLBLOCK_SANDBOX__BASE="pure")
     state = await client.run({
         "dependencies": ["busybox"],
         "run": "ls -a /; echo ---; ls /nix; echo ---; ls /nix/store; echo ---; "
@@ -290,12 +258,12 @@ def channel_key(store: Store) -> Any:
 
 @pytest.mark.timeout(90)
 async def test_two_clients_asking_for_one_new_set_at_once_share_one_build(
-    start_builder, executor, client: Client
+    start_builder, start_executor, client: Client
 ) -> None:
     builders = [start_builder(), start_builder()]
     for builder in builders:
         await builder.started()
-    executor(slots=2)
+    start_executor(slots=2)
     request = {
         "dependencies": ["slow-example", "coreutils"],
         "run": "ls /nix/store >/dev/null && command -v ls",

@@ -11,10 +11,8 @@ import base64
 import json
 import logging
 import signal
-import socket
 import time
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -34,45 +32,19 @@ QUEUE_SIZE = 50  # CELLBLOCK_QUEUE_SIZE of TEST_ENV
 LIMITS = config_module.load(Path("/nonexistent"), environ={}).limits
 
 
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
-    creates a moment before it listens (a connection refused now and then): wait for it."""
-    path = redis_url.removeprefix("unix://")
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
-
-
 # -- helpers ----------------------------------------------------------------------------------
 
-
-async def until(
-    check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20, every: float = 0.05
-) -> Any:
-    """Poll ``check`` until it answers something truthy; that answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if result := await check():
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(every)
+Until = Callable[..., Awaitable[Any]]  # the until fixture of tests/conftest.py
+Launch = Callable[..., Awaitable[Any]]  # the launch fixture of tests/conftest.py
 
 
 class Api:
     """A small client of the service's REST API."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, until: Until) -> None:
         self.url = url
         self.http = AsyncHTTPClient(force_instance=True)
+        self.until = until
 
     async def request(
         self,
@@ -128,7 +100,7 @@ class Api:
             state = await self.get(sid, token=ADMIN)
             return state if what(state) else None
 
-        state: dict[str, Any] = await until(check, f"submission {sid} to change", timeout)
+        state: dict[str, Any] = await self.until(check, f"submission {sid} to change", timeout)
         return state
 
     async def running(self, sid: str, timeout: float = 20) -> dict[str, Any]:
@@ -184,43 +156,15 @@ def check_sequence(events: list[dict[str, Any]], sid: str, first: int = 1) -> No
 
 
 @pytest.fixture
-async def api(service: Any) -> AsyncIterator[Api]:
-    client = Api(service.url)
+async def api(service: Any, until: Until) -> AsyncIterator[Api]:
+    client = Api(service.url, until)
     yield client
     client.http.close()
 
 
-Launch = Callable[..., Awaitable[Any]]
-
-
-@pytest.fixture
-def launch(start_executor: Any, api: Api) -> Launch:
-    """Start a real executor and wait until it has registered (so that it takes work)."""
-
-    async def start(**kwargs: Any) -> Any:
-        # tests/conftest.py leaves the executor's log file object unclosed (a ResourceWarning,
-        # an error under filterwarnings=error); it is garbage the moment start() returns.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "unclosed file", ResourceWarning)
-            executor = start_executor(**kwargs)
-
-        async def registered() -> bool:
-            assert executor.proc.poll() is None, executor.logs()
-            return any(w["id"] == executor.worker_id for w in await api.executors())
-
-        await until(registered, f"{executor.worker_id} to register")
-        return executor
-
-    return start
-
-
-async def wait_exit(proc: Any, timeout: float = 30) -> int:
+async def wait_exit(until: Until, proc: Any, timeout: float = 30) -> int:
     """The exit code of a process, waited for without blocking the event loop."""
-
-    async def exited() -> bool:
-        return proc.poll() is not None
-
-    await until(exited, f"process {proc.pid} to exit", timeout)
+    await until(lambda: proc.poll() is not None, f"process {proc.pid} to exit", timeout)
     code: int = proc.returncode
     return code
 
@@ -391,21 +335,21 @@ async def test_delete_cancels_a_queued_submission_once(api: Api, store: Store) -
 
 
 @pytest.mark.timeout(60)
-async def test_delete_stops_a_running_stage(api: Api, launch: Launch) -> None:
+async def test_delete_stops_a_running_stage(api: Api, launch: Launch, until: Until) -> None:
     executor = await launch(slots=1)
     # A command line no other test (or concurrent run) uses, to find the sandboxed process.
     duration = f"30.{uuid.uuid4().int % 10**9:09d}"
     sid = await api.submit({"run": f"sleep {duration}"})
     await api.running(sid)
-    await until(lambda: _async(sandboxed(["sleep", duration])), "the sandboxed sleep to start")
+    await until(lambda: sandboxed(["sleep", duration]), "the sandboxed sleep to start")
 
     answer = await api.call("DELETE", f"/api/v1/submissions/{sid}")
     assert answer == {"id": sid, "status": "cancelled"}
     state = await api.get(sid)
     assert state["status"] == "cancelled" and state["finished_at"] is not None
     # The executor notices, kills the stage and frees its only slot.
-    await until(lambda: _async(not sandboxed(["sleep", duration])), "the sleep to be killed", 10)
-    await until(lambda: _async('"job cancelled"' in executor.logs()), "the executor to log it", 10)
+    await until(lambda: not sandboxed(["sleep", duration]), "the sleep to be killed", 10)
+    await until(lambda: '"job cancelled"' in executor.logs(), "the executor to log it", 10)
     response = await api.request("POST", "/api/v1/submissions?wait=true", {"run": "echo next"})
     assert json.loads(response.body)["stages"]["run"]["stdout"] == "next\n"
 
@@ -420,15 +364,6 @@ async def test_delete_stops_a_running_stage(api: Api, launch: Launch) -> None:
     assert again["error"]["code"] == "conflict"
 
 
-async def _async(value: Any) -> Any:
-    return value
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.apply_event takes any number of `finished` events after `cancelled`: an "
-    "executor whose run ends as the cancel lands appends a second `finished`",
-)
 async def test_a_finished_event_after_a_cancel_is_refused(api: Api, store: Store) -> None:
     """The race of an executor that publishes its run's end just as a cancel lands, replayed
     step by step against the store the executor writes to."""
@@ -543,7 +478,7 @@ async def test_a_submission_quiet_for_longer_than_redis_reads_last_still_streams
 
 
 async def test_a_client_leaving_an_event_stream_ends_it_quietly(
-    api: Api, caplog: pytest.LogCaptureFixture
+    api: Api, caplog: pytest.LogCaptureFixture, until: Until
 ) -> None:
     caplog.set_level(logging.INFO, logger="tornado")
     sid = await api.submit({"run": "true"})  # no executor: nothing more happens
@@ -563,15 +498,10 @@ async def test_a_client_leaving_an_event_stream_ends_it_quietly(
         ]
 
     # The handler notices at its next keep-alive and ends, without an error.
-    await until(lambda: _async(answered()), "the event stream's handler to end", 15)
+    await until(answered, "the event stream's handler to end", 15)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store.py: Store.connect keeps redis-py's 5 s socket_timeout, so events(block=...) "
-    "longer than 5 s raises redis TimeoutError instead of answering []",
-)
 async def test_a_blocking_read_longer_than_five_seconds_answers_nothing(store: Store) -> None:
     sid = "quiet"
     await store.submit(sid, parse_submission({"run": "true"}, LIMITS), "alice")
@@ -582,7 +512,7 @@ async def test_a_blocking_read_longer_than_five_seconds_answers_nothing(store: S
 
 
 async def test_health_needs_no_token_and_counts_executors_and_queue(
-    api: Api, launch: Launch
+    api: Api, launch: Launch, until: Until
 ) -> None:
     health = await api.call("GET", "/api/v1/health", token=None)
     assert health == {"status": "ok", "executors": 0, "builders": 0, "queued": 0}
@@ -595,7 +525,7 @@ async def test_health_needs_no_token_and_counts_executors_and_queue(
     await until(lambda: _health_queued_is(api, 0), "the executor to take the queued submissions")
     # An executor that stops unregisters at once.
     executor.proc.send_signal(signal.SIGTERM)
-    assert await wait_exit(executor.proc) == 0
+    assert await wait_exit(until, executor.proc) == 0
     assert (await api.call("GET", "/api/v1/health", token=None))["executors"] == 0
 
 
@@ -603,7 +533,9 @@ async def _health_queued_is(api: Api, count: int) -> bool:
     return bool((await api.call("GET", "/api/v1/health", token=None))["queued"] == count)
 
 
-async def test_workers_lists_live_executors_for_admins_only(api: Api, launch: Launch) -> None:
+async def test_workers_lists_live_executors_for_admins_only(
+    api: Api, launch: Launch, until: Until
+) -> None:
     assert await api.executors() == []
     executor = await launch(slots=2)
     [worker] = await api.executors()
@@ -625,7 +557,9 @@ async def test_workers_lists_live_executors_for_admins_only(api: Api, launch: La
 
 
 @pytest.mark.timeout(60)
-async def test_delete_worker_drains_it_after_its_running_job(api: Api, launch: Launch) -> None:
+async def test_delete_worker_drains_it_after_its_running_job(
+    api: Api, launch: Launch, until: Until
+) -> None:
     executor = await launch(slots=2)
     sid = await api.submit({"run": "sleep 2; echo done"})
     await api.running(sid)
@@ -638,10 +572,10 @@ async def test_delete_worker_drains_it_after_its_running_job(api: Api, launch: L
         "DELETE", f"/api/v1/workers/{executor.worker_id}", token=ADMIN, expect=202
     )
     assert answer == {"id": executor.worker_id, "status": "draining"}
-    await until(lambda: _async('"draining"' in executor.logs()), "the executor to drain")
+    await until(lambda: '"draining"' in executor.logs(), "the executor to drain")
     later = await api.submit({"run": "echo later"})
 
-    assert await wait_exit(executor.proc) == 0, executor.logs()
+    assert await wait_exit(until, executor.proc) == 0, executor.logs()
     # Its job finished before it exited: by this executor, in one attempt.
     state = await api.get(sid)
     assert state["status"] == "finished", state
@@ -883,12 +817,14 @@ async def test_a_killed_executors_job_is_finished_by_another_once(api: Api, laun
 
 
 @pytest.mark.timeout(60)
-async def test_sigterm_drains_an_executor_after_its_running_job(api: Api, launch: Launch) -> None:
+async def test_sigterm_drains_an_executor_after_its_running_job(
+    api: Api, launch: Launch, until: Until
+) -> None:
     executor = await launch(slots=1)
     sid = await api.submit({"run": "sleep 1.5; echo done"})
     await api.running(sid)
     executor.proc.send_signal(signal.SIGTERM)
-    assert await wait_exit(executor.proc) == 0, executor.logs()
+    assert await wait_exit(until, executor.proc) == 0, executor.logs()
     state = await api.get(sid)
     assert state["status"] == "finished" and state["attempts"] == 1
     assert state["worker"] == executor.worker_id

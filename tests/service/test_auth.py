@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import socket
 import stat
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,23 +17,6 @@ from cellblock.errors import ConfigError
 from cellblock.service.auth import Principal, Tokens, ensure_token_files, load_tokens
 
 ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
-    creates a moment before it listens (a connection refused now and then): wait for it."""
-    path = redis_url.removeprefix("unix://")
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
 
 
 class Http:

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import socket
-import time
-import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,23 +20,6 @@ SAMPLE = re.compile(
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
-    creates a moment before it listens (a connection refused now and then): wait for it."""
-    path = redis_url.removeprefix("unix://")
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
 
 
 def parse(text: str) -> Samples:
@@ -124,7 +103,7 @@ async def test_a_fresh_service_reports_zeroes(http: Http) -> None:
 
 
 async def test_metrics_count_submissions_requests_and_workers(
-    http: Http, store: Store, start_executor: Any
+    http: Http, store: Store, start_executor: Any, until: Any
 ) -> None:
     ids = []
     for _ in range(3):
@@ -152,17 +131,14 @@ async def test_metrics_count_submissions_requests_and_workers(
     assert value(await http.metrics(), requests, **scrapes) == 1
 
     # An executor runs the two that wait; the totals follow.
-    with warnings.catch_warnings():
-        # tests/conftest.py leaves the executor's log file object unclosed.
-        warnings.filterwarnings("ignore", "unclosed file", ResourceWarning)
-        start_executor(slots=3)
-    deadline = time.monotonic() + 20
-    while True:
+    start_executor(slots=3)
+
+    async def both_finished() -> Samples | None:
         samples = await http.metrics()
-        if value(samples, "cellblock_submissions_ended_total", status="finished") == 2:
-            break
-        assert time.monotonic() < deadline, "the executor did not run the submissions"
-        await asyncio.sleep(0.05)
+        finished = value(samples, "cellblock_submissions_ended_total", status="finished")
+        return samples if finished == 2 else None
+
+    samples = await until(both_finished, "the executor to run the submissions")
     assert value(samples, "cellblock_queued") == 0
     assert value(samples, "cellblock_workers", kind="executor") == 1
     assert value(samples, "cellblock_slots", state="total") == 3

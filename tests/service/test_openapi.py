@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import time
 from collections.abc import AsyncIterator, Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -47,23 +45,6 @@ EXAMPLE = {
                 "output": 65536, "stack": [8388608, 16777216]},
     },
 }  # fmt: skip
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
-    creates a moment before it listens (a connection refused now and then): wait for it."""
-    path = redis_url.removeprefix("unix://")
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
 
 
 async def fetch(service: Any, path: str, token: str | None = ALICE, **kwargs: Any) -> HTTPResponse:

@@ -39,23 +39,6 @@ BAD_NAMES = [
 ]
 
 
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py's redis-server, once it accepts connections: that fixture waits for
-    the socket file, which redis-server binds a moment before it listens, so a connection
-    in between is refused and the test errors at setup. (Drop this when it waits for PONG.)"""
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(redis_url.removeprefix("unix://"))
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.005)
-
-
 class Api:
     def __init__(self, url: str) -> None:
         self.url = url

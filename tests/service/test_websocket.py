@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
-import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,23 +14,6 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from cellblock.cachebuilder.environments import Environment, EnvironmentCache, Package
 
 ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
-
-
-@pytest.fixture
-def redis_url(redis_url: str) -> str:
-    """tests/conftest.py hands the socket over as soon as its file exists, which redis-server
-    creates a moment before it listens (a connection refused now and then): wait for it."""
-    path = redis_url.removeprefix("unix://")
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-                return redis_url
-            except ConnectionRefusedError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
 
 
 class Socket:
@@ -107,35 +87,6 @@ async def http(service: Any, method: str, path: str, body: Any = None, token: st
     finally:
         client.close()
     return response.code, json.loads(response.body)
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := await check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
-    return result
-
-
-@pytest.fixture
-def launch(start_executor: Any, service: Any) -> Callable[..., Awaitable[Any]]:
-    """Start a real executor and wait until it has registered."""
-
-    async def start(**kwargs: Any) -> Any:
-        # tests/conftest.py leaves the executor's log file object unclosed (ResourceWarning).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "unclosed file", ResourceWarning)
-            executor = start_executor(**kwargs)
-
-        async def registered() -> bool:
-            _, workers = await http(service, "GET", "/api/v1/workers", token=ADMIN)
-            return any(w["id"] == executor.worker_id for w in workers["workers"])
-
-        await until(registered, "the executor to register")
-        return executor
-
-    return start
 
 
 def check_events(events: list[dict[str, Any]], sid: str, first: int = 1) -> None:
