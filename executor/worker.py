@@ -93,8 +93,7 @@ class Executor:
     async def _process(self, job: Job, runner: SubmissionRunner) -> None:
         sid = job.submission_id
         fields = {"submission": sid, "worker": self.info.id}
-        state = await self.store.state(sid)
-        submission = await self.store.job(sid)
+        state, submission = await self.store.state_and_job(sid)
         if state is None or submission is None or state.done:
             log.info("job skipped", extra={**fields, "status": state and state.status})
             await self.store.done(job)

@@ -283,6 +283,7 @@ class Client:
         self._http: AsyncHTTPClient | None = None
         self._tcp: TCPClient | None = None
         self._websockets: set[WebSocketClientConnection] = set()
+        self._closing: set[asyncio.Future[None]] = set()
         self._responses: set[_StreamingResponse] = set()
         self._request_ids = itertools.count(1)
         self._closed = False
@@ -344,6 +345,7 @@ class Client:
         ``ClientError``. Submissions are not affected. Closing twice is harmless."""
         self._closed = True
         await asyncio.gather(*(self._forget(ws) for ws in list(self._websockets)))
+        await asyncio.gather(*self._closing)
         for response in list(self._responses):
             await response.close()
         if self._http is not None:
@@ -563,9 +565,19 @@ class Client:
         if stream is None:
             return
         deadline = time.monotonic() + CLOSE_GRACE
-        while not stream.closed() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        stream.close()
+        try:
+            while not stream.closed() and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+        finally:
+            stream.close()
+
+    def _forget_later(self, websocket: WebSocketClientConnection) -> None:
+        """``_forget`` without keeping the caller waiting for the service's close frame (a
+        finished stream has its answer already); ``close`` waits for it."""
+        self._websockets.discard(websocket)
+        task = asyncio.ensure_future(self._forget(websocket))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _request_id(self) -> str:
         return f"r{next(self._request_ids)}"
@@ -771,7 +783,7 @@ class Stream:
                 reason = exc.reason
             finally:
                 self.connection = None
-                await self.client._forget(websocket)
+                self.client._forget_later(websocket)
             self.client._check_open()
             await backoff.pause(reason, self._sequence)
             self.reconnects += 1

@@ -187,6 +187,14 @@ class Store:
         raw = await self.redis.hget(self._sub(sid), "state")
         return None if raw is None else SubmissionState.from_record(json.loads(raw))
 
+    async def state_and_job(self, sid: str) -> tuple[SubmissionState | None, Submission | None]:
+        """Both at once (one round trip): what an executor reads before it starts a job."""
+        state, job = await self.redis.hmget(self._sub(sid), ["state", "job"])
+        return (
+            None if state is None else SubmissionState.from_record(json.loads(state)),
+            None if job is None else Submission.from_json(json.loads(job)),
+        )
+
     async def owner(self, sid: str) -> str | None:
         owner: str | None = await self.redis.hget(self._sub(sid), "owner")
         return owner
