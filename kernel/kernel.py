@@ -53,7 +53,6 @@ class CellblockKernel(Kernel):
         "pygments_lexer": "bash",
     }
     banner = "Cellblock: %%files, %%deps, %%compile, %%run, %%stdin, %%env, %%limits"
-    help_links = [{"text": "Cellblock notebook syntax", "url": "https://example.invalid/cellblock"}]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
