@@ -10,33 +10,21 @@ download is not used). Screenshots go to the test's temporary directory.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nbformat
 import pytest
+from browserio import Lab, chromium, jupyterlab
 from jupyter_client import BlockingKernelClient
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from cellblock.kernel.install import install
 
 TOKEN = "e2e-test-token"
-CHROMIUM = "/usr/bin/chromium"
-# Without the background-networking flags Chromium keeps trying hosts this machine cannot
-# reach; its own sandbox needs user namespaces that a root CI run does not give it.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
 #: The cell the student runs: output first, then a second in which the status line must still
 #: say the run goes on while that output is already on the page (it streams, live).
 CELL = "%%run\necho hello from the browser\nsleep 1"
@@ -55,51 +43,14 @@ RECORD = """() => {
 }"""
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _wait_for_cellblock(lab: Lab) -> None:
+    """Until the embedded deployment is up and its executors are there."""
 
+    def up() -> bool:
+        health = lab.call("/cellblock/status.json")["health"]  # None: no answer yet
+        return bool(health and health["executors"])
 
-@dataclass
-class Lab:
-    """A running `jupyter lab` and where its kernels' connection files go."""
-
-    url: str
-    runtime: Path
-    server: subprocess.Popen[bytes]
-    log: Path
-
-    def call(self, path: str, body: object = None) -> Any:
-        """The JSON answer of a GET (a POST with ``body``) to the server, with its token."""
-        request = urllib.request.Request(
-            f"{self.url}{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {TOKEN}"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
-
-    def wait(self, what: str, ready: Callable[[], bool], timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.server.poll() is None, f"jupyter lab exited:\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"no {what} in jupyter lab:\n{self.log.read_text()}"
-            try:
-                if ready():
-                    return
-            except OSError:  # not listening yet, or 503 from the extension: not up yet
-                pass
-            time.sleep(0.1)
-
-    def wait_for_cellblock(self) -> None:
-        """Until the embedded deployment is up and its executors are there."""
-
-        def up() -> bool:
-            health = self.call("/cellblock/status.json")["health"]  # None: no answer yet
-            return bool(health and health["executors"])
-
-        self.wait("Cellblock", up)
+    lab.wait("Cellblock", up)
 
 
 @pytest.fixture
@@ -125,38 +76,20 @@ def lab_server(tmp_path: Path, sandbox_root: Path) -> Iterator[Lab]:
         # Slot uids (and the cgroups named for them) no other test's executors use: an
         # executor starting on a slot uid removes that uid's cgroups as its leftovers.
         "CELLBLOCK_SANDBOX__UID_BASE": "240000",
-        # A fresh user configuration, settings and workspace: nothing of an earlier run opens.
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        # Fresh settings and workspace (jupyterlab() adds a fresh user configuration):
+        # nothing of an earlier run opens.
         "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
         "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
     }
-    port = _free_port()
-    log = tmp_path / "lab.log"
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
-               f"--port={port}", "--ServerApp.port_retries=0",
-               f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}",
-               f"--Cellblock.state_dir={tmp_path / 'state'}"]  # fmt: skip
-    with log.open("wb") as out:
-        server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    lab = Lab(f"http://127.0.0.1:{port}", tmp_path / "runtime", server, log)
-    try:
-        lab.wait("server", lambda: bool(lab.call("/api/status")))
+    state = f"--Cellblock.state_dir={tmp_path / 'state'}"
+    with jupyterlab(tmp_path, root, TOKEN, env, state) as lab:
         yield lab
-    finally:
-        # SIGTERM: the server stops its kernels and the extension its `cellblock up`.
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture
 def lab(lab_server: Lab) -> str:
     """The URL of a `jupyter lab` whose embedded deployment is up."""
-    lab_server.wait_for_cellblock()
+    _wait_for_cellblock(lab_server)
     return lab_server.url
 
 
@@ -165,55 +98,46 @@ def lab(lab_server: Lab) -> str:
 def test_a_cell_runs_live_in_jupyterlab_and_the_status_page_shows_it(
     lab: str, tmp_path: Path
 ) -> None:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 720},
+    with chromium(tmp_path, 1280, 720) as browser:
+        page = browser.new_page()
+        page.goto(f"{lab}/lab/tree/hello.ipynb?token={TOKEN}")
+        cell = page.locator(".jp-CodeCell").first
+        expect(cell).to_contain_text("hello from the browser", timeout=60_000)
+        # Running before the kernel is connected would be dropped: wait until it is idle.
+        kernel = page.get_by_role("button", name="Cellblock | Idle")
+        expect(kernel).to_be_visible(timeout=60_000)
+        page.evaluate(RECORD)
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Control+Enter")  # run the cell, stay on it
+
+        status = cell.locator(".cellblock-status")
+        expect(status).to_contain_text("→ finished", timeout=30_000)
+        expect(status).to_contain_text("picked up by executor-")
+        expect(status).to_contain_text("run: ok")
+        expect(cell.locator(".jp-OutputArea-output").first).to_be_visible()
+        expect(cell.locator(".jp-OutputArea")).to_contain_text("hello from the browser")
+        expect(cell.locator("table.cellblock-summary")).to_contain_text("ok")
+        seen = page.evaluate("window.cellblockSeen")
+        assert seen[-1]["status"].endswith("→ finished"), seen
+        # Live: the output was on the page while the status line still said "run…".
+        assert any(
+            s["status"].endswith("run…") and "hello from the browser" in s["out"] for s in seen
+        ), seen
+        page.screenshot(path=tmp_path / "notebook.png")
+
+        status_page = browser.new_page()
+        status_page.goto(f"{lab}/cellblock/")  # the login cookie of the notebook page
+        expect(status_page.get_by_role("heading", name="Cellblock")).to_be_visible()
+        workers = status_page.locator("#workers tbody tr")
+        expect(workers.filter(has_text="executor")).to_have_count(2)
+        expect(workers.filter(has_text="builder")).to_have_count(1)
+        [submission] = status_page.locator("#submissions tbody tr").all()
+        expect(submission).to_contain_text("finished")
+        expect(submission).to_contain_text("ok (")
+        expect(status_page.locator("#summary")).to_contain_text(
+            "2 executor(s), 1 builder(s), 0 submission(s) queued"
         )
-        try:
-            page = browser.new_page()
-            page.goto(f"{lab}/lab/tree/hello.ipynb?token={TOKEN}")
-            cell = page.locator(".jp-CodeCell").first
-            expect(cell).to_contain_text("hello from the browser", timeout=60_000)
-            # Running before the kernel is connected would be dropped: wait until it is idle.
-            kernel = page.get_by_role("button", name="Cellblock | Idle")
-            expect(kernel).to_be_visible(timeout=60_000)
-            page.evaluate(RECORD)
-            cell.locator(".jp-InputArea-editor").click()
-            page.keyboard.press("Control+Enter")  # run the cell, stay on it
-
-            status = cell.locator(".cellblock-status")
-            expect(status).to_contain_text("→ finished", timeout=30_000)
-            expect(status).to_contain_text("picked up by executor-")
-            expect(status).to_contain_text("run: ok")
-            expect(cell.locator(".jp-OutputArea-output").first).to_be_visible()
-            expect(cell.locator(".jp-OutputArea")).to_contain_text("hello from the browser")
-            expect(cell.locator("table.cellblock-summary")).to_contain_text("ok")
-            seen = page.evaluate("window.cellblockSeen")
-            assert seen[-1]["status"].endswith("→ finished"), seen
-            # Live: the output was on the page while the status line still said "run…".
-            assert any(
-                s["status"].endswith("run…") and "hello from the browser" in s["out"] for s in seen
-            ), seen
-            page.screenshot(path=tmp_path / "notebook.png")
-
-            status_page = browser.new_page()
-            status_page.goto(f"{lab}/cellblock/")  # the login cookie of the notebook page
-            expect(status_page.get_by_role("heading", name="Cellblock")).to_be_visible()
-            workers = status_page.locator("#workers tbody tr")
-            expect(workers.filter(has_text="executor")).to_have_count(2)
-            expect(workers.filter(has_text="builder")).to_have_count(1)
-            [submission] = status_page.locator("#submissions tbody tr").all()
-            expect(submission).to_contain_text("finished")
-            expect(submission).to_contain_text("ok (")
-            expect(status_page.locator("#summary")).to_contain_text(
-                "2 executor(s), 1 builder(s), 0 submission(s) queued"
-            )
-            status_page.screenshot(path=tmp_path / "status-page.png")
-        finally:
-            browser.close()
+        status_page.screenshot(path=tmp_path / "status-page.png")
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -232,7 +156,7 @@ def test_a_kernel_started_before_the_deployment_is_up_reaches_it(lab_server: Lab
              and str(connection).encode() in _read(p / "cmdline")]  # fmt: skip
     if "CELLBLOCK_URL" in _environ(pid):
         pytest.skip("the deployment was up before the kernel started: nothing to test")
-    lab_server.wait_for_cellblock()
+    _wait_for_cellblock(lab_server)
 
     client = BlockingKernelClient(connection_file=str(connection))
     client.load_connection_file()

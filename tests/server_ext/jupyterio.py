@@ -4,13 +4,10 @@ test modules cannot import conftest.py, which pytest imports as a plain ``confte
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import tornado.websocket
+import wsio
 from tornado.httpclient import HTTPResponse
 
 ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
@@ -40,50 +37,14 @@ def browser_view(response: HTTPResponse) -> bytes:
 Fetch = Callable[..., Awaitable[HTTPResponse]]
 
 
-class Socket:
+class Socket(wsio.Socket):
     """One WebSocket connection through the proxy that speaks JSON messages; every message it
     receives is checked for the service's tokens."""
 
-    def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
-        self.conn = conn
-        self.closed = False
+    peer = "the proxy"
 
-    async def send(self, message: Any) -> None:
-        await self.conn.write_message(message if isinstance(message, str) else json.dumps(message))
-
-    async def receive(self, timeout: float = 20) -> dict[str, Any]:
-        text = await asyncio.wait_for(self.conn.read_message(), timeout)
-        assert text is not None, "the proxy closed the connection"
-        assert_no_secret(text.encode() if isinstance(text, str) else text, "a WebSocket message")
-        message: dict[str, Any] = json.loads(text)
-        return message
-
-    async def ask(self, message: Any, timeout: float = 20) -> dict[str, Any]:
-        await self.send(message)
-        return await self.receive(timeout)
-
-    async def events_until_finished(self, timeout: float = 30) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        while not events or events[-1]["type"] != "finished":
-            events.append(await self.receive(timeout))
-        return events
-
-    async def ended(self, timeout: float = 10) -> bool:
-        """Whether the other side closes the connection within ``timeout`` (anything it
-        still sends before that is read and dropped)."""
-        try:
-            while await asyncio.wait_for(self.conn.read_message(), timeout) is not None:
-                pass
-        except TimeoutError:
-            return False
-        self.closed = True
-        self.conn.close()  # releases the client's side too (else a ResourceWarning when collected)
-        return True
-
-    async def close(self) -> None:
-        self.conn.close()
-        # Wait for the closing handshake, so that no socket outlives the test.
-        assert await self.ended(), "the proxy did not complete the closing handshake"
+    def check(self, data: str | bytes) -> None:
+        assert_no_secret(data.encode() if isinstance(data, str) else data, "a WebSocket message")
 
 
 Connect = Callable[..., Awaitable[Socket]]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -10,44 +9,11 @@ from typing import Any
 import pytest
 import tornado.websocket
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from wsio import Socket
 
 from cellblock.cachebuilder.environments import Environment, EnvironmentCache, Package
 
 ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
-
-
-class Socket:
-    """One WebSocket connection that speaks JSON messages."""
-
-    def __init__(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
-        self.conn = conn
-        self.closed = False
-
-    async def send(self, message: Any) -> None:
-        await self.conn.write_message(message if isinstance(message, str) else json.dumps(message))
-
-    async def receive(self, timeout: float = 20) -> dict[str, Any]:
-        text = await asyncio.wait_for(self.conn.read_message(), timeout)
-        assert text is not None, "the server closed the connection"
-        message: dict[str, Any] = json.loads(text)
-        return message
-
-    async def ask(self, message: Any, timeout: float = 20) -> dict[str, Any]:
-        await self.send(message)
-        return await self.receive(timeout)
-
-    async def events_until_finished(self, timeout: float = 30) -> list[dict[str, Any]]:
-        events = []
-        while not events or events[-1]["type"] != "finished":
-            events.append(await self.receive(timeout))
-        return events
-
-    async def close(self) -> None:
-        self.closed = True
-        self.conn.close()
-        # Wait for the closing handshake, so that no socket outlives the test.
-        while await asyncio.wait_for(self.conn.read_message(), 10) is not None:
-            pass
 
 
 Connect = Callable[..., Awaitable[Socket]]
