@@ -53,7 +53,7 @@ class Builder:
         path = self.config.channel or str(nix.BUNDLED_CHANNEL)
         self.channel = await nix.prepare_channel(path, bundled=not self.config.channel)
         await self.cache.publish_channel(self.channel)
-        await self.cache.ensure_group()
+        await self.cache.builds.ensure_group()
         return self.channel
 
     async def run(self) -> None:
@@ -68,8 +68,8 @@ class Builder:
         ]
         try:
             while not self.presence.draining.is_set():
-                job = await self.cache.reclaim_build(self.info.id, self.config.lease_timeout)
-                job = job or await self.cache.take_build(self.info.id, block=TAKE_BLOCK)
+                job = await self.cache.builds.reclaim(self.info.id, self.config.lease_timeout)
+                job = job or await self.cache.builds.take(self.info.id, block=TAKE_BLOCK)
                 if job is not None:
                     self.info.busy = 1
                     try:
@@ -83,7 +83,7 @@ class Builder:
             log.info("builder stopped", extra={"worker": self.info.id})
 
     async def build(self, job: Job) -> BuildOutcome:
-        fields = json.loads(job.submission_id)
+        fields = job.fields
         key, build, names = fields["key"], fields["build"], json.loads(fields["names"])
         assert self.channel is not None
         extra = {"worker": self.info.id, "key": key, "build": build, "packages": names}
@@ -126,7 +126,7 @@ class Builder:
     async def _heartbeat(self, job: Job) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.config.lease_timeout / 3))
-            await self.cache.heartbeat_build(self.info.id, job)
+            await self.cache.builds.heartbeat(self.info.id, job)
 
     async def _evict_periodically(self) -> None:
         while True:

@@ -31,10 +31,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from cellblock.service.protocol import now
-from cellblock.service.store import Job, Store
+from cellblock.service.store import Job, JobQueue, Store
 
 BUILDS_GROUP = "builders"
 #: How long a finished build's log stays readable for late waiters.
@@ -135,10 +133,11 @@ class EnvironmentCache:
         self.redis: Any = store.redis
         self.p = store.p
         self._touch = store.redis.register_script(_TOUCH)
+        self.builds = JobQueue(store.redis, f"{self.p}:builds", BUILDS_GROUP)
 
     @property
     def builds_key(self) -> str:
-        return f"{self.p}:builds"
+        return self.builds.key
 
     # -- channel -------------------------------------------------------------------------------
 
@@ -219,13 +218,6 @@ class EnvironmentCache:
 
     # -- builds --------------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.builds_key, BUILDS_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
     async def request_build(self, key: str, names: Sequence[str], ttl: float) -> str:
         """The id of the build of ``key``: the one in progress, or a new one queued now.
 
@@ -243,28 +235,6 @@ class EnvironmentCache:
         current = await self.redis.get(f"{self.p}:building:{key}")
         return current or await self.request_build(key, names, ttl)
 
-    async def take_build(self, consumer: str, block: float) -> Job | None:
-        reply = await self.redis.xreadgroup(
-            BUILDS_GROUP, consumer, {self.builds_key: ">"}, count=1, block=max(1, int(block * 1000))
-        )
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                return Job(entry_id, json.dumps(fields), 1)
-        return None
-
-    async def reclaim_build(self, consumer: str, lease: float) -> Job | None:
-        _, claimed, _ = await self.redis.xautoclaim(
-            self.builds_key, BUILDS_GROUP, consumer, int(lease * 1000), "0-0", count=1
-        )
-        for entry_id, fields in claimed:
-            return Job(entry_id, json.dumps(fields), 2)
-        return None
-
-    async def heartbeat_build(self, consumer: str, job: Job) -> None:
-        await self.redis.xclaim(
-            self.builds_key, BUILDS_GROUP, consumer, 0, [job.entry], justid=True
-        )
-
     async def build_done(self, job: Job, key: str, build: str, outcome: BuildOutcome) -> None:
         """Release the key, publish a build's outcome to its waiters, and release the job."""
         # The key first: a request made once the outcome is out must not join this build (and
@@ -276,8 +246,7 @@ class EnvironmentCache:
             log, {"done": "ok" if outcome.ok else "failed", "message": outcome.message}
         )
         await self.redis.expire(log, BUILD_LOG_TTL)
-        await self.redis.xack(self.builds_key, BUILDS_GROUP, job.entry)
-        await self.redis.xdel(self.builds_key, job.entry)
+        await self.builds.done(job)
 
     async def log_line(self, build: str, line: str) -> None:
         log = f"{self.p}:buildlog:{build}"

@@ -279,7 +279,7 @@ class Supervisor:
         self._check_stop()
         ensure_token_files(self.state_dir, self.args.token, self.args.admin_token)
         self._write_url()
-        await self.store.ensure_group()
+        await self.store.jobs.ensure_group()
         await self.store.set_scale(self.desired)
         await self.store.supervise(SUPERVISE_TTL)
         self._check_stop()

@@ -64,7 +64,7 @@ class Executor:
 
     async def run(self) -> None:
         """Work until drained. See the module docstring for cancellation."""
-        await self.store.ensure_group()
+        await self.store.jobs.ensure_group()
         await self.presence.register()
         log.info("executor started", extra={"worker": self.info.id, "slots": self.info.slots})
         presence = asyncio.create_task(self.presence.keep())
@@ -79,9 +79,9 @@ class Executor:
     async def _slot(self, runner: SubmissionRunner) -> None:
         consumer = self.info.id
         while not self.presence.draining.is_set():
-            job = await self.store.reclaim(consumer, self.config.lease_timeout)
+            job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
             if job is None:
-                job = await self.store.take(consumer, block=TAKE_BLOCK)
+                job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
             if job is None:
                 continue
             self.info.busy += 1
@@ -96,7 +96,7 @@ class Executor:
         state, submission = await self.store.state_and_job(sid)
         if state is None or submission is None or state.done:
             log.info("job skipped", extra={**fields, "status": state and state.status})
-            await self.store.done(job)
+            await self.store.jobs.done(job)
             return
         if job.deliveries > self.config.max_attempts:
             message = (
@@ -108,20 +108,20 @@ class Executor:
                     sid, {"type": "status", "status": "error", "error": message}
                 )
                 await self.store.append(sid, {"type": "finished"})
-            await self.store.done(job)
+            await self.store.jobs.done(job)
             return
         try:
             await self.store.append(
                 sid, {"type": "status", "status": "running", "worker": self.info.id}
             )
         except Rejected:
-            await self.store.done(job)
+            await self.store.jobs.done(job)
             return
         attempt = state.attempts + 1
         log.info("job started", extra={**fields, "attempt": attempt})
         outcome = await self._run_job(job, runner, sid, submission, attempt)
         log.info("job ended", extra={**fields, "attempt": attempt, "outcome": outcome})
-        await self.store.done(job)
+        await self.store.jobs.done(job)
 
     async def _run_job(
         self, job: Job, runner: SubmissionRunner, sid: str, submission: Any, attempt: int
@@ -180,7 +180,7 @@ class Executor:
             await asyncio.sleep(STATUS_POLL)
             since_renewal += STATUS_POLL
             if since_renewal >= renew_every:
-                await self.store.heartbeat(self.info.id, job)
+                await self.store.jobs.heartbeat(self.info.id, job)
                 since_renewal = 0.0
             if await self.store.status(sid) in ("cancelled", "error", None):
                 log.info("job cancelled", extra={"submission": sid})

@@ -52,7 +52,7 @@ def make_app(store: Store, config: Config, tokens: Tokens) -> tornado.web.Applic
 async def serve(config: Config, redis_url: str, host: str, port: int) -> int:
     """Run the service until SIGTERM or SIGINT."""
     store = Store.connect(redis_url, retention=config.retention, queue_size=config.queue_size)
-    await store.ensure_group()
+    await store.jobs.ensure_group()
     app = make_app(store, config, load_tokens(config))
     # The handler enforces the configured body limit with a 413; this bound only stops
     # anything far larger before it is read.

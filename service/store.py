@@ -109,11 +109,68 @@ return seq
 
 @dataclass(frozen=True)
 class Job:
-    """A job taken from the queue: which submission, and the stream entry that is its lease."""
+    """A job taken from a queue: its stream entry (which is its lease) and that entry's fields."""
 
     entry: str
-    submission_id: str
+    fields: Mapping[str, str]
     deliveries: int
+
+    @property
+    def submission_id(self) -> str:
+        return self.fields["id"]
+
+
+class JobQueue:
+    """A Redis stream read through one consumer group: each entry goes to one consumer.
+
+    The consumer group's pending entry is the lease on a job, ``heartbeat`` renews it, and
+    ``reclaim`` takes over a job whose holder stopped renewing it. Executors (submissions) and
+    cache builders (builds) each read one.
+    """
+
+    def __init__(self, redis: Any, key: str, group: str) -> None:
+        self.redis = redis
+        self.key = key
+        self.group = group
+
+    async def ensure_group(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def take(self, consumer: str, block: float) -> Job | None:
+        """The next new job for ``consumer``, waiting up to ``block`` seconds."""
+        reply = await self.redis.xreadgroup(
+            self.group, consumer, {self.key: ">"}, count=1, block=max(1, int(block * 1000))
+        )
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                return Job(entry_id, fields, 1)
+        return None
+
+    async def reclaim(self, consumer: str, lease: float) -> Job | None:
+        """A job whose holder has not heartbeaten for ``lease`` seconds, now ``consumer``'s."""
+        _, claimed, deleted = await self.redis.xautoclaim(
+            self.key, self.group, consumer, int(lease * 1000), "0-0", count=1
+        )
+        for entry_id in deleted or []:
+            await self.redis.xack(self.key, self.group, entry_id)
+        for entry_id, fields in claimed:
+            info = await self.redis.xpending_range(self.key, self.group, entry_id, entry_id, 1)
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            return Job(entry_id, fields, deliveries)
+        return None
+
+    async def heartbeat(self, consumer: str, job: Job) -> None:
+        """Renew the lease on ``job`` (resets its idle time; keeps the delivery count)."""
+        await self.redis.xclaim(self.key, self.group, consumer, 0, [job.entry], justid=True)
+
+    async def done(self, job: Job) -> None:
+        """Release ``job`` for good: acknowledged and removed from the stream."""
+        await self.redis.xack(self.key, self.group, job.entry)
+        await self.redis.xdel(self.key, job.entry)
 
 
 def _event_from_entry(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
@@ -142,6 +199,7 @@ class Store:
         self._submit = redis.register_script(_SUBMIT)
         self._apply = redis.register_script(_APPLY)
         self._output = redis.register_script(_OUTPUT)
+        self.jobs = JobQueue(redis, f"{prefix}:jobs", JOBS_GROUP)
 
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Store:
@@ -161,7 +219,7 @@ class Store:
 
     @property
     def jobs_key(self) -> str:
-        return f"{self.p}:jobs"
+        return self.jobs.key
 
     # -- submissions ---------------------------------------------------------------------------
 
@@ -297,47 +355,6 @@ class Store:
             {self._events(sid): f"0-{since}"}, block=max(1, int(block * 1000))
         )
         return [_event_from_entry(i, f) for _, entries in reply for i, f in entries]
-
-    # -- the job queue -------------------------------------------------------------------------
-
-    async def ensure_group(self) -> None:
-        try:
-            await self.redis.xgroup_create(self.jobs_key, JOBS_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    async def take(self, consumer: str, block: float) -> Job | None:
-        """The next new job for ``consumer``, waiting up to ``block`` seconds."""
-        reply = await self.redis.xreadgroup(
-            JOBS_GROUP, consumer, {self.jobs_key: ">"}, count=1, block=max(1, int(block * 1000))
-        )
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                return Job(entry_id, fields["id"], 1)
-        return None
-
-    async def reclaim(self, consumer: str, lease: float) -> Job | None:
-        """A job whose holder has not heartbeaten for ``lease`` seconds, now ``consumer``'s."""
-        _, claimed, deleted = await self.redis.xautoclaim(
-            self.jobs_key, JOBS_GROUP, consumer, int(lease * 1000), "0-0", count=1
-        )
-        for entry_id in deleted or []:
-            await self.redis.xack(self.jobs_key, JOBS_GROUP, entry_id)
-        for entry_id, fields in claimed:
-            info = await self.redis.xpending_range(self.jobs_key, JOBS_GROUP, entry_id, entry_id, 1)
-            deliveries = int(info[0]["times_delivered"]) if info else 1
-            return Job(entry_id, fields["id"], deliveries)
-        return None
-
-    async def heartbeat(self, consumer: str, job: Job) -> None:
-        """Renew the lease on ``job`` (resets its idle time; keeps the delivery count)."""
-        await self.redis.xclaim(self.jobs_key, JOBS_GROUP, consumer, 0, [job.entry], justid=True)
-
-    async def done(self, job: Job) -> None:
-        """Release ``job`` for good: acknowledged and removed from the stream."""
-        await self.redis.xack(self.jobs_key, JOBS_GROUP, job.entry)
-        await self.redis.xdel(self.jobs_key, job.entry)
 
     # -- workers -------------------------------------------------------------------------------
 

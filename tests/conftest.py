@@ -96,7 +96,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
     store = Store.connect(redis_url, retention=3600, queue_size=50)
-    await store.ensure_group()
+    await store.jobs.ensure_group()
     yield store
     await store.close()
 
@@ -122,7 +122,7 @@ async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncI
     }
     cfg = config_module.load(state_dir, environ=env)
     store = Store.connect(redis_url, retention=cfg.retention, queue_size=cfg.queue_size)
-    await store.ensure_group()
+    await store.jobs.ensure_group()
     tokens = Tokens({t: Principal(name, role) for t, (name, role) in TOKENS.items()})  # type: ignore[arg-type]
     server = tornado.httpserver.HTTPServer(
         make_app(store, cfg, tokens), max_body_size=cfg.max_body_size + 1024 * 1024

@@ -204,13 +204,13 @@ async def test_concurrent_requests_for_one_key_share_one_build(
 async def test_a_finished_build_releases_its_key_and_tells_its_waiters(
     channel: Channel, cache: EnvironmentCache
 ) -> None:
-    await cache.ensure_group()
-    await cache.ensure_group()  # idempotent
+    await cache.builds.ensure_group()
+    await cache.builds.ensure_group()  # idempotent
     names = ["busybox"]
     key = environment_key(channel, names)
     build = await cache.request_build(key, names, ttl=60)
-    job = await cache.take_build("builder-x", block=1)
-    assert job is not None and json.loads(job.submission_id)["build"] == build
+    job = await cache.builds.take("builder-x", block=1)
+    assert job is not None and job.fields["build"] == build
     follower = asyncio.create_task(_collect(cache, build))
     await cache.log_line(build, "these 1 derivations will be built:")
     env = await built(channel, names)
@@ -232,10 +232,10 @@ async def test_a_finished_build_releases_its_key_and_tells_its_waiters(
 async def test_a_late_finisher_does_not_release_a_newer_build(
     channel: Channel, cache: EnvironmentCache
 ) -> None:
-    await cache.ensure_group()
+    await cache.builds.ensure_group()
     key = environment_key(channel, ["busybox"])
     old = await cache.request_build(key, ["busybox"], ttl=0.2)
-    job = await cache.take_build("builder-x", block=1)
+    job = await cache.builds.take("builder-x", block=1)
     assert job is not None
     await asyncio.sleep(0.3)  # the old build's claim on the key lapsed
     new = await cache.request_build(key, ["busybox"], ttl=60)
@@ -246,19 +246,19 @@ async def test_a_late_finisher_does_not_release_a_newer_build(
 
 
 async def test_an_abandoned_build_is_reclaimed_after_the_lease(cache: EnvironmentCache) -> None:
-    await cache.ensure_group()
+    await cache.builds.ensure_group()
     build = await cache.request_build("k" * 32, ["busybox"], ttl=60)
-    job = await cache.take_build("builder-a", block=1)
+    job = await cache.builds.take("builder-a", block=1)
     assert job is not None and job.deliveries == 1
-    assert await cache.reclaim_build("builder-b", lease=0.3) is None  # still fresh
+    assert await cache.builds.reclaim("builder-b", lease=0.3) is None  # still fresh
     await asyncio.sleep(0.2)
-    await cache.heartbeat_build("builder-a", job)  # builder-a is alive: renews its lease
+    await cache.builds.heartbeat("builder-a", job)  # builder-a is alive: renews its lease
     await asyncio.sleep(0.2)
-    assert await cache.reclaim_build("builder-b", lease=0.3) is None
+    assert await cache.builds.reclaim("builder-b", lease=0.3) is None
     await asyncio.sleep(0.4)  # builder-a went quiet
-    again = await cache.reclaim_build("builder-b", lease=0.3)
+    again = await cache.builds.reclaim("builder-b", lease=0.3)
     assert isinstance(again, Job) and again.entry == job.entry and again.deliveries == 2
-    assert json.loads(again.submission_id)["build"] == build
+    assert again.fields["build"] == build
 
 
 async def _collect(cache: EnvironmentCache, build: str) -> list[dict[str, str]]:

@@ -121,19 +121,19 @@ async def test_unknown_submissions(store: Store) -> None:
 
 async def test_jobs_go_to_one_consumer_and_a_silent_one_loses_its_lease(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
-    job = await store.take("exec-a", block=1)
+    job = await store.jobs.take("exec-a", block=1)
     assert job is not None and job.submission_id == "s1" and job.deliveries == 1
-    assert await store.take("exec-b", block=0.05) is None
-    assert await store.reclaim("exec-b", lease=0.5) is None  # exec-a holds a fresh lease
+    assert await store.jobs.take("exec-b", block=0.05) is None
+    assert await store.jobs.reclaim("exec-b", lease=0.5) is None  # exec-a holds a fresh lease
     await asyncio.sleep(0.3)
-    await store.heartbeat("exec-a", job)
+    await store.jobs.heartbeat("exec-a", job)
     await asyncio.sleep(0.3)
-    assert await store.reclaim("exec-b", lease=0.5) is None  # the heartbeat renewed it
+    assert await store.jobs.reclaim("exec-b", lease=0.5) is None  # the heartbeat renewed it
     await asyncio.sleep(0.6)
-    taken = await store.reclaim("exec-b", lease=0.5)
+    taken = await store.jobs.reclaim("exec-b", lease=0.5)
     assert taken is not None and taken.submission_id == "s1" and taken.deliveries == 2
-    await store.done(taken)
-    assert await store.reclaim("exec-c", lease=0) is None
+    await store.jobs.done(taken)
+    assert await store.jobs.reclaim("exec-c", lease=0) is None
     assert await store.redis.xlen(store.jobs_key) == 0
 
 
