@@ -30,9 +30,8 @@ log = logging.getLogger("cellblock.service")
 RETRY_AFTER = 5
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
-#: Seconds one blocking read of a submission's events may wait. It must stay below the Redis
-#: client's read timeout: Store.connect keeps redis-py's default socket_timeout (5 s), so a
-#: longer XREAD BLOCK fails with a TimeoutError whenever a submission is quiet for that long.
+#: Seconds one blocking read of a submission's events waits before a quiet stream sends a
+#: keep-alive and checks that the submission still exists.
 EVENTS_BLOCK = 4.0
 #: Seconds to wait for more events of a submission that has ended: its closing events are
 #: appended back to back, so any still to come arrive at once.
