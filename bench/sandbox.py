@@ -6,16 +6,22 @@ machine noise hits every way alike:
 
 ``cellblock``
     ``await Sandbox.run(StageSpec(script="true", ...))`` with the run stage's default limits,
-    timed around the call: the stage's own cgroups made and removed, the nsjail command built,
-    pipes and event-loop readers, ``cellblock-init`` pid 1 running ``bash -c true``, the
-    status line parsed and the outcome classified.
+    and then ``await Sandbox.aclose()``, timed together: the stage's own cgroup made, capped
+    and removed, the nsjail command built, pipes and event-loop readers, the stage sent to
+    ``cellblock-init`` pid 1 running ``bash -c true``, the status line parsed, the outcome
+    classified, and nsjail's end (which ``run`` leaves to the background) waited for.
+``cellblock-armed``
+    The latency of the same stage when its jail was armed beforehand (``Sandbox.arm``, then
+    50 ms untimed for nsjail to start), as an executor slot does between submissions: only
+    ``await Sandbox.run`` is timed; its jail's end is waited for untimed.
 ``nsjail``
     The same nsjail argv, from ``Sandbox.command`` (same mounts, seccomp policy, uid map,
-    ``cellblock-init`` running ``bash -c true``), run with plain ``subprocess.run``. Its cgroup
-    options point at one cgroup made once before the runs, so nsjail does its own per-run
-    child-cgroup work as under Cellblock; status and log fds are pipes made once, drained after
-    each run outside the timed part. Cellblock minus this is Cellblock's own overhead: Python
-    orchestration, the per-stage cgroup lifecycle, measurement.
+    ``cellblock-init`` running ``bash -c true``), run with plain ``subprocess.run``; the stage
+    is written to init's control pipe before the start. Its cgroup options point at one cgroup
+    made once before the runs, so nsjail does its own per-run child-cgroup work as under
+    Cellblock; status and log fds are pipes made once, drained after each run outside the
+    timed part. ``cellblock`` minus this is Cellblock's own overhead: Python orchestration,
+    the per-stage cgroup lifecycle, measurement.
 ``nsjail-bash`` / ``nsjail-true``
     That argv with everything from ``cellblock-init`` on replaced by ``bash -c true`` or by
     ``/bin/true``: the same jail without init (and without bash), to show what those cost.
@@ -52,7 +58,7 @@ from cellblock import config as cellblock_config
 from cellblock.executor.cgroups import StageCgroup
 from cellblock.executor.host import SandboxHost, prepare
 from cellblock.executor.job import Environment, stage_environment
-from cellblock.executor.sandbox import INIT_PATH, Sandbox, StageSpec
+from cellblock.executor.sandbox import INIT_PATH, JailFds, Sandbox, StageSpec, request
 
 #: Cellblock's own overhead over bare nsjail, per stage (median), must stay under this.
 TARGET_OVERHEAD_MS = 5.0
@@ -106,28 +112,44 @@ class Pipe:
 class Bench:
     """Everything the runs share: the sandbox, the stage, the bare argvs and their pipes."""
 
-    def __init__(self, host: SandboxHost, sandbox: Sandbox, workdir: Path) -> None:
+    def __init__(
+        self, host: SandboxHost, sandbox: Sandbox, workdir: Path, script: str = SCRIPT
+    ) -> None:
         self.sandbox = sandbox
         limits = host.config.limits.run.defaults
         env = stage_environment(Environment(), {}, pure=host.config.sandbox.base == "pure")
-        self.spec = StageSpec(script=SCRIPT, limits=limits, workdir=workdir, env=env)
+        self.spec = StageSpec(script=script, limits=limits, workdir=workdir, env=env)
         self.status, self.log = Pipe(), Pipe()
         # One cgroup for all bare runs, made here and not timed: nsjail's own options then
         # name a real parent, exactly as they do under Cellblock.
-        self.cgroup: StageCgroup = sandbox.cgroups.create(
-            f"bench-{os.getpid()}", limits.memory, limits.pids
-        )
-        cgroup_args = self.cgroup.nsjail_args(limits.memory, limits.pids)
-        self.argv = sandbox.command(self.spec, self.status.w, self.log.w, cgroup_args)
+        self.cgroup: StageCgroup = sandbox.cgroups.create(f"bench-{os.getpid()}")
+        self.cgroup.limit(limits.memory, limits.pids)
+        self.request = request(self.spec)
+        self.control = os.dup(0)
+        self.argv = self.jail_argv(self.control)
         cut = self.argv.index(INIT_PATH)
         assert self.argv[cut - 1] == "--", "unexpected nsjail argv layout"
         jail = self.argv[:cut]
         self.argv_bash = [*jail, self.spec.shell, "-c", SCRIPT, "bash"]
         self.argv_true = [*jail, "/bin/true"]
 
+    def jail_argv(self, control: int) -> list[str]:
+        """The bare nsjail command, with init's control pipe at descriptor ``control``."""
+        fds = JailFds(status=self.status.w, control=control, log=self.log.w)
+        return self.sandbox.command(self.spec.workdir, (), fds, self.cgroup.nsjail_args())
+
+    def load_control(self, control: int) -> None:
+        """A fresh control pipe at descriptor ``control``, holding the stage, writer closed."""
+        r, w = os.pipe()
+        os.write(w, self.request)
+        os.close(w)
+        os.dup2(r, control)
+        os.close(r)
+
     def methods(self) -> list[Method]:
         return [
-            Method("cellblock", "cellblock Sandbox.run", self.run_cellblock),
+            Method("cellblock", "cellblock Sandbox.run, and its end", self.run_cellblock),
+            Method("cellblock-armed", "cellblock Sandbox.run, jail armed", self.run_armed),
             Method("nsjail", "nsjail, same argv (init, bash)", lambda: self.run_bare(self.argv)),
             Method("nsjail-bash", "nsjail, no init, bash -c true", self.run_bare_bash),
             Method("nsjail-true", "nsjail, no init, /bin/true", self.run_bare_true),
@@ -137,18 +159,31 @@ class Bench:
     async def run_cellblock(self) -> float:
         start = time.perf_counter()
         outcome = await self.sandbox.run(self.spec)
+        await self.sandbox.aclose()
         elapsed = time.perf_counter() - start
         if outcome.status != "ok":
             raise RuntimeError(f"Sandbox.run: {outcome.status}: {outcome.error}")
         return elapsed
 
+    async def run_armed(self) -> float:
+        self.sandbox.arm(self.spec.workdir)
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        outcome = await self.sandbox.run(self.spec)
+        elapsed = time.perf_counter() - start
+        await self.sandbox.aclose()
+        if outcome.status != "ok":
+            raise RuntimeError(f"Sandbox.run: {outcome.status}: {outcome.error}")
+        return elapsed
+
     async def run_bare(self, argv: list[str], init: bool = True) -> float:
+        self.load_control(self.control)
         start = time.perf_counter()
         result = subprocess.run(
             argv,
             stdin=subprocess.DEVNULL,
             capture_output=True,
-            pass_fds=(self.status.w, self.log.w),
+            pass_fds=(self.status.w, self.log.w, self.control),
             start_new_session=True,
             env={},
         )
@@ -176,6 +211,7 @@ class Bench:
         return elapsed
 
     def close(self) -> None:
+        os.close(self.control)
         self.cgroup.close()
         self.cgroup.remove()
         self.status.close()
@@ -218,6 +254,7 @@ def report(
             for m in methods
         },
         "cellblock_over_nsjail_ratio": cb.median / bare.median,
+        "armed_over_nsjail_ratio": stats["cellblock-armed"].median / bare.median,
         "cellblock_minus_nsjail_ms": {
             "median": overhead,
             "mean": cb.mean - bare.mean,
@@ -258,6 +295,7 @@ def print_table(figures: dict[str, Any]) -> None:
         f"cellblock - bare nsjail:   {diff['median']:.2f} ms median, {diff['mean']:.2f} ms mean, "
         f"{diff['paired_median']:.2f} ms median of paired runs"
     )
+    print(f"armed / bare nsjail:       {figures['armed_over_nsjail_ratio']:.2f}x (medians)")
     print(f"bare nsjail / subprocess:  {figures['nsjail_over_subprocess_ratio']:.2f}x (medians)")
     print(
         f"in the jail: cellblock-init costs {figures['init_cost_ms']:.2f} ms, "

@@ -218,15 +218,17 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
     """Runs per second of ``loops`` threads each running bare nsjail back to back."""
     counts = [0] * loops
     deadline = time.monotonic() + seconds
-    argvs = [[*bare.argv] for _ in range(loops)]
+    controls = [os.dup(0) for _ in range(loops)]
+    argvs = [bare.jail_argv(control) for control in controls]
 
     def loop(i: int) -> None:
         while time.monotonic() < deadline:
+            bare.load_control(controls[i])
             subprocess.run(
                 argvs[i],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
-                pass_fds=(bare.status.w, bare.log.w),
+                pass_fds=(bare.status.w, bare.log.w, controls[i]),
                 start_new_session=True,
                 env={},
             )
@@ -238,6 +240,8 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
         t.start()
     for t in threads:
         t.join()
+    for control in controls:
+        os.close(control)
     bare.status.drain()
     bare.log.drain()
     return sum(counts) / (time.monotonic() - start)
@@ -255,8 +259,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = sandbox_root / "bench-box"
     workdir.mkdir()
     os.chown(workdir, sandbox.uid, sandbox.uid)
-    bare = Bench(host, sandbox, workdir)
-    bare.argv[-4:] = [bare.spec.shell, "-c", REQUEST["run"], "bash"]  # same program as submitted
+    bare = Bench(host, sandbox, workdir, script=REQUEST["run"])  # the same program as submitted
     client = Client(deployment.url, TOKEN, timeout=60)
     try:
         await deployment.ready(client, executors=2)

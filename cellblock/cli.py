@@ -200,7 +200,10 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
 
     emit({"type": "status", "status": "queued"})
     emit({"type": "status", "status": "running", "worker": f"exec-{os.uname().nodename}"})
-    await runner.run(submission_id, submission, emit)
+    try:
+        await runner.run(submission, emit)
+    finally:
+        await runner.aclose()
     emit({"type": "finished"})
     if not args.stream:
         print(json.dumps(recorder.state.as_json(), indent=2))

@@ -22,17 +22,23 @@ from pathlib import Path
 from cellblock.errors import SandboxError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-# nsjail's own child cgroup gets a looser memory cap than ours, so that ours is the one that
-# binds and the out-of-memory event is raised (and counted) on the cgroup we keep.
-NSJAIL_MEMORY_SLACK = 64 * 1024 * 1024
+# nsjail's own child cgroup gets no real caps (nsjail wants a number to make it at all): ours
+# are the ones that bind, so the out-of-memory event is raised (and counted) on the cgroup we
+# keep, and they can be set after nsjail has started, when the stage is known.
+NSJAIL_LOOSE_MEMORY = 1 << 50
+NSJAIL_LOOSE_PIDS = 1 << 22  # PID_MAX_LIMIT
 
 
 class StageCgroup(ABC):
     """The cgroup of one stage: its limits, its measurements, and its end."""
 
     @abstractmethod
-    def nsjail_args(self, memory: int, pids: int) -> list[str]:
+    def nsjail_args(self) -> list[str]:
         """nsjail options that place the jailed tree under this cgroup."""
+
+    @abstractmethod
+    def limit(self, memory: int, pids: int) -> None:
+        """Cap the stage's memory (without swap) and number of processes; called once."""
 
     @abstractmethod
     def peak_memory(self) -> int:
@@ -116,8 +122,8 @@ class Cgroups(ABC):
     version: int
 
     @abstractmethod
-    def create(self, name: str, memory: int, pids: int) -> StageCgroup:
-        """A fresh, empty cgroup for one stage with its memory and pids caps set."""
+    def create(self, name: str) -> StageCgroup:
+        """A fresh, empty cgroup for one stage, without caps until ``limit``."""
 
     @abstractmethod
     def _bases(self) -> list[Path]:
@@ -127,7 +133,7 @@ class Cgroups(ABC):
         """Remove the empty stage cgroups a previous run of these slots left (it was killed
         mid-stage). One that still holds processes is left alone: they may be another
         deployment's on this host using the same uids, and a killed executor's own jail ends
-        at nsjail's time limit, after which its cgroup is empty and goes at the next start."""
+        at its init's deadline, after which its cgroup is empty and goes at the next start."""
         removed = 0
         for base in self._bases():
             for uid in uids:
@@ -153,15 +159,15 @@ class CgroupsV1(Cgroups):
             base.mkdir(parents=True, exist_ok=True)
         self.swap_accounting = (memory_base / "memory.memsw.limit_in_bytes").exists()
 
-    def create(self, name: str, memory: int, pids: int) -> StageCgroup:
-        return StageCgroupV1(self, name, memory, pids)
+    def create(self, name: str) -> StageCgroup:
+        return StageCgroupV1(self, name)
 
     def _bases(self) -> list[Path]:
         return [self.memory_base, self.pids_base]
 
 
 class StageCgroupV1(StageCgroup):
-    def __init__(self, owner: CgroupsV1, name: str, memory: int, pids: int) -> None:
+    def __init__(self, owner: CgroupsV1, name: str) -> None:
         self.owner = owner
         self.memory_dir = owner.memory_base / name
         self.pids_dir = owner.pids_base / name
@@ -170,17 +176,12 @@ class StageCgroupV1(StageCgroup):
                 StageCgroupV1._remove_stale(d)
             d.mkdir()
         try:
-            self._configure(memory, pids)
+            self._watch_oom()
         except BaseException:
             self.remove()
             raise
 
-    def _configure(self, memory: int, pids: int) -> None:
-        _write(self.memory_dir / "memory.limit_in_bytes", str(memory))
-        memsw = self.memory_dir / "memory.memsw.limit_in_bytes"
-        if self.owner.swap_accounting:  # swap must not extend the cap
-            _write(memsw, str(memory))
-        _write(self.pids_dir / "pids.max", str(pids))
+    def _watch_oom(self) -> None:
         # v1 counts the out-of-memory kill on the victim's own cgroup, which nsjail removes;
         # an eventfd registered on ours is signalled when our cap is the one that was hit.
         self._oom_event = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -201,17 +202,24 @@ class StageCgroupV1(StageCgroup):
     def _dirs(self) -> list[Path]:
         return [self.memory_dir, self.pids_dir]
 
-    def nsjail_args(self, memory: int, pids: int) -> list[str]:
+    def nsjail_args(self) -> list[str]:
         mem_parent = self.memory_dir.relative_to(self.owner.memory_mount)
         pids_parent = self.pids_dir.relative_to(self.owner.pids_mount)
         return [
             "--cgroup_mem_mount", str(self.owner.memory_mount),
             "--cgroup_mem_parent", str(mem_parent),
-            "--cgroup_mem_max", str(memory + NSJAIL_MEMORY_SLACK),
+            "--cgroup_mem_max", str(NSJAIL_LOOSE_MEMORY),
             "--cgroup_pids_mount", str(self.owner.pids_mount),
             "--cgroup_pids_parent", str(pids_parent),
-            "--cgroup_pids_max", str(pids),
+            "--cgroup_pids_max", str(NSJAIL_LOOSE_PIDS),
         ]  # fmt: skip
+
+    def limit(self, memory: int, pids: int) -> None:
+        # Both start unlimited; the memory cap first, as the kernel keeps memsw >= memory.
+        _write(self.memory_dir / "memory.limit_in_bytes", str(memory))
+        if self.owner.swap_accounting:  # swap must not extend the cap
+            _write(self.memory_dir / "memory.memsw.limit_in_bytes", str(memory))
+        _write(self.pids_dir / "pids.max", str(pids))
 
     def peak_memory(self) -> int:
         return int((self.memory_dir / "memory.max_usage_in_bytes").read_text())
@@ -240,34 +248,36 @@ class CgroupsV2(Cgroups):
         base.mkdir(parents=True, exist_ok=True)
         _write(base / "cgroup.subtree_control", "+memory +pids")
 
-    def create(self, name: str, memory: int, pids: int) -> StageCgroup:
-        return StageCgroupV2(self.base / name, memory, pids)
+    def create(self, name: str) -> StageCgroup:
+        return StageCgroupV2(self.base / name)
 
     def _bases(self) -> list[Path]:
         return [self.base]
 
 
 class StageCgroupV2(StageCgroup):
-    def __init__(self, directory: Path, memory: int, pids: int) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
         if directory.exists():
             StageCgroupV1._remove_stale(directory)
         directory.mkdir()
-        _write(directory / "memory.max", str(memory))
-        if (directory / "memory.swap.max").exists():
-            _write(directory / "memory.swap.max", "0")
-        _write(directory / "pids.max", str(pids))
         _write(directory / "cgroup.subtree_control", "+memory +pids")
 
     def _dirs(self) -> list[Path]:
         return [self.directory]
 
-    def nsjail_args(self, memory: int, pids: int) -> list[str]:
+    def nsjail_args(self) -> list[str]:
         return [
             "--use_cgroupv2", "--cgroupv2_mount", str(self.directory),
-            "--cgroup_mem_max", str(memory + NSJAIL_MEMORY_SLACK),
-            "--cgroup_pids_max", str(pids),
+            "--cgroup_mem_max", str(NSJAIL_LOOSE_MEMORY),
+            "--cgroup_pids_max", str(NSJAIL_LOOSE_PIDS),
         ]  # fmt: skip
+
+    def limit(self, memory: int, pids: int) -> None:
+        _write(self.directory / "memory.max", str(memory))
+        if (self.directory / "memory.swap.max").exists():
+            _write(self.directory / "memory.swap.max", "0")
+        _write(self.directory / "pids.max", str(pids))
 
     def peak_memory(self) -> int:
         return int((self.directory / "memory.peak").read_text())

@@ -1,17 +1,27 @@
 /*
  * cellblock-init: the first process inside every Cellblock sandbox, pid 1 of its PID namespace.
  *
- *   cellblock-init STATUS_FD [RESOURCE=SOFT:HARD ...] -- PROGRAM [ARG ...]
+ *   cellblock-init STATUS_FD CONTROL_FD
  *
- * It forks PROGRAM with exactly the given rlimits (applied in the child only, so that init itself
- * is never starved by them), reaps every process of the namespace, and when PROGRAM exits kills
- * whatever it left behind (daemons included: they are all in this PID namespace), reaps them too,
- * and then writes one line to STATUS_FD:
+ * The jail is made before its stage is known (an "armed" jail, see sandbox.py), so what to run
+ * arrives on CONTROL_FD, which the host writes and closes: NUL-terminated fields,
+ *
+ *   DEADLINE_S  NLIMITS RESOURCE=SOFT:HARD...  NENV KEY=VALUE...  NARGV PROGRAM ARG...
+ *
+ * End of file before any byte means the host gave the jail up (or died): init exits quietly.
+ *
+ * It forks PROGRAM with exactly the given rlimits and environment (applied in the child only, so
+ * that init itself is never starved by them), reaps every process of the namespace, and when
+ * PROGRAM exits kills whatever it left behind (daemons included: they are all in this PID
+ * namespace), reaps them too, and then writes one line to STATUS_FD:
  *
  *   exited CODE UTIME_US STIME_US WALL_US      PROGRAM exited
  *   signaled SIGNO UTIME_US STIME_US WALL_US   PROGRAM was killed by a signal
  *   exec-failed ERRNO                          PROGRAM could not be started
  *   rlimit-failed RESOURCE ERRNO               an rlimit could not be applied
+ *
+ * DEADLINE_S seconds after the start everything in the namespace is killed: the host's own
+ * wall-clock timer fires long before, so this only matters when the host died mid-stage.
  *
  * The CPU times cover the whole process tree, since every process of the namespace is reaped
  * here or by a reaped ancestor. The host trusts this line no more than the sandboxed program's
@@ -95,20 +105,76 @@ static long long monotonic_micros(void) {
     return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* Reads CONTROL_FD to its end; returns the bytes read (0 when the jail was given up). */
+static size_t read_request(int fd, char **out) {
+    size_t len = 0, cap = 65536;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) return 0;
+        if (len == cap) buf = realloc(buf, cap *= 2);
+        if (!buf) return 0;
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        len += (size_t)n;
+    }
+    close(fd);
+    *out = buf;
+    return len;
+}
+
+/* The next NUL-terminated field of the request, or NULL past its end. */
+static char *next_field(char **cursor, const char *end) {
+    char *field = *cursor;
+    char *nul = field < end ? memchr(field, '\0', (size_t)(end - field)) : NULL;
+    if (!nul) return NULL;
+    *cursor = nul + 1;
+    return field;
+}
+
+static int next_count(char **cursor, const char *end, unsigned long max, unsigned long *out) {
+    char *field = next_field(cursor, end);
+    rlim_t value;
+    if (!field || parse_value(field, &value) || value > max) return -1;
+    *out = (unsigned long)value;
+    return 0;
+}
+
+/* A NULL-terminated array of the next COUNT fields. */
+static char **next_list(char **cursor, const char *end, unsigned long count) {
+    char **list = calloc(count + 1, sizeof(char *));
+    for (unsigned long k = 0; list && k < count; k++)
+        if (!(list[k] = next_field(cursor, end))) return NULL;
+    return list;
+}
+
+static void kill_everything(int signo) {
+    (void)signo;
+    kill(-1, SIGKILL);
+}
+
 int main(int argc, char **argv) {
-    if (argc < 4) return usage("usage: cellblock-init STATUS_FD [RES=SOFT:HARD ...] -- PROGRAM [ARG ...]");
+    if (argc != 3) return usage("usage: cellblock-init STATUS_FD CONTROL_FD");
     /* kill(-1) below must only ever reach one sandbox's PID namespace, never a host. */
     if (getpid() != 1) return usage("refusing to run: not pid 1 of a PID namespace");
     int status_fd = atoi(argv[1]);
+    char *request = NULL;
+    size_t length = read_request(atoi(argv[2]), &request);
+    if (length == 0) return 0;
+    char *cursor = request, *end = request + length;
+    unsigned long deadline, nlimits, nenv, nargv;
     struct limit limits[NRESOURCES];
-    size_t nlimits = 0;
-    int i = 2;
-    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
-        if (nlimits == NRESOURCES || parse_limit(argv[i], &limits[nlimits++]))
-            return usage("bad limit argument");
+    if (next_count(&cursor, end, 1UL << 30, &deadline) || next_count(&cursor, end, NRESOURCES, &nlimits))
+        return usage("bad request: deadline or limit count");
+    for (unsigned long k = 0; k < nlimits; k++) {
+        char *field = next_field(&cursor, end);
+        if (!field || parse_limit(field, &limits[k])) return usage("bad request: limit");
     }
-    if (i + 1 >= argc) return usage("no program after --");
-    char **program = &argv[i + 1];
+    char **environment, **program;
+    if (next_count(&cursor, end, 1UL << 20, &nenv) || !(environment = next_list(&cursor, end, nenv)))
+        return usage("bad request: environment");
+    if (next_count(&cursor, end, 1UL << 20, &nargv) || nargv == 0 || !(program = next_list(&cursor, end, nargv)))
+        return usage("bad request: program");
 
     prctl(PR_SET_DUMPABLE, 0);
     long long started = monotonic_micros();
@@ -129,11 +195,16 @@ int main(int argc, char **argv) {
         }
         /* The status descriptor must not outlive exec: the program has no business with it. */
         close(status_fd);
-        execvp(program[0], program);
+        execve(program[0], program, environment);
         int err = errno;
         dprintf(2, "cellblock: cannot run %s: %s\n", program[0], strerror(err));
         _exit(127);
     }
+
+    /* No SA_RESTART: the wait below is interrupted and goes on reaping what the kill ended. */
+    struct sigaction alarm_action = {.sa_handler = kill_everything};
+    sigaction(SIGALRM, &alarm_action, NULL);
+    alarm((unsigned)deadline);
 
     int main_status = 0, have_main = 0;
     long long wall = 0;

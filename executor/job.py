@@ -6,12 +6,17 @@ adds the ``status`` events around them and keeps the submission state.
 
 Cancellation: cancelling ``run`` kills the running stage (see ``Sandbox.run``) and removes the
 working directory before the ``CancelledError`` propagates.
+
+Between submissions, ``prepare`` makes the next working directory and arms its first jail, so
+that a submission without dependencies does not wait for nsjail to start; while a compile stage
+runs, the jail of the run stage is armed. ``aclose`` gives up what is armed.
 """
 
 from __future__ import annotations
 
 import codecs
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -146,17 +151,40 @@ class SubmissionRunner:
         self.sandbox = sandbox
         self.work_root = work_root
         self.dependencies = dependencies or NoDependencies()
+        self._next: Path | None = None
         work_root.mkdir(parents=True, exist_ok=True)
         work_root.chmod(0o711)
+        for stale in work_root.glob(f"{sandbox.uid}-*"):  # this slot's, from a killed run
+            shutil.rmtree(stale, ignore_errors=True)
 
-    async def run(self, submission_id: str, submission: Submission, emit: Emit) -> None:
-        request, limits = submission.request, submission.limits
-        workdir = self.work_root / submission_id
-        if workdir.exists():  # a previous attempt on this host died mid-run
-            shutil.rmtree(workdir)
+    def prepare(self) -> None:
+        """Make the next submission's working directory and arm its first jail now."""
+        if self._next is None:
+            self._next = self._new_workdir()
+            self.sandbox.arm(self._next)
+
+    async def aclose(self) -> None:
+        """Give up the prepared working directory and jail; wait for every jail to end."""
+        if self._next is not None:
+            self.sandbox.disarm(self._next)
+            shutil.rmtree(self._next, ignore_errors=True)
+            self._next = None
+        await self.sandbox.aclose()
+
+    def _new_workdir(self) -> Path:
+        workdir = self.work_root / f"{self.sandbox.uid}-{secrets.token_hex(8)}"
         workdir.mkdir(mode=0o700)
         try:
             os.chown(workdir, self.sandbox.uid, self.sandbox.uid)
+        except BaseException:
+            workdir.rmdir()
+            raise
+        return workdir
+
+    async def run(self, submission: Submission, emit: Emit) -> None:
+        request, limits = submission.request, submission.limits
+        workdir, self._next = self._next or self._new_workdir(), None
+        try:
             write_files(workdir, request.files, self.sandbox.uid)
             env = Environment()
             if request.dependencies:
@@ -191,6 +219,7 @@ class SubmissionRunner:
                 request.args, request.stdin_data(),
             )  # fmt: skip
         finally:
+            self.sandbox.disarm(workdir)
             shutil.rmtree(workdir, ignore_errors=True)
 
     async def _stage(
@@ -226,7 +255,8 @@ class SubmissionRunner:
         spec = StageSpec(
             script=script, limits=limits, args=args, stdin=stdin, shell=shell, **common
         )
-        outcome = await self.sandbox.run(spec, output)
+        # While the compile stage runs, the run stage's jail starts.
+        outcome = await self.sandbox.run(spec, output, arm_next=stage == "compile")
         emit({"type": "stage_finished", "stage": stage, "result": outcome.result(limits)})
         return outcome.status == "ok"
 

@@ -6,10 +6,12 @@ directories in ``host`` mode, nothing in ``pure`` mode), the dependency closures
 their own paths, the working directory read-write at ``/box``, a size-capped ``/tmp``, a minimal
 ``/dev`` and a fresh ``/proc``; a seccomp policy; only the environment we pass.
 
-Inside, ``cellblock-init`` (jailinit.c) is pid 1: it applies the stage's sixteen rlimits to the
-program, reaps the namespace and reports the program's exact wait status and CPU time. Outside,
-the stage's cgroup caps memory and pids and measures peak memory; a wall-clock timer kills the
-cgroup. Output is read from pipes, never from files the sandbox could have planted.
+Inside, ``cellblock-init`` (jailinit.c) is pid 1: it waits for its stage on a control pipe, so
+that the jail can be started before the stage is known (see ``Sandbox``), then applies the
+stage's sixteen rlimits to the program, reaps the namespace and reports the program's exact wait
+status and CPU time. Outside, the stage's cgroup caps memory and pids and measures peak memory;
+a wall-clock timer kills the cgroup. Output is read from pipes, never from files the sandbox
+could have planted.
 
 Cancellation: if the task running ``Sandbox.run`` is cancelled, every process of the stage is
 killed and its cgroup removed before the ``CancelledError`` propagates.
@@ -29,15 +31,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
-from cellblock.executor.cgroups import Cgroups
+from cellblock.executor.cgroups import Cgroups, StageCgroup
 from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
 
 #: Where things are inside the jail.
 WORKDIR = "/box"
 INIT_PATH = "/.cellblock/init"
 SANDBOX_UID = 1000
+#: Seconds past a stage's wall-time limit before our timer kills it.
+WALL_GRACE = 0.05
+#: Seconds past the wall-time limit at which init kills the stage itself: the last resort,
+#: when the executor died mid-stage.
+INIT_DEADLINE_SLACK = 5
+#: Seconds nsjail gets to end after its jail before it is killed.
+END_TIMEOUT = 5.0
 HOSTNAME = "cellblock"
 BASE_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr")
 BASE_ETC = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime")
@@ -246,10 +255,35 @@ def _rlimit_arg(name: str, value: tuple[int | None, int | None]) -> str:
     return f"{name}={soft}:{hard}"
 
 
+JailKey = tuple[Path, tuple[Mount, ...]]
+
+
+def request(spec: StageSpec) -> bytes:
+    """The stage as cellblock-init reads it from its control pipe (see jailinit.c)."""
+    limits = [_rlimit_arg(name, spec.limits.rlimits[name]) for name in RLIMITS]
+    env = [f"{key}={value}" for key, value in spec.env.items()]
+    # `-c` rather than a script file: bash then execs the script's last command itself, so
+    # a program that dies of a signal is seen dying of it, not as the shell's exit status.
+    argv = [spec.shell, "-c", spec.script, os.path.basename(spec.shell), *spec.args]
+    deadline = math.ceil(spec.limits.wall_time) + INIT_DEADLINE_SLACK
+    fields = [str(deadline), str(len(limits)), *limits, str(len(env)), *env, str(len(argv)), *argv]
+    encoded = [os.fsencode(f) for f in fields]
+    if any(b"\0" in f for f in encoded):
+        raise ValueError("a stage's script, arguments and environment cannot hold NUL bytes")
+    return b"".join(f + b"\0" for f in encoded)
+
+
 class Sandbox:
     """Runs stages in nsjail as one executor slot's unprivileged uid.
 
     A ``Sandbox`` runs one stage at a time; run slots in parallel with one ``Sandbox`` each.
+
+    Starting nsjail (loading it, making the namespaces and the mounts) is most of a short
+    stage's time, and depends only on the stage's working directory and mounts, not on its
+    script, environment or limits. So a jail can be started ahead (``arm``) and handed its
+    stage when it comes; ``run`` takes the armed jail of the stage's working directory and
+    mounts if there is one, else starts one. A jail serves one stage and is never reused: an
+    armed jail is exactly as fresh as one started on demand.
     """
 
     def __init__(
@@ -268,6 +302,8 @@ class Sandbox:
         self.etc_dir = etc_dir
         write_etc(etc_dir)
         self._base_mounts = self._base_argv()
+        self._armed: dict[JailKey, _Jail] = {}
+        self._ending: set[asyncio.Task[None]] = set()
 
     def _base_argv(self) -> list[str]:
         """The mounts every stage of this sandbox shares: the base system and /dev."""
@@ -295,183 +331,353 @@ class Sandbox:
         return cmd
 
     def command(
-        self, spec: StageSpec, status_fd: int, log_fd: int, cgroup_args: list[str]
+        self,
+        workdir: Path,
+        mounts: Sequence[Mount],
+        fds: JailFds,
+        cgroup_args: list[str],
     ) -> list[str]:
-        """The nsjail command line for ``spec``."""
-        limits = spec.limits
+        """The nsjail command line of a jail for stages in ``workdir`` with ``mounts``."""
         cmd = [
-            str(self.nsjail), "--mode", "o", "--log_fd", str(log_fd), "--quiet",
+            str(self.nsjail), "--mode", "o", "--log_fd", str(fds.log), "--quiet",
             # Our init applies every rlimit exactly; nsjail's own (MB-granular) ones stay off.
             "--disable_rlimits",
-            "--time_limit", str(math.ceil(limits.wall_time) + 5),
+            # No time limit of nsjail's: it would count from the start of an armed jail. The
+            # wall-clock timer is ours, with init's deadline behind it.
+            "--time_limit", "0",
             "--user", f"{SANDBOX_UID}:{self.uid}:1", "--group", f"{SANDBOX_UID}:{self.uid}:1",
             "--hostname", HOSTNAME, "--cwd", WORKDIR,
             "--seccomp_string", SECCOMP_POLICY,
-            "--pass_fd", str(status_fd),
+            "--pass_fd", str(fds.status), "--pass_fd", str(fds.control),
         ]  # fmt: skip
         cmd += self._base_mounts
-        for m in spec.mounts:
+        for m in mounts:
             cmd += ["--bindmount" if m.writable else "--bindmount_ro", f"{m.source}:{m.target}"]
-        cmd += ["--bindmount", f"{spec.workdir}:{WORKDIR}"]
+        cmd += ["--bindmount", f"{workdir}:{WORKDIR}"]
         cmd += ["--bindmount_ro", f"{self.init}:{INIT_PATH}"]
         cmd += cgroup_args
-        for key, value in spec.env.items():
-            cmd += ["--env", f"{key}={value}"]
-        cmd += ["--", INIT_PATH, str(status_fd)]
-        cmd += [_rlimit_arg(name, limits.rlimits[name]) for name in RLIMITS]
-        shell = os.path.basename(spec.shell)
-        # `-c` rather than a script file: bash then execs the script's last command itself, so
-        # a program that dies of a signal is seen dying of it, not as the shell's exit status.
-        cmd += ["--", spec.shell, "-c", spec.script, shell, *spec.args]
+        cmd += ["--", INIT_PATH, str(fds.status), str(fds.control)]
         return cmd
 
-    async def run(self, spec: StageSpec, on_output: OutputSink | None = None) -> StageOutcome:
-        """Run one stage to its end and measure it. See the module docstring on cancellation."""
-        limits = spec.limits
-        outcome = StageOutcome(status="error")
-        name = f"{self.uid}-{secrets.token_hex(6)}"
-        cgroup = self.cgroups.create(name, limits.memory, limits.pids)
-        captures = {s: _Capture(s, limits.output, on_output) for s in ("stdout", "stderr")}
-        status_r, status_w = os.pipe()
-        log_r, log_w = os.pipe()
-        proc: subprocess.Popen[bytes] | None = None
-        tasks: list[asyncio.Future[Any]] = []
-        wall_killed = False
-        started = time.monotonic()
+    def arm(self, workdir: Path, mounts: Sequence[Mount] = ()) -> None:
+        """Start now the jail of a coming stage in ``workdir`` with ``mounts``, unless one is
+        armed already. Until it is given a stage, its init waits and runs nothing."""
+        key = (workdir, tuple(mounts))
+        if key not in self._armed:
+            self._armed[key] = self._start(key)
+
+    def disarm(self, workdir: Path) -> None:
+        """Give up the armed jails of ``workdir``; they end in the background."""
+        for key in [key for key in self._armed if key[0] == workdir]:
+            self._end_later(self._armed.pop(key))
+
+    async def aclose(self) -> None:
+        """Give up every armed jail and wait until every jail of this sandbox has ended."""
+        for key in list(self._armed):
+            self._end_later(self._armed.pop(key))
+        while self._ending:
+            await asyncio.gather(*self._ending)
+
+    def _start(self, key: JailKey) -> _Jail:
+        workdir, mounts = key
+        cgroup = self.cgroups.create(f"{self.uid}-{secrets.token_hex(6)}")
+        ours: list[int] = []  # our ends, kept
+        theirs: list[int] = []  # the jail's ends, closed here once nsjail has them
         try:
-            cmd = self.command(
-                spec, status_w, log_w, cgroup.nsjail_args(limits.memory, limits.pids)
-            )
+            for jail_reads in (True, False, False, False, True, False):
+                r, w = os.pipe()
+                ours.append(w if jail_reads else r)
+                theirs.append(r if jail_reads else w)
+            stdin_w, stdout_r, stderr_r, status_r, control_w, log_r = ours
+            stdin_r, stdout_w, stderr_w, status_w, control_r, log_w = theirs
+            fds = JailFds(status=status_w, control=control_r, log=log_w)
             proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(status_w, log_w),
+                self.command(workdir, mounts, fds, cgroup.nsjail_args()),
+                stdin=stdin_r,
+                stdout=stdout_w,
+                stderr=stderr_w,
+                pass_fds=(status_w, control_r, log_w),
                 start_new_session=True,
                 env={},
             )
-            os.close(status_w)
-            os.close(log_w)
-            status_w = log_w = -1
-            assert proc.stdin and proc.stdout and proc.stderr
-            readers = [
-                asyncio.ensure_future(_drain(proc.stdout.fileno(), captures["stdout"].feed)),
-                asyncio.ensure_future(_drain(proc.stderr.fileno(), captures["stderr"].feed)),
-            ]
-            status_text, log_text = bytearray(), bytearray()
-            side = [
-                asyncio.ensure_future(_drain(status_r, status_text.extend)),
-                asyncio.ensure_future(_drain(log_r, log_text.extend)),
-                asyncio.ensure_future(_feed(proc.stdin, spec.stdin)),
-            ]
-            exited = asyncio.ensure_future(_wait_exit(proc))
-            tasks = [*readers, *side, exited]
-            try:
-                await asyncio.wait_for(asyncio.shield(exited), timeout=limits.wall_time + 0.05)
-            except TimeoutError:
-                wall_killed = True
-                cgroup.kill_all()
-            rusage_cpu = await exited
-            # Every writer is dead now (init kills its namespace), so the pipes are at EOF.
-            await asyncio.gather(*readers, *side)
-            report = InitReport.parse(status_text.decode(errors="replace"))
-            outcome.wall_time = report.wall_time if report else time.monotonic() - started
-            outcome.cpu_time = (
-                report.cpu_time if report and report.kind != "exec-failed" else rusage_cpu
-            )
-            outcome.memory = cgroup.peak_memory()
-            status, message = classify(
-                report,
-                wall_killed=wall_killed,
-                out_of_memory=cgroup.out_of_memory(),
-                cpu_time=outcome.cpu_time,
-                limits=limits,
-            )
-            if report is None and not wall_killed and log_text:
-                message = f"{message}: {log_text.decode(errors='replace').strip()[-2000:]}"
-            outcome.status, outcome.error = status, message
-            if report and report.kind == "exited":
-                outcome.exit_code = report.code
-            elif report and report.kind == "signaled":
-                outcome.signal = report.code
-        finally:
-            for task in tasks:
-                task.cancel()
-            # Let the cancelled readers unregister their fds before the fds are closed: a
-            # number reused by another slot's stage must not lose that stage's reader.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if proc is not None and proc.returncode is None:
-                # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
-                # Killed first, nsjail would orphan the jail's init to the host's pid 1.
-                cgroup.kill_all()
-                try:
-                    proc.wait(timeout=2)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            for fd in (status_r, status_w, log_r, log_w):
-                if fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            if proc is not None:
-                for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                    if pipe is not None:
-                        pipe.close()
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
             cgroup.close()
             cgroup.remove()
-        outcome.stdout, outcome.stderr = (
-            bytes(captures["stdout"].data),
-            bytes(captures["stderr"].data),
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return _Jail(proc, cgroup, stdin_w, stdout_r, stderr_r, status_r, control_w, log_r)
+
+    def _end_later(self, jail: _Jail) -> None:
+        task = asyncio.ensure_future(jail.end())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+    async def run(
+        self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: bool = False
+    ) -> StageOutcome:
+        """Run one stage to its end and measure it; with ``arm_next``, arm the jail of a next
+        stage in the same working directory with the same mounts meanwhile.
+
+        It returns once the stage's processes are gone and measured; nsjail's own exit and the
+        removal of the stage's cgroup follow in the background (``aclose`` waits for them). If
+        the task running it is cancelled, every process of the stage is killed and its cgroup
+        removed before the ``CancelledError`` propagates.
+        """
+        limits = spec.limits
+        key = (spec.workdir, tuple(spec.mounts))
+        jail = self._armed.pop(key, None) or self._start(key)
+        if arm_next:
+            self.arm(spec.workdir, spec.mounts)
+        outcome = StageOutcome(status="error")
+        captures = {s: _Capture(s, limits.output, on_output) for s in ("stdout", "stderr")}
+        try:
+            jail.cgroup.limit(limits.memory, limits.pids)
+            seen = await jail.serve(
+                request(spec), spec.stdin, captures, limits.wall_time + WALL_GRACE
+            )
+        except BaseException:
+            jail.kill()
+            raise
+        report = InitReport.parse(seen.status)
+        outcome.wall_time = report.wall_time if report else seen.wall_time
+        outcome.cpu_time = report.cpu_time if report else seen.cpu_time
+        outcome.memory = jail.cgroup.peak_memory()
+        status, message = classify(
+            report,
+            wall_killed=seen.wall_killed,
+            out_of_memory=jail.cgroup.out_of_memory(),
+            cpu_time=outcome.cpu_time,
+            limits=limits,
         )
-        outcome.stdout_truncated = captures["stdout"].truncated
-        outcome.stderr_truncated = captures["stderr"].truncated
+        if report is None and not seen.wall_killed and seen.log:
+            message = f"{message}: {seen.log.strip()[-2000:]}"
+        outcome.status, outcome.error = status, message
+        if report and report.kind == "exited":
+            outcome.exit_code = report.code
+        elif report and report.kind == "signaled":
+            outcome.signal = report.code
+        self._end_later(jail)
+        for stream, capture in captures.items():
+            setattr(outcome, stream, bytes(capture.data))
+            setattr(outcome, f"{stream}_truncated", capture.truncated)
         outcome.finished_at = now()
         return outcome
 
 
-async def _drain(fd: int, consume: Callable[[bytes], Any]) -> None:
-    """Read ``fd`` to EOF without blocking the event loop, handing each chunk to ``consume``."""
-    loop = asyncio.get_running_loop()
-    os.set_blocking(fd, False)
-    ready = asyncio.Event()
-    loop.add_reader(fd, ready.set)
-    try:
-        while True:
+@dataclass(frozen=True)
+class JailFds:
+    """The jail's ends of the pipes nsjail passes on, by number in nsjail's process."""
+
+    status: int
+    control: int
+    log: int
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What the host saw of one stage, before interpreting it."""
+
+    status: str
+    wall_killed: bool
+    wall_time: float
+    cpu_time: float
+    log: str
+
+
+class _Jail:
+    """One nsjail process, its pipes and its cgroup. It serves one stage, never two."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        cgroup: StageCgroup,
+        stdin: int,
+        stdout: int,
+        stderr: int,
+        status: int,
+        control: int,
+        log: int,
+    ) -> None:
+        self.proc, self.cgroup = proc, cgroup
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.status, self.control, self.log = status, control, log
+        self._exit: asyncio.Task[float] | None = None
+
+    def exited(self) -> asyncio.Task[float]:
+        """nsjail's exit: the CPU time of nsjail and of the jail it reaped."""
+        if self._exit is None:
+            self._exit = asyncio.ensure_future(_wait_exit(self.proc))
+        return self._exit
+
+    async def serve(
+        self, request: bytes, stdin: bytes, captures: dict[str, _Capture], timeout: float
+    ) -> _Seen:
+        """Give the jail its stage and wait until init reports that the stage's processes
+        are gone, or nsjail ends without a report, or ``timeout`` seconds pass (then the
+        stage is killed)."""
+        loop = asyncio.get_running_loop()
+        status = bytearray()
+        reported = loop.create_future()
+
+        def on_status(chunk: bytes) -> None:
+            status.extend(chunk)
+            if b"\n" in chunk and not reported.done():
+                reported.set_result(None)
+
+        started = time.monotonic()
+        readers = [
+            _Reader(self.stdout, captures["stdout"].feed),
+            _Reader(self.stderr, captures["stderr"].feed),
+            _Reader(self.status, on_status),
+        ]
+        log = bytearray()
+        writers = [
+            asyncio.ensure_future(_feed(self.control, request)),
+            asyncio.ensure_future(_feed(self.stdin, stdin)),
+        ]
+        self.control = self.stdin = -1  # closed by _feed
+        exited = self.exited()
+        try:
+            done, _ = await asyncio.wait(
+                [reported, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            wall_killed = not done
+            if wall_killed:
+                self.cgroup.kill_all()
+            cpu_time = 0.0
+            if reported.done() and not wall_killed:
+                # Init reports once every process of the stage is gone, so all they wrote
+                # is in the pipes already; nsjail, which holds the pipes too, ends later.
+                for reader in readers:
+                    reader.flush()
+            else:
+                cpu_time = await exited  # nsjail ends once its jail has
+                log_reader = _Reader(self.log, log.extend)
+                await asyncio.gather(*(r.eof for r in (*readers, log_reader)))
+            await asyncio.gather(*writers)
+        finally:
+            for reader in readers:
+                reader.stop()
+            for writer in writers:
+                writer.cancel()
+        for reader in readers:
+            reader.check()
+        return _Seen(
+            status=status.decode(errors="replace"),
+            wall_killed=wall_killed,
+            wall_time=time.monotonic() - started,
+            cpu_time=cpu_time,
+            log=log.decode(errors="replace"),
+        )
+
+    async def end(self) -> None:
+        """Wait for nsjail to end after its jail (an armed jail's init ends when its control
+        pipe closes unused), then release everything."""
+        with contextlib.suppress(OSError):
+            if self.control >= 0:
+                os.close(self.control)
+        self.control = -1
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited()), timeout=END_TIMEOUT)
+        except TimeoutError:
+            self.kill()
+        finally:
+            self.release()
+
+    def kill(self) -> None:
+        """Kill the jail now, and nsjail after it; release everything."""
+        if self._exit is not None and not self._exit.done():
+            self._exit.cancel()  # reaped below, not by the task
+        if self.proc.returncode is None:
+            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
+            # Killed first, nsjail would orphan the jail's init to the host's pid 1.
+            self.cgroup.kill_all()
             try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                ready.clear()
-                await ready.wait()
-                continue
-            if not chunk:
-                return
-            consume(chunk)
-    finally:
-        loop.remove_reader(fd)
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.release()
+
+    def release(self) -> None:
+        for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+        self.cgroup.close()
+        self.cgroup.remove()
 
 
-async def _feed(pipe: IO[bytes], data: bytes) -> None:
-    """Write ``data`` to ``pipe`` and close it; a reader that goes away early is not an error."""
+class _Reader:
+    """Hands what arrives on a pipe to ``consume``, one read per wake of the event loop."""
+
+    def __init__(self, fd: int, consume: Callable[[bytes], Any]) -> None:
+        self.fd, self.consume = fd, consume
+        self.loop = asyncio.get_running_loop()
+        self.eof: asyncio.Future[None] = self.loop.create_future()
+        self.error: BaseException | None = None
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._read)
+        self.reading = True
+
+    def _read(self) -> bool:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return False
+        if chunk:
+            try:
+                self.consume(chunk)
+                return True
+            except Exception as exc:  # reported by check(), not lost in the event loop
+                self.error = exc
+        self.stop()
+        if not self.eof.done():
+            self.eof.set_result(None)
+        return False
+
+    def flush(self) -> None:
+        """Consume what the pipe holds now, without waiting for more."""
+        while self.reading and self._read():
+            pass
+
+    def stop(self) -> None:
+        if self.reading:
+            self.loop.remove_reader(self.fd)
+            self.reading = False
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+async def _feed(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pipe ``fd`` and close it; a reader that goes away early is not
+    an error. The descriptor is closed whatever happens, cancellation included."""
     loop = asyncio.get_running_loop()
-    fd = pipe.fileno()
-    os.set_blocking(fd, False)
-    view = memoryview(data)
-    ready = asyncio.Event()
-    loop.add_writer(fd, ready.set)
     try:
+        os.set_blocking(fd, False)
+        view = memoryview(data)
         while view:
             try:
                 view = view[os.write(fd, view) :]
             except BlockingIOError:
-                ready.clear()
-                await ready.wait()
+                ready = loop.create_future()
+                loop.add_writer(fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_writer(fd)
             except BrokenPipeError:
                 return
     finally:
-        loop.remove_writer(fd)
-        with contextlib.suppress(OSError):
-            pipe.close()
+        os.close(fd)
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes]) -> float:

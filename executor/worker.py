@@ -78,17 +78,28 @@ class Executor:
 
     async def _slot(self, runner: SubmissionRunner) -> None:
         consumer = self.info.id
-        while not self.presence.draining.is_set():
-            job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
-            if job is None:
-                job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
-            if job is None:
-                continue
-            self.info.busy += 1
-            try:
-                await self._process(job, runner)
-            finally:
-                self.info.busy -= 1
+        try:
+            while not self.presence.draining.is_set():
+                self._prepare(runner)
+                job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
+                if job is None:
+                    job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
+                if job is None:
+                    continue
+                self.info.busy += 1
+                try:
+                    await self._process(job, runner)
+                finally:
+                    self.info.busy -= 1
+        finally:
+            await runner.aclose()
+
+    def _prepare(self, runner: SubmissionRunner) -> None:
+        """Get the slot's next jail started while it waits; a job finds it ready."""
+        try:
+            runner.prepare()
+        except (OSError, CellblockError) as exc:  # the job then starts its own, and says why
+            log.warning("slot not prepared", extra={"worker": self.info.id, "error": str(exc)})
 
     async def _process(self, job: Job, runner: SubmissionRunner) -> None:
         sid = job.submission_id
@@ -127,7 +138,7 @@ class Executor:
         self, job: Job, runner: SubmissionRunner, sid: str, submission: Any, attempt: int
     ) -> str:
         pending: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        work = asyncio.create_task(runner.run(sid, submission, pending.put_nowait))
+        work = asyncio.create_task(runner.run(submission, pending.put_nowait))
         publisher = asyncio.create_task(self._publish(sid, attempt, pending))
         watcher = asyncio.create_task(self._watch(job, sid, work))
         outcome = "finished"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,10 @@ def sandbox_host(tmp_path_factory: pytest.TempPathFactory, sandbox_root: Path) -
 
 
 @pytest.fixture
-def sandbox(sandbox_host: host.SandboxHost) -> Sandbox:
-    return sandbox_host.sandbox(slot=7)
+async def sandbox(sandbox_host: host.SandboxHost) -> AsyncIterator[Sandbox]:
+    sandbox = sandbox_host.sandbox(slot=7)
+    yield sandbox
+    await sandbox.aclose()  # the jails' ends, which follow their stages in the background
 
 
 @pytest.fixture
@@ -96,7 +98,10 @@ def run_submission(
             events.append(recorder.record(body))
 
         emit({"type": "status", "status": "running", "worker": "test"})
-        await runner.run("test-submission", submission, emit)
+        try:
+            await runner.run(submission, emit)
+        finally:
+            await runner.aclose()
         emit({"type": "finished"})
         return recorder.state, events
 

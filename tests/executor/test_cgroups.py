@@ -30,14 +30,19 @@ def test_own_cgroup_reads_proc_self_cgroup() -> None:
 def test_v1_stage_cgroup_limits_measurement_and_removal() -> None:
     detected = cgroups.detect()
     assert isinstance(detected, cgroups.CgroupsV1)
-    stage = detected.create("test-v1-stage", 48 * MiB, 17)
+    stage = detected.create("test-v1-stage")
     try:
         memory_dir = detected.memory_base / "test-v1-stage"
+        pids_max = detected.pids_base / "test-v1-stage" / "pids.max"
+        # No caps until the stage is known: an armed jail gets them when it is given its stage.
+        assert int((memory_dir / "memory.limit_in_bytes").read_text()) > 1 << 60
+        assert pids_max.read_text().strip() == "max"
+        stage.limit(48 * MiB, 17)
         assert int((memory_dir / "memory.limit_in_bytes").read_text()) == 48 * MiB
-        assert (detected.pids_base / "test-v1-stage" / "pids.max").read_text().strip() == "17"
-        args = stage.nsjail_args(48 * MiB, 17)
-        assert args[args.index("--cgroup_pids_max") + 1] == "17"
-        assert int(args[args.index("--cgroup_mem_max") + 1]) > 48 * MiB  # ours binds first
+        assert pids_max.read_text().strip() == "17"
+        args = stage.nsjail_args()
+        assert int(args[args.index("--cgroup_pids_max") + 1]) > 17  # ours bind first
+        assert int(args[args.index("--cgroup_mem_max") + 1]) > 48 * MiB
         assert stage.peak_memory() == 0 and not stage.out_of_memory() and stage.procs() == []
     finally:
         stage.close()
@@ -67,11 +72,15 @@ def test_v2_is_detected_and_its_stage_files_are_used(
     detected = cgroups.detect(root)
     assert isinstance(detected, cgroups.CgroupsV2)
     assert (root / "cellblock" / "cgroup.subtree_control").read_text() == "+memory +pids"
-    stage = detected.create("s1", 32 * MiB, 9)
+    stage = detected.create("s1")
     directory = root / "cellblock" / "s1"
+    assert not (directory / "memory.max").exists()
+    (directory / "memory.swap.max").write_text("max")
+    stage.limit(32 * MiB, 9)
     assert (directory / "memory.max").read_text() == str(32 * MiB)
+    assert (directory / "memory.swap.max").read_text() == "0"
     assert (directory / "pids.max").read_text() == "9"
-    args = stage.nsjail_args(32 * MiB, 9)
+    args = stage.nsjail_args()
     assert args[:3] == ["--use_cgroupv2", "--cgroupv2_mount", str(directory)]
     (directory / "memory.peak").write_text(f"{5 * MiB}\n")
     (directory / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
@@ -91,9 +100,9 @@ def test_detect_refuses_a_host_without_controllers(tmp_path: Path) -> None:
 @pytest.mark.skipif(not V1_HOST or os.geteuid() != 0, reason="needs root on a cgroup v1 host")
 def test_stale_stage_cgroups_of_a_slot_are_removed_at_start() -> None:
     detected = cgroups.detect()
-    left = detected.create("987654-leftover", 32 * MiB, 8)  # as if its executor died mid-stage
+    left = detected.create("987654-leftover")  # as if its executor died mid-stage
     left.close()
-    busy = detected.create("987654-busy", 32 * MiB, 8)
+    busy = detected.create("987654-busy")
     sleeper = subprocess.Popen(["sleep", "30"])
     for base in (detected.memory_base, detected.pids_base):  # type: ignore[attr-defined]
         (base / "987654-busy" / "cgroup.procs").write_text(str(sleeper.pid))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +20,8 @@ from cellblock import config
 from cellblock.executor import host
 from cellblock.executor.cgroups import CgroupsV1
 from cellblock.executor.sandbox import (
+    INIT_DEADLINE_SLACK,
+    SANDBOX_UID,
     InitReport,
     Mount,
     Sandbox,
@@ -23,11 +29,13 @@ from cellblock.executor.sandbox import (
     StageSpec,
     _Capture,
     classify,
+    request,
 )
 from cellblock.service.protocol import LimitPolicy, parse_submission
 
 MiB = 1024 * 1024
 RunStage = Callable[..., Awaitable[StageOutcome]]  # the run_stage fixture
+Until = Callable[..., Awaitable[Any]]  # the until fixture of tests/conftest.py
 
 
 def compile_c(workdir: Path, name: str, source: str, *flags: str) -> None:
@@ -255,14 +263,96 @@ async def test_a_daemon_does_not_survive_its_stage(run_stage: RunStage, sandbox:
     assert processes_of(sandbox.uid) == []
 
 
-async def test_no_cgroup_is_left_behind(
-    run_stage: RunStage, sandbox_host: host.SandboxHost
-) -> None:
-    await run_stage("sleep 0.1 & echo hi")
-    cg = sandbox_host.cgroups
+def cgroups_of(sandbox: Sandbox) -> list[Path]:
+    cg = sandbox.cgroups
     bases = [cg.memory_base, cg.pids_base] if isinstance(cg, CgroupsV1) else [cg.base]  # type: ignore[attr-defined]
-    ours = [p for base in bases for p in base.glob(f"{sandbox_host.config.sandbox.uid_base + 7}-*")]
-    assert ours == []
+    return [p for base in bases for p in base.glob(f"{sandbox.uid}-*")]
+
+
+def jails_of(sandbox: Sandbox) -> list[int]:
+    """The nsjail processes (they run as root) of the sandbox's jails."""
+    user = f"{SANDBOX_UID}:{sandbox.uid}:1".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and argv[0].endswith(b"nsjail") and user in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def test_no_cgroup_is_left_behind(run_stage: RunStage, sandbox: Sandbox) -> None:
+    await run_stage("sleep 0.1 & echo hi")
+    await sandbox.aclose()  # nsjail ends, and the cgroup goes, after the stage has returned
+    assert cgroups_of(sandbox) == [] and jails_of(sandbox) == []
+
+
+def stage(workdir: Path, script: str, **limits: Any) -> StageSpec:
+    resolved = parse_submission({"run": "x", "limits": {"run": limits}}, _policy()).limits.run
+    return StageSpec(script=script, limits=resolved, workdir=workdir, env={"PATH": "/bin"})
+
+
+async def test_an_armed_jail_waits_then_runs_the_stage_it_is_given(
+    sandbox: Sandbox, workdir: Path, until: Until
+) -> None:
+    sandbox.arm(workdir)
+    sandbox.arm(workdir)  # once is enough
+    [init] = await until(lambda: processes_of(sandbox.uid), "the armed jail's init")
+    await asyncio.sleep(0.2)
+    assert processes_of(sandbox.uid) == [init] and len(jails_of(sandbox)) == 1  # it waits
+    spec = replace(stage(workdir, "sleep 0.3; echo $GREETING"), env={"GREETING": "hello"})
+    running = asyncio.create_task(sandbox.run(spec))
+    children = Path(f"/proc/{init}/task/{init}/children")
+    await until(lambda: children.read_text().strip(), "the stage's shell, forked by that init")
+    out = await running
+    assert (out.status, out.stdout) == ("ok", b"hello\n")
+    await sandbox.aclose()
+    assert processes_of(sandbox.uid) == [] and jails_of(sandbox) == [] and cgroups_of(sandbox) == []
+
+
+async def test_a_jail_given_up_ends_without_running_anything(
+    sandbox: Sandbox, workdir: Path, until: Until
+) -> None:
+    (workdir / "untouched").write_text("")
+    sandbox.arm(workdir)
+    await until(lambda: processes_of(sandbox.uid), "the armed jail's init")
+    sandbox.disarm(workdir)
+    await sandbox.aclose()
+    assert processes_of(sandbox.uid) == [] and jails_of(sandbox) == [] and cgroups_of(sandbox) == []
+    assert [p.name for p in workdir.iterdir()] == ["untouched"]
+
+
+async def test_a_jail_armed_with_other_mounts_is_left_for_a_stage_with_them(
+    sandbox: Sandbox, workdir: Path, sandbox_root: Path
+) -> None:
+    extra = Path(tempfile.mkdtemp(dir=sandbox_root))
+    extra.chmod(0o755)
+    mounts = [Mount(extra, "/opt/extra")]
+    sandbox.arm(workdir, mounts)
+    probe = "test -d /opt/extra && echo mounted || echo absent"
+    without = await sandbox.run(stage(workdir, probe))
+    assert without.stdout == b"absent\n"  # started a jail of its own
+    with_mounts = await sandbox.run(replace(stage(workdir, probe), mounts=mounts))
+    assert with_mounts.stdout == b"mounted\n"
+
+
+async def test_after_a_dead_executor_init_kills_the_stage_at_its_deadline(
+    sandbox: Sandbox, workdir: Path, until: Until
+) -> None:
+    jail = sandbox._start((workdir, ()))
+    spec = stage(workdir, "sleep 100", wall_time=1)
+    os.write(jail.control, request(spec))
+    # The executor dies: every descriptor it held closes, nothing watches the clock.
+    for fd in (jail.control, jail.stdin, jail.stdout, jail.stderr, jail.status, jail.log):
+        os.close(fd)
+    started = time.monotonic()
+    await until(lambda: processes_of(sandbox.uid), "the stage to start")
+    await until(lambda: not processes_of(sandbox.uid), "init's deadline", timeout=15)
+    elapsed = time.monotonic() - started
+    assert 1 + INIT_DEADLINE_SLACK - 1 < elapsed < 1 + INIT_DEADLINE_SLACK + 2
+    jail.proc.wait(timeout=5)
+    jail.cgroup.close()
+    jail.cgroup.remove()
 
 
 async def test_sees_only_its_own_processes(run_stage: RunStage) -> None:
@@ -310,7 +400,10 @@ async def test_pure_mode_holds_only_its_mounts(
         mounts=[Mount(busybox, "/opt/busybox/bin")],
         shell="/opt/busybox/bin/sh",
     )
-    out = await pure.run(spec)
+    try:
+        out = await pure.run(spec)
+    finally:
+        await pure.aclose()
     assert out.status == "ok", out.error
     listing = out.stdout.decode().split()
     assert listing[-2:] == ["static", "hello"]
