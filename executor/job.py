@@ -4,8 +4,9 @@
 through a callback; whoever drives it (the executor worker, or ``cellblock exec``) numbers them,
 adds the ``status`` events around them and keeps the submission state.
 
-Cancellation: cancelling ``run`` kills the running stage (see ``Sandbox.run``) and removes the
-working directory before the ``CancelledError`` propagates.
+Cancellation: cancelling ``run`` kills the running stage (see ``Sandbox.run``) before the
+``CancelledError`` propagates. The working directory is removed in the background once no jail
+uses it any more, however ``run`` ends (``aclose`` waits for that).
 
 Between submissions, ``prepare`` makes the next working directory and arms its first jail, so
 that a submission without dependencies does not wait for nsjail to start; while a compile stage
@@ -166,8 +167,7 @@ class SubmissionRunner:
     async def aclose(self) -> None:
         """Give up the prepared working directory and jail; wait for every jail to end."""
         if self._next is not None:
-            self.sandbox.disarm(self._next)
-            shutil.rmtree(self._next, ignore_errors=True)
+            self.sandbox.retire(self._next)
             self._next = None
         await self.sandbox.aclose()
 
@@ -219,8 +219,7 @@ class SubmissionRunner:
                 request.args, request.stdin_data(),
             )  # fmt: skip
         finally:
-            self.sandbox.disarm(workdir)
-            shutil.rmtree(workdir, ignore_errors=True)
+            self.sandbox.retire(workdir)
 
     async def _stage(
         self,

@@ -25,10 +25,11 @@ import math
 import os
 import resource
 import secrets
+import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -366,15 +367,18 @@ class Sandbox:
         if key not in self._armed:
             self._armed[key] = self._start(key)
 
-    def disarm(self, workdir: Path) -> None:
-        """Give up the armed jails of ``workdir``; they end in the background."""
+    def retire(self, workdir: Path) -> None:
+        """Give up the armed jails of ``workdir``, and remove it once no jail uses it any more:
+        in the background, off the path of the stage's result."""
         for key in [key for key in self._armed if key[0] == workdir]:
-            self._end_later(self._armed.pop(key))
+            self._later(self._armed.pop(key).end())
+        self._later(_remove_after(workdir, list(self._ending)))
 
     async def aclose(self) -> None:
-        """Give up every armed jail and wait until every jail of this sandbox has ended."""
+        """Give up every armed jail and wait until every jail of this sandbox has ended and
+        every retired working directory is gone."""
         for key in list(self._armed):
-            self._end_later(self._armed.pop(key))
+            self._later(self._armed.pop(key).end())
         while self._ending:
             await asyncio.gather(*self._ending)
 
@@ -411,8 +415,8 @@ class Sandbox:
                 os.close(fd)
         return _Jail(proc, cgroup, stdin_w, stdout_r, stderr_r, status_r, control_w, log_r)
 
-    def _end_later(self, jail: _Jail) -> None:
-        task = asyncio.ensure_future(jail.end())
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
@@ -460,7 +464,7 @@ class Sandbox:
             outcome.exit_code = report.code
         elif report and report.kind == "signaled":
             outcome.signal = report.code
-        self._end_later(jail)
+        self._later(jail.end())
         for stream, capture in captures.items():
             setattr(outcome, stream, bytes(capture.data))
             setattr(outcome, f"{stream}_truncated", capture.truncated)
@@ -586,7 +590,8 @@ class _Jail:
         except TimeoutError:
             self.kill()
         finally:
-            self.release()
+            # Closing a v1 OOM eventfd and removing cgroups block for a while in the kernel.
+            await asyncio.to_thread(self.release)
 
     def kill(self) -> None:
         """Kill the jail now, and nsjail after it; release everything."""
@@ -678,6 +683,11 @@ async def _feed(fd: int, data: bytes) -> None:
                 return
     finally:
         os.close(fd)
+
+
+async def _remove_after(workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*jails, return_exceptions=True)
+    await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes]) -> float:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from cellblock.executor import host
-from cellblock.executor.job import write_files
-from cellblock.service.protocol import FileSpec, SubmissionState
+from cellblock.executor.job import SubmissionRunner, write_files
+from cellblock.executor.sandbox import Mount, Sandbox
+from cellblock.service.protocol import EventRecorder, FileSpec, SubmissionState, parse_submission
 
 RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[SubmissionState, list[dict[str, Any]]]]]
 
@@ -117,12 +118,38 @@ async def test_output_streams_live_as_events(run_submission: RunSubmission) -> N
 
 
 async def test_the_working_directory_is_removed(
-    run_submission: RunSubmission, sandbox_host: host.SandboxHost
+    run_submission: RunSubmission, sandbox_host: host.SandboxHost, sandbox: Sandbox
 ) -> None:
     await run_submission(
         {"files": [{"name": "x", "content": "y"}], "run": "mkdir -p d/e; chmod 000 d"}
     )
-    assert not (sandbox_host.work_root / "test-submission").exists()
+    assert list(sandbox_host.work_root.glob(f"{sandbox.uid}-*")) == []
+
+
+async def test_a_prepared_slot_runs_in_its_armed_jail_and_arms_run_during_compile(
+    sandbox_host: host.SandboxHost, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = SubmissionRunner(sandbox, sandbox_host.work_root)
+    started: list[tuple[Path, tuple[Mount, ...]]] = []
+    start = sandbox._start
+    monkeypatch.setattr(sandbox, "_start", lambda key: started.append(key) or start(key))
+    runner.prepare()
+    runner.prepare()  # already prepared: nothing more
+    [(workdir, ())] = started
+    request = {"files": [{"name": "a.c", "content": "int main(void) { return 0; }"}],
+               "compile": "gcc -o a a.c", "run": "./a && pwd && ls"}  # fmt: skip
+    submission = parse_submission(request, sandbox_host.config.limits)
+    recorder = EventRecorder(SubmissionState.new("s", submission.request))
+    recorder.record({"type": "status", "status": "running", "worker": "test"})
+    try:
+        await runner.run(submission, recorder.record)
+    finally:
+        await runner.aclose()
+    run = recorder.state.stages["run"]
+    assert run is not None and run["stdout"] == "/box\na\na.c\n", run
+    # Compile took the prepared jail, and run the one armed while compile ran: two in all.
+    assert started == [(workdir, ()), (workdir, ())]
+    assert not workdir.exists()
 
 
 async def test_dependencies_without_a_cache_fail_the_deps_stage(

@@ -316,10 +316,12 @@ async def test_a_jail_given_up_ends_without_running_anything(
     (workdir / "untouched").write_text("")
     sandbox.arm(workdir)
     await until(lambda: processes_of(sandbox.uid), "the armed jail's init")
-    sandbox.disarm(workdir)
+    await asyncio.sleep(0.2)
+    assert [p.name for p in workdir.iterdir()] == ["untouched"]
+    sandbox.retire(workdir)
     await sandbox.aclose()
     assert processes_of(sandbox.uid) == [] and jails_of(sandbox) == [] and cgroups_of(sandbox) == []
-    assert [p.name for p in workdir.iterdir()] == ["untouched"]
+    assert not workdir.exists()
 
 
 async def test_a_jail_armed_with_other_mounts_is_left_for_a_stage_with_them(
