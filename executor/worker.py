@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from cellblock.cachebuilder.environments import EnvironmentCache
@@ -23,7 +24,7 @@ from cellblock.errors import CellblockError
 from cellblock.executor.deps import NixDependencies
 from cellblock.executor.host import SandboxHost
 from cellblock.executor.job import DependencyProvider, SubmissionRunner
-from cellblock.service.store import Job, Rejected, Store
+from cellblock.service.store import EventLog, Job, Rejected, Store
 from cellblock.worker import Presence, WorkerInfo
 
 log = logging.getLogger("cellblock.executor")
@@ -31,6 +32,8 @@ log = logging.getLogger("cellblock.executor")
 STATUS_POLL = 0.2
 #: Seconds a slot waits on the queue before looking again (drain latency).
 TAKE_BLOCK = 1.0
+#: Seconds between a slot's looks for jobs to reclaim (a dead executor's, after their lease).
+RECLAIM_EVERY = 1.0
 
 
 class Executor:
@@ -78,10 +81,14 @@ class Executor:
 
     async def _slot(self, runner: SubmissionRunner) -> None:
         consumer = self.info.id
+        next_reclaim = 0.0
         try:
             while not self.presence.draining.is_set():
                 self._prepare(runner)
-                job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
+                job = None
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + RECLAIM_EVERY
+                    job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
                 if job is None:
                     job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
                 if job is None:
@@ -121,25 +128,25 @@ class Executor:
                 await self.store.append(sid, {"type": "finished"})
             await self.store.jobs.done(job)
             return
+        events = EventLog(self.store, sid)
         try:
-            await self.store.append(
-                sid, {"type": "status", "status": "running", "worker": self.info.id}
-            )
+            await events.append([{"type": "status", "status": "running", "worker": self.info.id}])
         except Rejected:
             await self.store.jobs.done(job)
             return
         attempt = state.attempts + 1
         log.info("job started", extra={**fields, "attempt": attempt})
-        outcome = await self._run_job(job, runner, sid, submission, attempt)
+        outcome = await self._run_job(job, runner, events, submission, attempt)
         log.info("job ended", extra={**fields, "attempt": attempt, "outcome": outcome})
         await self.store.jobs.done(job)
 
     async def _run_job(
-        self, job: Job, runner: SubmissionRunner, sid: str, submission: Any, attempt: int
+        self, job: Job, runner: SubmissionRunner, events: EventLog, submission: Any, attempt: int
     ) -> str:
+        sid = events.sid
         pending: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         work = asyncio.create_task(runner.run(submission, pending.put_nowait))
-        publisher = asyncio.create_task(self._publish(sid, attempt, pending))
+        publisher = asyncio.create_task(self._publish(events, attempt, pending))
         watcher = asyncio.create_task(self._watch(job, sid, work))
         outcome = "finished"
         try:
@@ -169,17 +176,28 @@ class Executor:
         return outcome
 
     async def _publish(
-        self, sid: str, attempt: int, pending: asyncio.Queue[dict[str, Any] | None]
+        self, events: EventLog, attempt: int, pending: asyncio.Queue[dict[str, Any] | None]
     ) -> bool:
-        """Publish events in order until the end marker; False if the store refused one."""
-        accepted = True
-        while (body := await pending.get()) is not None:
-            if not accepted:
+        """Publish events in order until the end marker; False if the store refused one.
+
+        What has queued up while the last batch was written goes as one batch: a short stage's
+        events (started, output, finished) mostly cost one round trip together."""
+        accepted, ended = True, False
+        while not ended:
+            batch: list[dict[str, Any]] = []
+            body = await pending.get()
+            while body is not None:
+                batch.append(body)
+                if pending.empty():
+                    break
+                body = pending.get_nowait()
+            ended = body is None
+            if not accepted or not batch:
                 continue
             try:
-                await self.store.append(sid, body, attempt=attempt)
+                await events.append(batch, attempt)
             except Rejected as exc:
-                log.info("event refused", extra={"submission": sid, "reason": exc.message})
+                log.info("events refused", extra={"submission": events.sid, "reason": exc.message})
                 accepted = False
         return accepted
 

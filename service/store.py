@@ -14,9 +14,10 @@ number of them can run side by side. Keys (``{p}`` is the prefix, ``cb`` by defa
 - ``{p}:owner:{name}``: a sorted set of a token's submission ids by creation time.
 - ``{p}:worker:{id}``: a worker's registration, expiring unless refreshed.
 
-Appending an event is atomic (a Lua script): the state machine runs in Python on the current
+Appending events is atomic (a Lua script): the state machine runs in Python on the current
 state, and the script applies the result only if nobody changed the state meanwhile (its
-``version``), else the append is retried. A writer names the attempt it works for; an executor
+``version``), else the append is retried. A writer's ``EventLog`` appends a batch of events in
+one round trip. A writer names the attempt it works for; an executor
 whose job was reclaimed by another (a newer attempt) is refused, so the final result is written
 once. Concurrency: every method is safe to call from many tasks and processes at once.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,6 @@ from cellblock.service.protocol import (
     EventRecorder,
     Submission,
     SubmissionState,
-    now,
 )
 
 JOBS_GROUP = "executors"
@@ -73,36 +73,30 @@ redis.call('HINCRBY', KEYS[6], 'submitted', 1)
 return 1
 """
 
-# KEYS: sub, events, queued, counters. ARGV: expected version, attempt ('' for any), new state,
-# new status, new attempts, event, retention ('' unless the submission ends), id.
-# Returns the event's seq, or -1 (version conflict: retry), -2 (ended), -3 (stale attempt),
+# KEYS: sub, events, queued, counters. ARGV: expected version, attempt ('' for any), new state
+# ('' when only outputs were added: it did not change), new status, new attempts, retention
+# ('' unless the submission ends), id, then the events in order.
+# Returns the last event's seq, or -1 (version conflict: read again), -3 (stale attempt),
 # -4 (unknown).
-_APPLY = """
+_APPEND = """
 local cur = redis.call('HMGET', KEYS[1], 'version', 'status', 'attempts', 'seq')
 if not cur[1] then return -4 end
 if ARGV[2] ~= '' and cur[3] ~= ARGV[2] then return -3 end
 if cur[1] ~= ARGV[1] then return -1 end
-local seq = tonumber(cur[4]) + 1
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'attempts', ARGV[5],
-           'version', tonumber(cur[1]) + 1, 'seq', seq)
-redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[6])
-if ARGV[4] ~= 'queued' then redis.call('SREM', KEYS[3], ARGV[8]) end
-if ARGV[7] ~= '' and cur[2] ~= ARGV[4] then
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  redis.call('EXPIRE', KEYS[2], ARGV[7])
+local seq = tonumber(cur[4])
+for i = 8, #ARGV do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[i])
+end
+redis.call('HSET', KEYS[1], 'version', tonumber(cur[1]) + 1, 'seq', seq)
+if ARGV[3] == '' then return seq end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'attempts', ARGV[5])
+if ARGV[4] ~= 'queued' then redis.call('SREM', KEYS[3], ARGV[7]) end
+if ARGV[6] ~= '' and cur[2] ~= ARGV[4] then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[2], ARGV[6])
   redis.call('HINCRBY', KEYS[4], 'ended:' .. ARGV[4], 1)
 end
-return seq
-"""
-
-# An event that changes no state (live output). KEYS: sub, events. ARGV: attempt, event.
-_OUTPUT = """
-local cur = redis.call('HMGET', KEYS[1], 'status', 'attempts')
-if not cur[1] then return -4 end
-if cur[1] == 'finished' or cur[1] == 'cancelled' or cur[1] == 'error' then return -2 end
-if ARGV[1] ~= '' and cur[2] ~= ARGV[1] then return -3 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[2])
 return seq
 """
 
@@ -169,8 +163,10 @@ class JobQueue:
 
     async def done(self, job: Job) -> None:
         """Release ``job`` for good: acknowledged and removed from the stream."""
-        await self.redis.xack(self.key, self.group, job.entry)
-        await self.redis.xdel(self.key, job.entry)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self.key, self.group, job.entry)
+            pipe.xdel(self.key, job.entry)
+            await pipe.execute()
 
 
 def _event_from_entry(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
@@ -197,8 +193,7 @@ class Store:
         self.retention = max(1, int(retention))
         self.queue_size = queue_size
         self._submit = redis.register_script(_SUBMIT)
-        self._apply = redis.register_script(_APPLY)
-        self._output = redis.register_script(_OUTPUT)
+        self._append = redis.register_script(_APPEND)
         self.jobs = JobQueue(redis, f"{prefix}:jobs", JOBS_GROUP)
 
     @classmethod
@@ -287,8 +282,8 @@ class Store:
     async def cancel(self, sid: str) -> SubmissionState:
         """Cancel a queued or running submission (an executor running it notices and stops).
         ``Rejected`` when it has ended already."""
-        await self.append(sid, {"type": "status", "status": "cancelled"})
-        await self.append(sid, {"type": "finished"})
+        cancelled = {"type": "status", "status": "cancelled"}
+        await EventLog(self, sid).append([cancelled, {"type": "finished"}])
         state = await self.state(sid)
         assert state is not None
         return state
@@ -304,40 +299,11 @@ class Store:
     ) -> dict[str, Any]:
         """Append one event, applying it to the state. ``attempt``: the writer's attempt number,
         checked so that a reclaimed executor's late events are refused with ``Rejected``."""
-        expected = "" if attempt is None else str(attempt)
-        if body["type"] == "output":
-            event = {**body, "id": sid, "time": now()}
-            seq = await self._output(
-                keys=[self._sub(sid), self._events(sid)], args=[expected, json.dumps(event)]
-            )
-            return {**event, "seq": self._check(sid, seq)}
-        while True:
-            fields = await self.redis.hmget(self._sub(sid), ["state", "version", "seq"])
-            if fields[0] is None:
-                raise UnknownSubmission(f"no submission {sid}")
-            state = SubmissionState.from_record(json.loads(fields[0]))
-            recorder = EventRecorder(state, int(fields[2]))
-            try:
-                event = recorder.record(body)
-            except ValueError as exc:  # InvalidTransition
-                raise Rejected(str(exc)) from None
-            new = recorder.state
-            stored = dict(event)
-            stored.pop("seq")
-            seq = await self._apply(
-                keys=[self._sub(sid), self._events(sid), f"{self.p}:queued", f"{self.p}:counters"],
-                args=[fields[1], expected, json.dumps(new.as_record()), new.status,
-                      new.attempts, json.dumps(stored),
-                      self.retention if new.status in TERMINAL else "", sid],
-            )  # fmt: skip
-            if seq != -1:
-                self._check(sid, seq)
-                return event
+        [event] = await EventLog(self, sid).append([body], attempt)
+        return event
 
     @staticmethod
     def _check(sid: str, seq: int) -> int:
-        if seq == -2:
-            raise Rejected(f"submission {sid} has ended")
         if seq == -3:
             raise Rejected(f"submission {sid} belongs to a newer attempt")
         if seq == -4:
@@ -402,3 +368,58 @@ class Store:
     async def scale(self) -> dict[str, int]:
         raw = await self.redis.hgetall(f"{self.p}:scale")
         return {k: int(v) for k, v in raw.items()}
+
+
+class EventLog:
+    """One writer's appends to one submission's events, each batch in one round trip.
+
+    It remembers the state, version and seq it last wrote, so it reads them again only when
+    another writer (a cancel, a newer attempt) changed the submission meanwhile. A batch is
+    applied whole or not at all. Not for concurrent use: one writer, one log.
+    """
+
+    def __init__(self, store: Store, sid: str) -> None:
+        self.store, self.sid = store, sid
+        self._known: tuple[SubmissionState, str, int] | None = None  # state, version, seq
+
+    async def append(
+        self, bodies: Sequence[Mapping[str, Any]], attempt: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Append ``bodies`` in order as events (``attempt`` as in ``Store.append``)."""
+        store, sid = self.store, self.sid
+        expected = "" if attempt is None else str(attempt)
+        while True:
+            fresh = self._known is None
+            state, version, seq = self._known or await self._read()
+            recorder = EventRecorder(state, seq)
+            try:
+                events = [recorder.record(body) for body in bodies]
+            except ValueError as exc:  # InvalidTransition
+                self._known = None
+                if fresh:
+                    raise Rejected(str(exc)) from None
+                continue  # perhaps only against what this log remembered: read it again
+            new = recorder.state
+            changed = any(event["type"] != "output" for event in events)
+            last = await store._append(
+                keys=[store._sub(sid), store._events(sid), f"{store.p}:queued",
+                      f"{store.p}:counters"],
+                args=[version, expected, json.dumps(new.as_record()) if changed else "",
+                      new.status, new.attempts,
+                      store.retention if new.status in TERMINAL else "", sid,
+                      *(json.dumps({k: v for k, v in e.items() if k != "seq"}) for e in events)],
+            )  # fmt: skip
+            self._known = None
+            if last == -1:  # another writer came first
+                continue
+            store._check(sid, last)
+            self._known = (new, str(int(version) + 1), last)
+            return events
+
+    async def _read(self) -> tuple[SubmissionState, str, int]:
+        fields = await self.store.redis.hmget(
+            self.store._sub(self.sid), ["state", "version", "seq"]
+        )
+        if fields[0] is None:
+            raise UnknownSubmission(f"no submission {self.sid}")
+        return SubmissionState.from_record(json.loads(fields[0])), fields[1], int(fields[2])

@@ -9,7 +9,7 @@ import pytest
 
 from cellblock import config as config_module
 from cellblock.service.protocol import Submission, parse_submission
-from cellblock.service.store import QueueFull, Rejected, Store, UnknownSubmission
+from cellblock.service.store import EventLog, QueueFull, Rejected, Store, UnknownSubmission
 
 
 def submission(**request: object) -> Submission:
@@ -103,10 +103,45 @@ async def test_cancel_ends_a_queued_submission_and_refuses_later_events(store: S
     assert await store.queued() == 0
     with pytest.raises(Rejected, match="cancelled"):
         await store.cancel("s1")
-    with pytest.raises(Rejected, match="has ended"):
+    with pytest.raises(Rejected, match="is cancelled; it takes no output"):
         await store.append(
             "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
         )
+
+
+OUTPUT = {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
+
+
+async def test_an_event_log_writes_a_batch_at_once_and_notices_other_writers(
+    store: Store,
+) -> None:
+    await store.submit("s1", submission(), owner="a")
+    log = EventLog(store, "s1")
+    await log.append([{"type": "status", "status": "running", "worker": "w"}])
+    calls: list[object] = []
+    real = store.redis.execute_command
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args[0])
+        return await real(*args, **kwargs)
+
+    store.redis.execute_command = counted
+    batch = [{"type": "stage_started", "stage": "run"}, OUTPUT, OUTPUT]
+    assert [e["seq"] for e in await log.append(batch, attempt=1)] == [3, 4, 5]
+    assert len(calls) == 1  # one script call: the log knew the state it had written
+    before = await store.redis.hget("cb:sub:s1", "state")
+    assert [e["seq"] for e in await log.append([OUTPUT], attempt=1)] == [6]
+    assert await store.redis.hget("cb:sub:s1", "state") == before  # output changes no state
+    await store.append("s1", OUTPUT)  # another writer: this log's version is stale now
+    assert [e["seq"] for e in await log.append([OUTPUT], attempt=1)] == [8]
+    with pytest.raises(Rejected, match="newer attempt"):
+        await EventLog(store, "s1").append([OUTPUT], attempt=2)
+    await store.cancel("s1")
+    finished = {"type": "stage_finished", "stage": "run", "result": {"status": "ok"}}
+    with pytest.raises(Rejected, match="cancelled"):
+        await log.append([OUTPUT, finished], attempt=1)
+    seqs = [e["seq"] for e in await store.events("s1")]
+    assert seqs == list(range(1, 11))  # nothing of the refused batches went in
 
 
 async def test_unknown_submissions(store: Store) -> None:
