@@ -590,8 +590,7 @@ class _Jail:
         except TimeoutError:
             self.kill()
         finally:
-            # Closing a v1 OOM eventfd and removing cgroups block for a while in the kernel.
-            await asyncio.to_thread(self.release)
+            self.release()
 
     def kill(self) -> None:
         """Kill the jail now, and nsjail after it; release everything."""
@@ -686,8 +685,10 @@ async def _feed(fd: int, data: bytes) -> None:
 
 
 async def _remove_after(workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
+    # Once its jails are gone it is a plain directory again, quick to remove (while it is a
+    # mount point of a jail that is still ending, removing it contends with the kernel).
     await asyncio.gather(*jails, return_exceptions=True)
-    await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes]) -> float:

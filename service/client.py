@@ -75,6 +75,10 @@ MAX_BACKOFF = 5.0
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 #: Seconds a closing WebSocket waits for the service's close frame before dropping the socket.
 CLOSE_GRACE = 1.0
+#: The WebSocket of a finished stream is kept this many seconds for the next stream, which then
+#: skips the TCP and WebSocket handshakes; at most IDLE_WEBSOCKETS of them are kept.
+IDLE_REUSE = 30.0
+IDLE_WEBSOCKETS = 4
 
 Document = dict[str, Any]
 Documents = list[Document]
@@ -283,6 +287,7 @@ class Client:
         self._http: AsyncHTTPClient | None = None
         self._tcp: TCPClient | None = None
         self._websockets: set[WebSocketClientConnection] = set()
+        self._idle: list[tuple[WebSocketClientConnection, float]] = []  # and since when
         self._closing: set[asyncio.Future[None]] = set()
         self._responses: set[_StreamingResponse] = set()
         self._request_ids = itertools.count(1)
@@ -344,6 +349,7 @@ class Client:
         """Close every connection of this client; streams still being read end with a
         ``ClientError``. Submissions are not affected. Closing twice is harmless."""
         self._closed = True
+        self._idle.clear()
         await asyncio.gather(*(self._forget(ws) for ws in list(self._websockets)))
         await asyncio.gather(*self._closing)
         for response in list(self._responses):
@@ -528,7 +534,13 @@ class Client:
         return stream.submission
 
     async def _websocket(self) -> WebSocketClientConnection:
+        """A WebSocket to the service: one a finished stream left open, else a new one."""
         self._check_open()
+        while self._idle:
+            websocket, since = self._idle.pop()
+            if time.monotonic() - since < IDLE_REUSE and _is_open(websocket):
+                return websocket
+            self._forget_later(websocket)
         ws_url = "ws" + self.url.removeprefix("http") + API + "/ws"
         request = HTTPRequest(
             ws_url,
@@ -570,6 +582,15 @@ class Client:
                 await asyncio.sleep(0.005)
         finally:
             stream.close()
+
+    def _keep(self, websocket: WebSocketClientConnection) -> None:
+        """Keep the WebSocket of a finished stream for the next stream, if it is still open
+        and there is room; else close it. (The service relays nothing more on it: the stream's
+        submission has finished.)"""
+        if _is_open(websocket) and len(self._idle) < IDLE_WEBSOCKETS and not self._closed:
+            self._idle.append((websocket, time.monotonic()))
+        else:
+            self._forget_later(websocket)
 
     def _forget_later(self, websocket: WebSocketClientConnection) -> None:
         """``_forget`` without keeping the caller waiting for the service's close frame (a
@@ -775,15 +796,19 @@ class Stream:
                 async for event in self._relay(websocket):
                     backoff.reset()
                     if self._sequence.take(event):
-                        yield event
                         if event.get("type") == "finished":
                             self.submission = _object(event.get("submission"))
+                        yield event
+                        if self.submission is not None:
                             return
             except _Dropped as exc:
                 reason = exc.reason
             finally:
                 self.connection = None
-                self.client._forget_later(websocket)
+                if self.submission is not None:
+                    self.client._keep(websocket)
+                else:
+                    self.client._forget_later(websocket)
             self.client._check_open()
             await backoff.pause(reason, self._sequence)
             self.reconnects += 1
@@ -834,6 +859,18 @@ class _Dropped(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def _is_open(websocket: WebSocketClientConnection) -> bool:
+    """Open as far as this side knows: no close seen, and no message waiting (after a finished
+    stream, the only one that can come is the end of the connection)."""
+    stream = websocket.protocol.stream if websocket.protocol is not None else None
+    return (
+        stream is not None
+        and not stream.closed()
+        and websocket.close_code is None
+        and websocket.read_queue.empty()
+    )
 
 
 def _close_connected(connecting: asyncio.Future[WebSocketClientConnection]) -> None:

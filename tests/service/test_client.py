@@ -18,6 +18,7 @@ import tornado.netutil
 import tornado.web
 
 from cellblock import errors
+from cellblock.service import client as client_module
 from cellblock.service.client import (
     ApiError,
     Client,
@@ -463,3 +464,37 @@ def test_from_environment_without_a_token(tmp_path: Path) -> None:
         Client.from_environment(tmp_path, admin=True, environ={"CELLBLOCK_TOKEN": "t"})
     assert "CELLBLOCK_ADMIN_TOKEN" in caught.value.message
     assert str(tmp_path / "admin-token") in caught.value.message
+
+
+async def connection_of(client: Client, request: dict[str, Any]) -> Any:
+    """The WebSocket a run of ``request`` used (checking the run finished)."""
+    used = []
+    async with client.stream(request) as stream:
+        async for _ in stream:
+            used.append(stream.connection)
+    assert stream.submission is not None and stream.submission["status"] == "finished"
+    assert len(set(map(id, used))) == 1
+    return used[0]
+
+
+async def test_a_finished_streams_websocket_serves_the_next_stream(
+    alice: Client, executor: Any
+) -> None:
+    first = await connection_of(alice, {"run": "echo one"})
+    assert [ws for ws, _ in alice._idle] == [first]
+    assert await connection_of(alice, {"run": "echo two"}) is first  # no new handshake
+    # One the service has closed meanwhile is left for a new one.
+    first.protocol.stream.close()
+    await asyncio.sleep(0.05)
+    third = await connection_of(alice, {"run": "echo three"})
+    assert third is not first and first not in alice._websockets
+
+
+async def test_an_idle_websocket_is_kept_only_for_a_while(
+    alice: Client, executor: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await connection_of(alice, {"run": "echo one"})
+    monkeypatch.setattr(client_module, "IDLE_REUSE", 0.0)
+    assert await connection_of(alice, {"run": "echo two"}) is not first
+    await alice.close()
+    assert alice._idle == [] and alice._websockets == set()
