@@ -6,12 +6,16 @@ measures, after a warm-up:
 
 ``websocket``
     A trivial submission (``echo hi``) through ``Client.run``: submit over the WebSocket and
-    follow its events to ``finished``: the latency a notebook sees.
+    follow its events to ``finished``: the latency a notebook sees. One client makes every
+    run, so from the second on it reuses the WebSocket its last run left open, as a kernel
+    does.
 ``wait``
     The same through ``POST /api/v1/submissions?wait=true``.
 ``nsjail``
     The same run stage through the bare nsjail command Cellblock would run (the argv of
-    ``Sandbox.command``, with ``cellblock-init`` and bash): the floor under both.
+    ``Sandbox.command``, with ``cellblock-init`` and bash), started when it is needed. The
+    executors start each slot's next jail while the slot is idle (see ``Sandbox.arm``), so a
+    submission does not wait for nsjail's start and can finish sooner than this.
 
 The three are interleaved round by round, so machine noise hits them alike; median, p95 and
 p99 over ``--runs`` rounds (default 300). Then throughput: submissions finished per second
