@@ -102,8 +102,13 @@ def _rmdir(path: Path) -> None:
 
 
 def _write(path: Path, value: str) -> None:
+    # As write_text does, without a text-mode file object: a stage writes several of these.
     try:
-        path.write_text(value)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SandboxError(f"cannot write {value!r} to {path}: {exc}") from None
 

@@ -111,24 +111,23 @@ class Executor:
     async def _process(self, job: Job, runner: SubmissionRunner) -> None:
         sid = job.submission_id
         fields = {"submission": sid, "worker": self.info.id}
-        state, submission = await self.store.state_and_job(sid)
-        if state is None or submission is None or state.done:
+        opened = await self.store.open_job(sid)
+        state = opened[0].state if opened else None
+        if opened is None or state is None or state.done:
             log.info("job skipped", extra={**fields, "status": state and state.status})
             await self.store.jobs.done(job)
             return
+        events, submission = opened
         if job.deliveries > self.config.max_attempts:
             message = (
                 f"gave up after {job.deliveries - 1} attempts: the executors running it stopped"
             )
             log.warning("job abandoned", extra={**fields, "attempts": job.deliveries - 1})
             with contextlib.suppress(Rejected):
-                await self.store.append(
-                    sid, {"type": "status", "status": "error", "error": message}
-                )
-                await self.store.append(sid, {"type": "finished"})
+                error = {"type": "status", "status": "error", "error": message}
+                await events.append([error, {"type": "finished"}])
             await self.store.jobs.done(job)
             return
-        events = EventLog(self.store, sid)
         try:
             await events.append([{"type": "status", "status": "running", "worker": self.info.id}])
         except Rejected:

@@ -240,13 +240,15 @@ class Store:
         raw = await self.redis.hget(self._sub(sid), "state")
         return None if raw is None else SubmissionState.from_record(json.loads(raw))
 
-    async def state_and_job(self, sid: str) -> tuple[SubmissionState | None, Submission | None]:
-        """Both at once (one round trip): what an executor reads before it starts a job."""
-        state, job = await self.redis.hmget(self._sub(sid), ["state", "job"])
-        return (
-            None if state is None else SubmissionState.from_record(json.loads(state)),
-            None if job is None else Submission.from_json(json.loads(job)),
-        )
+    async def open_job(self, sid: str) -> tuple[EventLog, Submission] | None:
+        """The submission's job, and an event log that knows its current state, in one round
+        trip: what an executor reads before it starts a job. ``None`` if it is gone."""
+        fields = ["state", "job", "version", "seq"]
+        state, job, version, seq = await self.redis.hmget(self._sub(sid), fields)
+        if state is None or job is None:
+            return None
+        known = (SubmissionState.from_record(json.loads(state)), version, int(seq))
+        return EventLog(self, sid, known), Submission.from_json(json.loads(job))
 
     async def owner(self, sid: str) -> str | None:
         owner: str | None = await self.redis.hget(self._sub(sid), "owner")
@@ -378,9 +380,16 @@ class EventLog:
     applied whole or not at all. Not for concurrent use: one writer, one log.
     """
 
-    def __init__(self, store: Store, sid: str) -> None:
+    def __init__(
+        self, store: Store, sid: str, known: tuple[SubmissionState, str, int] | None = None
+    ) -> None:
         self.store, self.sid = store, sid
-        self._known: tuple[SubmissionState, str, int] | None = None  # state, version, seq
+        self._known = known  # state, version and seq, as this log last saw them
+
+    @property
+    def state(self) -> SubmissionState | None:
+        """The state as this log last wrote or read it (``None`` before it did either)."""
+        return None if self._known is None else self._known[0]
 
     async def append(
         self, bodies: Sequence[Mapping[str, Any]], attempt: int | None = None
