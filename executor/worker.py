@@ -34,6 +34,8 @@ STATUS_POLL = 0.2
 TAKE_BLOCK = 1.0
 #: Seconds between a slot's looks for jobs to reclaim (a dead executor's, after their lease).
 RECLAIM_EVERY = 1.0
+#: Seconds live output may wait for more events before it is published.
+OUTPUT_LINGER = 0.01
 
 
 class Executor:
@@ -149,27 +151,30 @@ class Executor:
         watcher = asyncio.create_task(self._watch(job, sid, work))
         outcome = "finished"
         try:
-            await work
-        except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise  # the executor itself is being stopped
-            outcome = "cancelled"
-        except CellblockError as exc:
-            outcome = "error"
-            pending.put_nowait({"type": "status", "status": "error", "error": exc.message})
-        except Exception as exc:
-            log.exception("job crashed", extra={"submission": sid})
-            outcome = "error"
-            pending.put_nowait(
-                {"type": "status", "status": "error", "error": f"the executor failed: {exc!r}"}
-            )
+            try:
+                await work
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the executor itself is being stopped
+                outcome = "cancelled"
+            except CellblockError as exc:
+                outcome = "error"
+                pending.put_nowait({"type": "status", "status": "error", "error": exc.message})
+            except Exception as exc:
+                log.exception("job crashed", extra={"submission": sid})
+                outcome = "error"
+                error = f"the executor failed: {exc!r}"
+                pending.put_nowait({"type": "status", "status": "error", "error": error})
+            # Before the watcher is stopped (which takes the loop a turn or two), so that the
+            # publisher, which yields once before it takes a batch, sends it with the last
+            # events of the stage.
+            if outcome != "cancelled":
+                pending.put_nowait({"type": "finished"})
+            pending.put_nowait(None)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        if outcome != "cancelled":
-            pending.put_nowait({"type": "finished"})
-        pending.put_nowait(None)
         if not await publisher:
             outcome = "rejected"
         return outcome
@@ -177,20 +182,11 @@ class Executor:
     async def _publish(
         self, events: EventLog, attempt: int, pending: asyncio.Queue[dict[str, Any] | None]
     ) -> bool:
-        """Publish events in order until the end marker; False if the store refused one.
-
-        What has queued up while the last batch was written goes as one batch: a short stage's
-        events (started, output, finished) mostly cost one round trip together."""
+        """Publish events in order until the end marker, in batches (see ``next_batch``);
+        False if the store refused one."""
         accepted, ended = True, False
         while not ended:
-            batch: list[dict[str, Any]] = []
-            body = await pending.get()
-            while body is not None:
-                batch.append(body)
-                if pending.empty():
-                    break
-                body = pending.get_nowait()
-            ended = body is None
+            batch, ended = await next_batch(pending)
             if not accepted or not batch:
                 continue
             try:
@@ -214,3 +210,33 @@ class Executor:
                 log.info("job cancelled", extra={"submission": sid})
                 work.cancel()
                 return
+
+
+async def next_batch(
+    pending: asyncio.Queue[dict[str, Any] | None],
+) -> tuple[list[dict[str, Any]], bool]:
+    """The next events to publish together, and whether the end marker (``None``) came.
+
+    Whatever has queued up goes together, and so does what the same turn of the event loop
+    adds (a stage's end and the job's ``finished``). Live output waits up to ``OUTPUT_LINGER``
+    for what follows: a short stage's output then goes in one round trip with its end, and a
+    chatty program's lines go a batch at a time.
+    """
+    loop = asyncio.get_running_loop()
+    linger_until = loop.time() + OUTPUT_LINGER
+    batch: list[dict[str, Any]] = []
+    body = await pending.get()
+    while body is not None:
+        batch.append(body)
+        if pending.empty():
+            await asyncio.sleep(0)
+        if pending.empty() and body["type"] == "output":
+            try:
+                body = await asyncio.wait_for(pending.get(), linger_until - loop.time())
+            except TimeoutError:
+                break
+            continue
+        if pending.empty():
+            break
+        body = pending.get_nowait()
+    return batch, body is None
