@@ -1,8 +1,10 @@
 """What Cellblock's sandbox costs per stage, over bare nsjail and over a plain subprocess.
 
 Measures the wall time of a trivial run stage (the script ``true``) several ways, in one
-process, interleaved run by run (the order rotates every round) after a warm-up, so that
-machine noise hits every way alike:
+process, interleaved run by run after a warm-up, so that machine noise hits every way alike.
+Every round takes a fresh random order: a fixed cycle would always put the same way after
+another, and a jail leaves the kernel work (its namespaces' teardown) that the next run pays
+for. The ways:
 
 ``cellblock``
     ``await Sandbox.run(StageSpec(script="true", ...))`` with the run stage's default limits,
@@ -43,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -63,6 +66,8 @@ from cellblock.executor.sandbox import INIT_PATH, JailFds, Sandbox, StageSpec, r
 #: Cellblock's own overhead over bare nsjail, per stage (median), must stay under this.
 TARGET_OVERHEAD_MS = 5.0
 SCRIPT = "true"
+#: The order of the ways in each round (seeded: a run can be repeated exactly).
+ORDER = random.Random(1)
 
 
 @dataclass(frozen=True)
@@ -219,11 +224,10 @@ class Bench:
 
 
 async def measure(methods: Sequence[Method], runs: int, warmup: int) -> dict[str, list[float]]:
-    """``warmup`` then ``runs`` rounds; each round runs every method once, in rotated order."""
+    """``warmup`` then ``runs`` rounds; each round runs every method once, in random order."""
     samples: dict[str, list[float]] = {m.key: [] for m in methods}
     for i in range(warmup + runs):
-        shift = i % len(methods)
-        for method in [*methods[shift:], *methods[:shift]]:
+        for method in ORDER.sample(methods, len(methods)):
             elapsed = await method.run()
             if i >= warmup:
                 samples[method.key].append(elapsed)

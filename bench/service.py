@@ -17,7 +17,8 @@ measures, after a warm-up:
     executors start each slot's next jail while the slot is idle (see ``Sandbox.arm``), so a
     submission does not wait for nsjail's start and can finish sooner than this.
 
-The three are interleaved round by round, so machine noise hits them alike; median, p95 and
+The three are interleaved round by round, in a random order each round, so that machine
+noise hits them alike and none always follows the same other one; median, p95 and
 p99 over ``--runs`` rounds (default 300). Then throughput: submissions finished per second
 with ``--clients`` concurrent WebSocket clients (default 8) over ``--seconds`` (default 30),
 against the best of 2 and 4 parallel loops of bare nsjail runs over the same time on the same
@@ -46,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from sandbox import Bench
+from sandbox import ORDER, Bench
 
 from cellblock import config as cellblock_config
 from cellblock.executor.host import prepare
@@ -194,9 +195,8 @@ async def latency(client: Client, bare: Bench, runs: int, warmup: int) -> dict[s
         "nsjail": nsjail,
     }
     samples: dict[str, list[float]] = {k: [] for k in methods}
-    order = list(methods)
     for i in range(warmup + runs):
-        for key in order[i % 3 :] + order[: i % 3]:
+        for key in ORDER.sample(list(methods), len(methods)):
             elapsed = await timed(methods[key])
             if i >= warmup:
                 samples[key].append(elapsed)
