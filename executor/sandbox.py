@@ -433,7 +433,11 @@ class Sandbox:
         """
         limits = spec.limits
         key = (spec.workdir, tuple(spec.mounts))
-        jail = self._armed.pop(key, None) or self._start(key)
+        jail = self._armed.pop(key, None)
+        if jail is not None and not jail.running():  # killed while it waited: start afresh
+            self._later(jail.end())
+            jail = None
+        jail = jail or self._start(key)
         if arm_next:
             self.arm(spec.workdir, spec.mounts)
         outcome = StageOutcome(status="error")
@@ -510,6 +514,13 @@ class _Jail:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.status, self.control, self.log = status, control, log
         self._exit: asyncio.Task[float] | None = None
+
+    def running(self) -> bool:
+        """Whether nsjail is still running (it is not reaped here: ``end`` does that)."""
+        if self.proc.returncode is not None:
+            return False
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.proc.pid, flags) is None
 
     def exited(self) -> asyncio.Task[float]:
         """nsjail's exit: the CPU time of nsjail and of the jail it reaped."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,7 @@ from cellblock.executor import host
 from cellblock.executor.cgroups import CgroupsV1
 from cellblock.executor.sandbox import (
     INIT_DEADLINE_SLACK,
+    INIT_PATH,
     SANDBOX_UID,
     InitReport,
     Mount,
@@ -43,6 +45,17 @@ def compile_c(workdir: Path, name: str, source: str, *flags: str) -> None:
     (workdir / f"{name}.c").write_text(source)
     subprocess.run(["gcc", "-O0", *flags, "-o", str(workdir / name), str(workdir / f"{name}.c")],
                    check=True)  # fmt: skip
+
+
+def left_by_the_program(sandbox: Sandbox) -> list[int]:
+    """Processes of the sandbox's uid but its jail's init, which ``run`` does not wait for: it
+    returns once init has reported, and init reports once it has killed and reaped the rest."""
+    left = []
+    for pid in processes_of(sandbox.uid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(INIT_PATH.encode()):
+                left.append(pid)
+    return left
 
 
 def processes_of(uid: int) -> list[int]:
@@ -132,6 +145,8 @@ async def test_peak_memory_covers_the_whole_process_tree(
 async def test_fork_bomb_is_contained(run_stage: RunStage, sandbox: Sandbox) -> None:
     out = await run_stage(":(){ :|:& };:; sleep 2", pids=64, wall_time=3)
     assert out.status in ("ok", "failed", "time_limit")
+    assert left_by_the_program(sandbox) == []
+    await sandbox.aclose()
     assert processes_of(sandbox.uid) == []
 
 
@@ -260,6 +275,8 @@ async def test_seccomp_refuses_dangerous_calls(run_stage: RunStage) -> None:
 async def test_a_daemon_does_not_survive_its_stage(run_stage: RunStage, sandbox: Sandbox) -> None:
     out = await run_stage("( setsid sh -c 'sleep 1000 &' & ); setsid sleep 999 & echo started")
     assert out.stdout == b"started\n"
+    assert left_by_the_program(sandbox) == []
+    await sandbox.aclose()
     assert processes_of(sandbox.uid) == []
 
 
@@ -322,6 +339,22 @@ async def test_a_jail_given_up_ends_without_running_anything(
     await sandbox.aclose()
     assert processes_of(sandbox.uid) == [] and jails_of(sandbox) == [] and cgroups_of(sandbox) == []
     assert not workdir.exists()
+
+
+async def test_a_stage_does_not_take_an_armed_jail_that_was_killed_meanwhile(
+    sandbox: Sandbox, workdir: Path, until: Until
+) -> None:
+    sandbox.arm(workdir)
+    await until(lambda: processes_of(sandbox.uid), "the armed jail's init")
+    [nsjail] = jails_of(sandbox)
+    os.kill(nsjail, signal.SIGKILL)
+    await until(lambda: Path(f"/proc/{nsjail}/stat").read_text().split()[2] == "Z", "nsjail dead")
+    out = await sandbox.run(stage(workdir, "echo fresh"))
+    assert (out.status, out.stdout) == ("ok", b"fresh\n")
+    await sandbox.aclose()
+    assert jails_of(sandbox) == [] and cgroups_of(sandbox) == []
+    # The killed nsjail's init, orphaned to the host's pid 1, ended when given up.
+    await until(lambda: not processes_of(sandbox.uid), "the orphaned init to be reaped")
 
 
 async def test_a_jail_armed_with_other_mounts_is_left_for_a_stage_with_them(
