@@ -10,8 +10,10 @@ events on a Tornado HTTP/1.1 connection of their own, and the WebSocket on ``web
 **Concurrency.** A ``Client`` belongs to the event loop that first uses it and is not
 thread-safe. Within that loop any number of calls, ``events`` iterators and streams may run at
 once: up to 64 REST calls run at a time (more wait their turn), and every ``events`` iterator
-and every ``Stream`` has a connection of its own. One ``Stream`` (or ``events`` iterator) is
-meant for one consuming task at a time.
+and every ``Stream`` has a connection of its own while it runs. A stream that ends with its
+``finished`` event leaves its WebSocket open for the next stream to submit on (a few, for
+``IDLE_REUSE`` seconds), which then skips the TCP and WebSocket handshakes. One ``Stream`` (or
+``events`` iterator) is meant for one consuming task at a time.
 
 **Cancellation.** Nothing this client does on its own ever cancels a submission: cancelling the
 task that awaits a call or consumes a stream, breaking out of the loop, or closing the client only
