@@ -60,8 +60,9 @@ from typing import Any
 from cellblock import config as cellblock_config
 from cellblock.executor.cgroups import StageCgroup
 from cellblock.executor.host import SandboxHost, prepare
+from cellblock.executor.jail import JailFds
 from cellblock.executor.job import Environment, stage_environment
-from cellblock.executor.sandbox import INIT_PATH, JailFds, Sandbox, StageSpec, request
+from cellblock.executor.sandbox import INIT_PATH, Sandbox, StageSpec, request
 
 #: Cellblock's own overhead over bare nsjail, per stage (median), must stay under this.
 TARGET_OVERHEAD_MS = 5.0

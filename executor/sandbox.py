@@ -27,14 +27,13 @@ import resource
 import secrets
 import shutil
 import signal
-import subprocess
-import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cellblock.executor.cgroups import Cgroups, StageCgroup
+from cellblock.executor.cgroups import Cgroups
+from cellblock.executor.jail import Jail, JailFds
 from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
 
 #: Where things are inside the jail.
@@ -46,8 +45,6 @@ WALL_GRACE = 0.05
 #: Seconds past the wall-time limit at which init kills the stage itself: the last resort,
 #: when the executor died mid-stage.
 INIT_DEADLINE_SLACK = 5
-#: Seconds nsjail gets to end after its jail before it is killed.
-END_TIMEOUT = 5.0
 HOSTNAME = "cellblock"
 BASE_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr")
 BASE_ETC = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime")
@@ -303,7 +300,7 @@ class Sandbox:
         self.etc_dir = etc_dir
         write_etc(etc_dir)
         self._base_mounts = self._base_argv()
-        self._armed: dict[JailKey, _Jail] = {}
+        self._armed: dict[JailKey, Jail] = {}
         self._ending: set[asyncio.Task[None]] = set()
 
     def _base_argv(self) -> list[str]:
@@ -382,38 +379,17 @@ class Sandbox:
         while self._ending:
             await asyncio.gather(*self._ending)
 
-    def _start(self, key: JailKey) -> _Jail:
+    def _start(self, key: JailKey) -> Jail:
         workdir, mounts = key
         cgroup = self.cgroups.create(f"{self.uid}-{secrets.token_hex(6)}")
-        ours: list[int] = []  # our ends, kept
-        theirs: list[int] = []  # the jail's ends, closed here once nsjail has them
         try:
-            for jail_reads in (True, False, False, False, True, False):
-                r, w = os.pipe()
-                ours.append(w if jail_reads else r)
-                theirs.append(r if jail_reads else w)
-            stdin_w, stdout_r, stderr_r, status_r, control_w, log_r = ours
-            stdin_r, stdout_w, stderr_w, status_w, control_r, log_w = theirs
-            fds = JailFds(status=status_w, control=control_r, log=log_w)
-            proc = subprocess.Popen(
-                self.command(workdir, mounts, fds, cgroup.nsjail_args()),
-                stdin=stdin_r,
-                stdout=stdout_w,
-                stderr=stderr_w,
-                pass_fds=(status_w, control_r, log_w),
-                start_new_session=True,
-                env={},
+            return Jail.start(
+                lambda fds: self.command(workdir, mounts, fds, cgroup.nsjail_args()), cgroup
             )
         except BaseException:
-            for fd in ours:
-                os.close(fd)
             cgroup.close()
             cgroup.remove()
             raise
-        finally:
-            for fd in theirs:
-                os.close(fd)
-        return _Jail(proc, cgroup, stdin_w, stdout_r, stderr_r, status_r, control_w, log_r)
 
     def _later(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -444,8 +420,9 @@ class Sandbox:
         captures = {s: _Capture(s, limits.output, on_output) for s in ("stdout", "stderr")}
         try:
             jail.cgroup.limit(limits.memory, limits.pids)
+            outputs = {stream: capture.feed for stream, capture in captures.items()}
             seen = await jail.serve(
-                request(spec), spec.stdin, captures, limits.wall_time + WALL_GRACE
+                request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE
             )
         except BaseException:
             jail.kill()
@@ -476,250 +453,11 @@ class Sandbox:
         return outcome
 
 
-@dataclass(frozen=True)
-class JailFds:
-    """The jail's ends of the pipes nsjail passes on, by number in nsjail's process."""
-
-    status: int
-    control: int
-    log: int
-
-
-@dataclass(frozen=True)
-class _Seen:
-    """What the host saw of one stage, before interpreting it."""
-
-    status: str
-    wall_killed: bool
-    wall_time: float
-    cpu_time: float
-    log: str
-
-
-class _Jail:
-    """One nsjail process, its pipes and its cgroup. It serves one stage, never two."""
-
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        cgroup: StageCgroup,
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        status: int,
-        control: int,
-        log: int,
-    ) -> None:
-        self.proc, self.cgroup = proc, cgroup
-        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
-        self.status, self.control, self.log = status, control, log
-        self._exit: asyncio.Task[float] | None = None
-
-    def running(self) -> bool:
-        """Whether nsjail is still running (it is not reaped here: ``end`` does that)."""
-        if self.proc.returncode is not None:
-            return False
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        return os.waitid(os.P_PID, self.proc.pid, flags) is None
-
-    def exited(self) -> asyncio.Task[float]:
-        """nsjail's exit: the CPU time of nsjail and of the jail it reaped."""
-        if self._exit is None:
-            self._exit = asyncio.ensure_future(_wait_exit(self.proc))
-        return self._exit
-
-    async def serve(
-        self, request: bytes, stdin: bytes, captures: dict[str, _Capture], timeout: float
-    ) -> _Seen:
-        """Give the jail its stage and wait until init reports that the stage's processes
-        are gone, or nsjail ends without a report, or ``timeout`` seconds pass (then the
-        stage is killed)."""
-        loop = asyncio.get_running_loop()
-        status = bytearray()
-        reported = loop.create_future()
-
-        def on_status(chunk: bytes) -> None:
-            status.extend(chunk)
-            if b"\n" in chunk and not reported.done():
-                reported.set_result(None)
-
-        started = time.monotonic()
-        readers = [
-            _Reader(self.stdout, captures["stdout"].feed),
-            _Reader(self.stderr, captures["stderr"].feed),
-            _Reader(self.status, on_status),
-        ]
-        log = bytearray()
-        writers = [
-            asyncio.ensure_future(_feed(self.control, request)),
-            asyncio.ensure_future(_feed(self.stdin, stdin)),
-        ]
-        self.control = self.stdin = -1  # closed by _feed
-        exited = self.exited()
-        try:
-            done, _ = await asyncio.wait(
-                [reported, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            wall_killed = not done
-            if wall_killed:
-                self.cgroup.kill_all()
-            cpu_time = 0.0
-            if reported.done() and not wall_killed:
-                # Init reports once every process of the stage is gone, so all they wrote
-                # is in the pipes already; nsjail, which holds the pipes too, ends later.
-                for reader in readers:
-                    reader.flush()
-            else:
-                cpu_time = await exited  # nsjail ends once its jail has
-                log_reader = _Reader(self.log, log.extend)
-                await asyncio.gather(*(r.eof for r in (*readers, log_reader)))
-            await asyncio.gather(*writers)
-        finally:
-            for reader in readers:
-                reader.stop()
-            for writer in writers:
-                writer.cancel()
-        for reader in readers:
-            reader.check()
-        return _Seen(
-            status=status.decode(errors="replace"),
-            wall_killed=wall_killed,
-            wall_time=time.monotonic() - started,
-            cpu_time=cpu_time,
-            log=log.decode(errors="replace"),
-        )
-
-    async def end(self) -> None:
-        """Wait for nsjail to end after its jail (an armed jail's init ends when its control
-        pipe closes unused), then release everything."""
-        with contextlib.suppress(OSError):
-            if self.control >= 0:
-                os.close(self.control)
-        self.control = -1
-        try:
-            await asyncio.wait_for(asyncio.shield(self.exited()), timeout=END_TIMEOUT)
-        except TimeoutError:
-            self.kill()
-        finally:
-            self.release()
-
-    def kill(self) -> None:
-        """Kill the jail now, and nsjail after it; release everything."""
-        if self._exit is not None and not self._exit.done():
-            self._exit.cancel()  # reaped below, not by the task
-        if self.proc.returncode is None:
-            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
-            # Killed first, nsjail would orphan the jail's init to the host's pid 1.
-            self.cgroup.kill_all()
-            try:
-                self.proc.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.release()
-
-    def release(self) -> None:
-        for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, name, -1)
-        self.cgroup.close()
-        self.cgroup.remove()
-
-
-class _Reader:
-    """Hands what arrives on a pipe to ``consume``, one read per wake of the event loop."""
-
-    def __init__(self, fd: int, consume: Callable[[bytes], Any]) -> None:
-        self.fd, self.consume = fd, consume
-        self.loop = asyncio.get_running_loop()
-        self.eof: asyncio.Future[None] = self.loop.create_future()
-        self.error: BaseException | None = None
-        os.set_blocking(fd, False)
-        self.loop.add_reader(fd, self._read)
-        self.reading = True
-
-    def _read(self) -> bool:
-        try:
-            chunk = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return False
-        if chunk:
-            try:
-                self.consume(chunk)
-                return True
-            except Exception as exc:  # reported by check(), not lost in the event loop
-                self.error = exc
-        self.stop()
-        if not self.eof.done():
-            self.eof.set_result(None)
-        return False
-
-    def flush(self) -> None:
-        """Consume what the pipe holds now, without waiting for more."""
-        while self.reading and self._read():
-            pass
-
-    def stop(self) -> None:
-        if self.reading:
-            self.loop.remove_reader(self.fd)
-            self.reading = False
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
-async def _feed(fd: int, data: bytes) -> None:
-    """Write ``data`` to the pipe ``fd`` and close it; a reader that goes away early is not
-    an error. The descriptor is closed whatever happens, cancellation included."""
-    loop = asyncio.get_running_loop()
-    try:
-        os.set_blocking(fd, False)
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_writer(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_writer(fd)
-            except BrokenPipeError:
-                return
-    finally:
-        os.close(fd)
-
-
 async def _remove_after(workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
     # Once its jails are gone it is a plain directory again, quick to remove (while it is a
     # mount point of a jail that is still ending, removing it contends with the kernel).
     await asyncio.gather(*jails, return_exceptions=True)
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def _wait_exit(proc: subprocess.Popen[bytes]) -> float:
-    """Wait for ``proc`` to exit through a pidfd, reap it, and return its children's CPU time.
-
-    The CPU time is nsjail's and that of the jail it reaped: the fallback when init could not
-    report (it was killed by the wall-clock timer).
-    """
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(proc.pid)
-    done = asyncio.Event()
-    loop.add_reader(pidfd, done.set)
-    try:
-        await done.wait()
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait
-    return usage.ru_utime + usage.ru_stime
 
 
 def write_etc(etc_dir: Path) -> None:

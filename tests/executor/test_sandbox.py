@@ -48,12 +48,15 @@ def compile_c(workdir: Path, name: str, source: str, *flags: str) -> None:
 
 
 def left_by_the_program(sandbox: Sandbox) -> list[int]:
-    """Processes of the sandbox's uid but its jail's init, which ``run`` does not wait for: it
-    returns once init has reported, and init reports once it has killed and reaped the rest."""
+    """Live processes of the sandbox's uid but its jail's init, which ``run`` does not wait for:
+    it returns once init has reported, and init reports once it has killed and reaped the rest.
+    (An exiting init has already lost its command line, a dead one is a zombie until reaped.)"""
     left = []
     for pid in processes_of(sandbox.uid):
         with contextlib.suppress(OSError):  # gone meanwhile
-            if not Path(f"/proc/{pid}/cmdline").read_bytes().startswith(INIT_PATH.encode()):
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if state not in "ZX" and argv and not argv.startswith(INIT_PATH.encode()):
                 left.append(pid)
     return left
 
