@@ -138,7 +138,7 @@ class Jail:
             asyncio.ensure_future(feed(self.control, request)),
             asyncio.ensure_future(feed(self.stdin, stdin)),
         ]
-        self.control = self.stdin = -1  # closed by _feed
+        self.control = self.stdin = -1  # closed by feed
         exited = self.exited()
         try:
             done, _ = await asyncio.wait(
@@ -260,6 +260,8 @@ async def feed(fd: int, data: bytes) -> None:
     """Write ``data`` to the pipe ``fd`` and close it; a reader that goes away early is not
     an error. The descriptor is closed whatever happens, cancellation included."""
     loop = asyncio.get_running_loop()
+    # An Event, not a future: the loop may call the writer back again before this task runs.
+    ready = asyncio.Event()
     try:
         os.set_blocking(fd, False)
         view = memoryview(data)
@@ -267,10 +269,10 @@ async def feed(fd: int, data: bytes) -> None:
             try:
                 view = view[os.write(fd, view) :]
             except BlockingIOError:
-                ready = loop.create_future()
-                loop.add_writer(fd, ready.set_result, None)
+                ready.clear()
+                loop.add_writer(fd, ready.set)
                 try:
-                    await ready
+                    await ready.wait()
                 finally:
                     loop.remove_writer(fd)
             except BrokenPipeError:
