@@ -446,9 +446,9 @@ class Sandbox:
         elif report and report.kind == "signaled":
             outcome.signal = report.code
         self._later(jail.end())
-        for stream, capture in captures.items():
-            setattr(outcome, stream, bytes(capture.data))
-            setattr(outcome, f"{stream}_truncated", capture.truncated)
+        stdout, stderr = captures["stdout"], captures["stderr"]
+        outcome.stdout, outcome.stdout_truncated = bytes(stdout.data), stdout.truncated
+        outcome.stderr, outcome.stderr_truncated = bytes(stderr.data), stderr.truncated
         outcome.finished_at = now()
         return outcome
 
