@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from restio import ADMIN, ALICE, BOB, Rest
+from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cellblock import config as config_module
 from cellblock.service.protocol import parse_submission
 from cellblock.service.store import Rejected, Store
 
-ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
 JSON_TYPE = "application/json; charset=utf-8"
 MAX_BODY = 1024 * 1024  # CELLBLOCK_MAX_BODY_SIZE of the service fixture
 QUEUE_SIZE = 50  # CELLBLOCK_QUEUE_SIZE of TEST_ENV
@@ -38,50 +38,14 @@ Until = Callable[..., Awaitable[Any]]  # the until fixture of tests/conftest.py
 Launch = Callable[..., Awaitable[Any]]  # the launch fixture of tests/conftest.py
 
 
-class Api:
-    """A small client of the service's REST API."""
+class Api(Rest):
+    """The REST client, with the waits these tests share."""
+
+    content_type = JSON_TYPE
 
     def __init__(self, url: str, until: Until) -> None:
-        self.url = url
-        self.http = AsyncHTTPClient(force_instance=True)
+        super().__init__(url)
         self.until = until
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        token: str | None = ALICE,
-        headers: dict[str, str] | None = None,
-        raw: bytes | None = None,
-        timeout: float = 30,
-        **kwargs: Any,
-    ) -> HTTPResponse:
-        all_headers = dict(headers or {})
-        if token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        if data is None and method in ("POST", "PUT") and "body_producer" not in kwargs:
-            data = b""
-        return await self.http.fetch(
-            self.url + path,
-            method=method,
-            body=data,
-            headers=all_headers,
-            raise_error=False,
-            request_timeout=timeout,
-            allow_nonstandard_methods=True,
-            **kwargs,
-        )
-
-    async def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        """The JSON answer; asserts the status with ``expect`` (default 200)."""
-        expect = kwargs.pop("expect", 200)
-        response = await self.request(method, path, body, **kwargs)
-        assert response.code == expect, (response.code, response.body)
-        assert response.headers["Content-Type"] == JSON_TYPE
-        return json.loads(response.body)
 
     async def submit(self, request: dict[str, Any], token: str = ALICE) -> str:
         answer = await self.call("POST", "/api/v1/submissions", request, token=token, expect=201)
@@ -159,7 +123,7 @@ def check_sequence(events: list[dict[str, Any]], sid: str, first: int = 1) -> No
 async def api(service: Any, until: Until) -> AsyncIterator[Api]:
     client = Api(service.url, until)
     yield client
-    client.http.close()
+    client.close()
 
 
 async def wait_exit(until: Until, proc: Any, timeout: float = 30) -> int:

@@ -10,48 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from restio import ADMIN, ALICE, BOB, Rest
 
 from cellblock import config as config_module
 from cellblock.errors import ConfigError
 from cellblock.service.auth import Principal, Tokens, ensure_token_files, load_tokens
 
-ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
-
-
-class Http:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = AsyncHTTPClient(force_instance=True)
-
-    async def fetch(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: str | None = ALICE,
-        headers: dict[str, str] | None = None,
-    ) -> HTTPResponse:
-        all_headers = dict(headers or {})
-        if token is not None:
-            all_headers["Authorization"] = f"Bearer {token}"
-        data = json.dumps(body) if body is not None else ("" if method == "POST" else None)
-        return await self.client.fetch(
-            self.url + path, method=method, body=data, headers=all_headers, raise_error=False
-        )
-
-    async def json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        expect = kwargs.pop("expect", 200)
-        response = await self.fetch(method, path, body, **kwargs)
-        assert response.code == expect, (response.code, response.body)
-        return json.loads(response.body)
-
 
 @pytest.fixture
-async def http(service: Any) -> AsyncIterator[Http]:
-    client = Http(service.url)
+async def http(service: Any) -> AsyncIterator[Rest]:
+    client = Rest(service.url)
     yield client
-    client.client.close()
+    client.close()
 
 
 # -- tokens over HTTP -------------------------------------------------------------------------
@@ -81,39 +51,39 @@ BAD_AUTHORIZATION = [
 ]
 
 
-async def test_no_or_a_bad_token_is_401(http: Http) -> None:
+async def test_no_or_a_bad_token_is_401(http: Rest) -> None:
     for (method, path, body), headers in itertools.product(TOKEN_NEEDED, BAD_AUTHORIZATION):
-        response = await http.fetch(method, path, body, token=None, headers=headers)
+        response = await http.request(method, path, body, token=None, headers=headers)
         assert response.code == 401, (method, path, headers, response.body)
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert response.headers["Content-Type"] == "application/json; charset=utf-8"
         assert json.loads(response.body)["error"]["code"] == "unauthorized"
 
 
-async def test_a_refused_submission_is_not_stored(http: Http, store: Any) -> None:
-    await http.json("POST", "/api/v1/submissions", {"run": "true"}, token="nope", expect=401)
+async def test_a_refused_submission_is_not_stored(http: Rest, store: Any) -> None:
+    await http.call("POST", "/api/v1/submissions", {"run": "true"}, token="nope", expect=401)
     assert await store.queued() == 0 and (await store.counters()).get("submitted", 0) == 0
 
 
-async def test_the_bearer_scheme_is_case_insensitive(http: Http) -> None:
+async def test_the_bearer_scheme_is_case_insensitive(http: Rest) -> None:
     for scheme in ("bearer", "BEARER", "Bearer"):
-        await http.json(
+        await http.call(
             "GET", "/api/v1/submissions", token=None, headers={"Authorization": f"{scheme} {BOB}"}
         )
 
 
-async def test_the_token_query_parameter_authenticates(http: Http) -> None:
-    answer = await http.json("POST", f"/api/v1/submissions?token={BOB}", {"run": "true"},
+async def test_the_token_query_parameter_authenticates(http: Rest) -> None:
+    answer = await http.call("POST", f"/api/v1/submissions?token={BOB}", {"run": "true"},
                              token=None, expect=201)  # fmt: skip
-    listed = await http.json("GET", f"/api/v1/submissions?token={BOB}", token=None)
+    listed = await http.call("GET", f"/api/v1/submissions?token={BOB}", token=None)
     assert [s["id"] for s in listed["submissions"]] == [answer["id"]]
-    await http.json("GET", "/api/v1/workers?token=admin-token", token=None)
-    await http.json("GET", "/api/v1/submissions?token=nope", token=None, expect=401)
+    await http.call("GET", "/api/v1/workers?token=admin-token", token=None)
+    await http.call("GET", "/api/v1/submissions?token=nope", token=None, expect=401)
 
 
-async def test_health_needs_no_token_even_a_wrong_one(http: Http) -> None:
-    assert (await http.json("GET", "/api/v1/health", token=None))["status"] == "ok"
-    assert (await http.json("GET", "/api/v1/health", token="nope"))["status"] == "ok"
+async def test_health_needs_no_token_even_a_wrong_one(http: Rest) -> None:
+    assert (await http.call("GET", "/api/v1/health", token=None))["status"] == "ok"
+    assert (await http.call("GET", "/api/v1/health", token="nope"))["status"] == "ok"
 
 
 @pytest.mark.parametrize(
@@ -126,24 +96,24 @@ async def test_health_needs_no_token_even_a_wrong_one(http: Http) -> None:
     ],
 )
 async def test_a_client_token_is_403_on_admin_endpoints(
-    http: Http, method: str, path: str, body: Any
+    http: Rest, method: str, path: str, body: Any
 ) -> None:
-    answer = await http.json(method, path, body, token=ALICE, expect=403)
+    answer = await http.call(method, path, body, token=ALICE, expect=403)
     assert answer["error"]["code"] == "forbidden"
     # The admin token passes the same check (what follows depends on the endpoint).
-    response = await http.fetch(method, path, body, token=ADMIN)
+    response = await http.request(method, path, body, token=ADMIN)
     assert response.code not in (401, 403)
 
 
 # -- ownership --------------------------------------------------------------------------------
 
 
-async def test_someone_elses_id_answers_exactly_as_an_unknown_id(http: Http) -> None:
-    sid = (await http.json("POST", "/api/v1/submissions", {"run": "true"}, expect=201))["id"]
+async def test_someone_elses_id_answers_exactly_as_an_unknown_id(http: Rest) -> None:
+    sid = (await http.call("POST", "/api/v1/submissions", {"run": "true"}, expect=201))["id"]
     unknown = "u" * len(sid)
     for method, suffix in (("GET", ""), ("GET", "/events"), ("DELETE", "")):
-        theirs = await http.fetch(method, f"/api/v1/submissions/{sid}{suffix}", token=BOB)
-        nothing = await http.fetch(method, f"/api/v1/submissions/{unknown}{suffix}", token=BOB)
+        theirs = await http.request(method, f"/api/v1/submissions/{sid}{suffix}", token=BOB)
+        nothing = await http.request(method, f"/api/v1/submissions/{unknown}{suffix}", token=BOB)
         assert theirs.code == nothing.code == 404, (method, suffix)
         assert theirs.body.replace(sid.encode(), b"ID") == nothing.body.replace(
             unknown.encode(), b"ID"
@@ -151,29 +121,29 @@ async def test_someone_elses_id_answers_exactly_as_an_unknown_id(http: Http) -> 
         for header in ("Content-Type", "Cache-Control"):
             assert theirs.headers.get(header) == nothing.headers.get(header)
     # bob's DELETE did nothing; bob's list does not show it.
-    assert (await http.json("GET", f"/api/v1/submissions/{sid}"))["status"] == "queued"
-    assert (await http.json("GET", "/api/v1/submissions", token=BOB))["submissions"] == []
+    assert (await http.call("GET", f"/api/v1/submissions/{sid}"))["status"] == "queued"
+    assert (await http.call("GET", "/api/v1/submissions", token=BOB))["submissions"] == []
 
 
-async def test_an_admin_can_see_and_cancel_anyones_submission(http: Http) -> None:
-    sid = (await http.json("POST", "/api/v1/submissions", {"run": "true"}, expect=201))["id"]
-    state = await http.json("GET", f"/api/v1/submissions/{sid}", token=ADMIN)
-    assert state == await http.json("GET", f"/api/v1/submissions/{sid}")
-    answer = await http.json("DELETE", f"/api/v1/submissions/{sid}", token=ADMIN)
+async def test_an_admin_can_see_and_cancel_anyones_submission(http: Rest) -> None:
+    sid = (await http.call("POST", "/api/v1/submissions", {"run": "true"}, expect=201))["id"]
+    state = await http.call("GET", f"/api/v1/submissions/{sid}", token=ADMIN)
+    assert state == await http.call("GET", f"/api/v1/submissions/{sid}")
+    answer = await http.call("DELETE", f"/api/v1/submissions/{sid}", token=ADMIN)
     assert answer == {"id": sid, "status": "cancelled"}
-    events = await http.fetch("GET", f"/api/v1/submissions/{sid}/events", token=ADMIN)
+    events = await http.request("GET", f"/api/v1/submissions/{sid}/events", token=ADMIN)
     assert events.code == 200 and b"event: finished" in events.body
     # The submission stays alice's: she sees it cancelled; bob still cannot.
-    assert (await http.json("GET", f"/api/v1/submissions/{sid}"))["status"] == "cancelled"
-    await http.json("GET", f"/api/v1/submissions/{sid}", token=BOB, expect=404)
+    assert (await http.call("GET", f"/api/v1/submissions/{sid}"))["status"] == "cancelled"
+    await http.call("GET", f"/api/v1/submissions/{sid}", token=BOB, expect=404)
 
 
-async def test_an_owner_can_see_and_cancel_their_own(http: Http) -> None:
-    sid = (await http.json("POST", "/api/v1/submissions", {"run": "true"}, token=BOB,
+async def test_an_owner_can_see_and_cancel_their_own(http: Rest) -> None:
+    sid = (await http.call("POST", "/api/v1/submissions", {"run": "true"}, token=BOB,
                            expect=201))["id"]  # fmt: skip
-    assert (await http.json("GET", f"/api/v1/submissions/{sid}", token=BOB))["id"] == sid
-    await http.json("GET", f"/api/v1/submissions/{sid}", token=ALICE, expect=404)
-    await http.json("DELETE", f"/api/v1/submissions/{sid}", token=BOB)
+    assert (await http.call("GET", f"/api/v1/submissions/{sid}", token=BOB))["id"] == sid
+    await http.call("GET", f"/api/v1/submissions/{sid}", token=ALICE, expect=404)
+    await http.call("DELETE", f"/api/v1/submissions/{sid}", token=BOB)
 
 
 # -- the token table --------------------------------------------------------------------------

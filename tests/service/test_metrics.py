@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from restio import ADMIN, ALICE, Rest
 
 from cellblock.service.metrics import Metrics
 from cellblock.service.store import Store
 
-ALICE, ADMIN = "alice-token", "admin-token"
 SAMPLE = re.compile(
     r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>-?[0-9.e+]+|NaN)"
 )
@@ -54,22 +53,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
-class Http:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.client = AsyncHTTPClient(force_instance=True)
-
-    async def fetch(
-        self, method: str, path: str, body: Any = None, token: str | None = ALICE
-    ) -> HTTPResponse:
-        headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-        data = json.dumps(body) if body is not None else None
-        return await self.client.fetch(
-            self.url + path, method=method, body=data, headers=headers, raise_error=False
-        )
-
+class Http(Rest):
     async def metrics(self) -> Samples:
-        response = await self.fetch("GET", "/metrics", token=ADMIN)
+        response = await self.request("GET", "/metrics", token=ADMIN)
         assert response.code == 200, response.body
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return parse(response.body.decode())
@@ -79,13 +65,13 @@ class Http:
 async def http(service: Any) -> AsyncIterator[Http]:
     client = Http(service.url)
     yield client
-    client.client.close()
+    client.close()
 
 
 async def test_metrics_needs_an_admin_token(http: Http) -> None:
-    assert (await http.fetch("GET", "/metrics", token=None)).code == 401
-    assert (await http.fetch("GET", "/metrics", token="wrong")).code == 401
-    response = await http.fetch("GET", "/metrics", token=ALICE)
+    assert (await http.request("GET", "/metrics", token=None)).code == 401
+    assert (await http.request("GET", "/metrics", token="wrong")).code == 401
+    response = await http.request("GET", "/metrics", token=ALICE)
     assert response.code == 403
     assert json.loads(response.body)["error"]["code"] == "forbidden"
 
@@ -107,12 +93,12 @@ async def test_metrics_count_submissions_requests_and_workers(
 ) -> None:
     ids = []
     for _ in range(3):
-        response = await http.fetch("POST", "/api/v1/submissions", {"run": "echo hi"})
+        response = await http.request("POST", "/api/v1/submissions", {"run": "echo hi"})
         assert response.code == 201
         ids.append(json.loads(response.body)["id"])
-    assert (await http.fetch("DELETE", f"/api/v1/submissions/{ids[0]}")).code == 200
-    assert (await http.fetch("POST", "/api/v1/submissions", {})).code == 422
-    assert (await http.fetch("GET", "/api/v1/nowhere")).code == 404
+    assert (await http.request("DELETE", f"/api/v1/submissions/{ids[0]}")).code == 200
+    assert (await http.request("POST", "/api/v1/submissions", {})).code == 422
+    assert (await http.request("GET", "/api/v1/nowhere")).code == 404
 
     samples = await http.metrics()
     assert value(samples, "cellblock_submissions_total") == 3

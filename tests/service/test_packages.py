@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import tornado.httpserver
 import tornado.netutil
-from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from restio import ALICE, Rest
 
 from cellblock import config as config_module
 from cellblock.cachebuilder import nix
@@ -27,7 +27,6 @@ from cellblock.service.auth import Principal, Tokens
 from cellblock.service.server import make_app
 from cellblock.service.store import Store
 
-ALICE = "alice-token"
 TOKENS = {"alice-token": Principal("alice", "client"), "admin-token": Principal("admin", "admin")}
 #: Names carrying Nix syntax (or too deep): refused before they come near Nix.
 BAD_NAMES = [
@@ -39,27 +38,7 @@ BAD_NAMES = [
 ]
 
 
-class Api:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.http = AsyncHTTPClient(force_instance=True)
-
-    async def request(
-        self, method: str, path: str, body: Any = None, token: str | None = ALICE, **kw: Any
-    ) -> HTTPResponse:
-        headers = dict(kw.pop("headers", {}))
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        data = None if body is None else json.dumps(body).encode()
-        return await self.http.fetch(
-            self.url + path, method=method, body=data, headers=headers, raise_error=False, **kw
-        )
-
-    async def call(self, method: str, path: str, body: Any = None, expect: int = 200) -> Any:
-        response = await self.request(method, path, body)
-        assert response.code == expect, (response.code, response.body)
-        return json.loads(response.body)
-
+class Api(Rest):
     async def build_ends(self, build: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
@@ -74,7 +53,7 @@ class Api:
 async def api(service: Any) -> AsyncIterator[Api]:
     client = Api(service.url)
     yield client
-    client.http.close()
+    client.close()
 
 
 # -- listing and prefetching --------------------------------------------------------------------
@@ -185,10 +164,7 @@ async def test_names_with_nix_syntax_are_422_before_any_nix_runs(
      (b"null", 422), (b"{not json", 400)],
 )  # fmt: skip
 async def test_a_malformed_prefetch_is_refused(api: Api, raw: bytes, code: int) -> None:
-    response = await api.http.fetch(
-        api.url + "/api/v1/packages", method="POST", body=raw, raise_error=False,
-        headers={"Authorization": f"Bearer {ALICE}"},
-    )  # fmt: skip
+    response = await api.request("POST", "/api/v1/packages", raw=raw)
     assert response.code == code, response.body
     assert "error" in json.loads(response.body)
 
@@ -293,4 +269,4 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
         assert all(os.path.exists(p) for p in env.closure)
         assert json.loads(Path(env.store_path, "env.json").read_text()) == dict(env.variables)
     finally:
-        api.http.close()
+        api.close()
