@@ -63,10 +63,11 @@ def stats(samples: Sequence[float]) -> tuple[float, float]:
 
 @contextmanager
 def redis_server() -> Iterator[str]:
+    """A private redis-server on a unix socket (its URL), ready for clients; gone afterwards."""
     server = shutil.which("redis-server")
     if server is None:
         sys.exit("redis-server is not installed")
-    folder = Path(tempfile.mkdtemp(prefix="cellblock-bench-deps-"))
+    folder = Path(tempfile.mkdtemp(prefix="cellblock-bench-redis-"))
     sock = folder / "redis.sock"
     proc = subprocess.Popen(
         [server, "--port", "0", "--unixsocket", str(sock), "--dir", str(folder),

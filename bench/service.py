@@ -1,8 +1,8 @@
 """End-to-end latency and throughput of the whole service, against bare nsjail, in one run.
 
-Starts a private deployment (redis-server on a unix socket, ``cellblock service``, two
-``cellblock executor`` processes with the configured slots) in a temporary state directory and
-measures, after a warm-up:
+Starts a private deployment (redis-server on a unix socket, as bench/deps.py does, then
+``cellblock service`` and two ``cellblock executor`` processes with the configured slots) in
+a temporary state directory and measures, after a warm-up:
 
 ``websocket``
     A trivial submission (``echo hi``) through ``Client.run``: submit over the WebSocket and
@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from deps import redis_server
 from sandbox import ORDER, Bench
 
 from cellblock import config as cellblock_config
@@ -75,9 +76,10 @@ def stats(samples: Sequence[float]) -> dict[str, float]:
 
 
 class Deployment:
-    """redis-server, the service and two executors, in a temporary state directory."""
+    """The service and two executors on the Redis at ``redis``, in a temporary state
+    directory."""
 
-    def __init__(self, root: Path, sandbox_root: Path, executors: int = 2) -> None:
+    def __init__(self, root: Path, sandbox_root: Path, redis: str, executors: int = 2) -> None:
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,25 +91,6 @@ class Deployment:
             "CELLBLOCK_QUEUE_SIZE": "100000",
         }
         self.procs: list[subprocess.Popen[bytes]] = []
-        sock = root / "redis.sock"
-        self._start(
-            [
-                "redis-server",
-                "--port",
-                "0",
-                "--unixsocket",
-                str(sock),
-                "--dir",
-                str(root),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-        )
-        while not sock.exists():
-            time.sleep(0.01)
-        redis = f"unix://{sock}"
         self._start(
             [
                 *CELLBLOCK,
@@ -252,11 +235,16 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with redis_server() as redis:
+        return await bench_on(args, redis)
+
+
+async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="cellblock-bench-service-"))
     root.chmod(0o711)
     sandbox_root = root / "sandbox"
     sandbox_root.mkdir(mode=0o711)
-    deployment = Deployment(root, sandbox_root)
+    deployment = Deployment(root, sandbox_root, redis)
     config = cellblock_config.load(root, environ={"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'})
     host = prepare(config)
     sandbox = host.sandbox(slot=250)
