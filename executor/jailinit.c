@@ -19,6 +19,7 @@
  *   signaled SIGNO UTIME_US STIME_US WALL_US   PROGRAM was killed by a signal
  *   exec-failed ERRNO                          PROGRAM could not be started
  *   rlimit-failed RESOURCE ERRNO               an rlimit could not be applied
+ *   seal-failed ERRNO                          the user namespace could not be sealed
  *
  * DEADLINE_S seconds after the start everything in the namespace is killed: the host's own
  * wall-clock timer fires long before, so this only matters when the host died mid-stage.
@@ -28,16 +29,25 @@
  * own output: it only describes that program. Init is made non-dumpable so that the program,
  * which runs under the same uid, cannot open init's descriptors through /proc.
  *
+ * Before anything else, init seals the jail's user namespace: it writes 0 to that namespace's
+ * own user.max_user_namespaces (bound at USERNS_LIMIT by nsjail), so nothing in the jail can
+ * make a nested user namespace even past the seccomp policy, which refuses it too. nsjail hands
+ * init CAP_SYS_RESOURCE in the jail's namespace for exactly that write; init drops every
+ * capability right after it, before it reads its stage, so the program never holds one.
+ *
  * Statically linked: it must run in a sandbox that holds nothing but itself.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/capability.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -148,6 +158,21 @@ static char **next_list(char **cursor, const char *end, unsigned long count) {
     return list;
 }
 
+#define USERNS_LIMIT "/.cellblock/userns"
+
+/* 0 on success, else the errno of what failed. */
+static int seal_user_namespace(void) {
+    int err = 0;
+    int fd = open(USERNS_LIMIT, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, "0\n", 2) != 2) err = errno ? errno : EIO;
+    if (fd >= 0) close(fd);
+    struct __user_cap_header_struct header = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
+    struct __user_cap_data_struct none[2] = {{0}};
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && !err) err = errno;
+    if (syscall(SYS_capset, &header, none) != 0 && !err) err = errno;
+    return err;
+}
+
 static void kill_everything(int signo) {
     (void)signo;
     kill(-1, SIGKILL);
@@ -158,9 +183,14 @@ int main(int argc, char **argv) {
     /* kill(-1) below must only ever reach one sandbox's PID namespace, never a host. */
     if (getpid() != 1) return usage("refusing to run: not pid 1 of a PID namespace");
     int status_fd = atoi(argv[1]);
+    int sealed = seal_user_namespace();
     char *request = NULL;
     size_t length = read_request(atoi(argv[2]), &request);
     if (length == 0) return 0;
+    if (sealed != 0) {
+        dprintf(status_fd, "seal-failed %d\n", sealed);
+        return 126;
+    }
     char *cursor = request, *end = request + length;
     unsigned long deadline, nlimits, nenv, nargv;
     struct limit limits[NRESOURCES];

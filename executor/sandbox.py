@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cellblock.executor import seccomp
 from cellblock.executor.cgroups import Cgroups
 from cellblock.executor.jail import Jail, JailFds
 from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
@@ -39,6 +40,9 @@ from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
 #: Where things are inside the jail.
 WORKDIR = "/box"
 INIT_PATH = "/.cellblock/init"
+#: Where init finds its jail's own user.max_user_namespaces, to seal it (see jailinit.c).
+USERNS_LIMIT_PATH = "/.cellblock/userns"
+USERNS_LIMIT_SYSCTL = "/proc/sys/user/max_user_namespaces"
 SANDBOX_UID = 1000
 #: Seconds past a stage's wall-time limit before our timer kills it.
 WALL_GRACE = 0.05
@@ -54,19 +58,6 @@ DEV_LINKS = (
     ("stdin", "/proc/self/fd/0"),
     ("stdout", "/proc/self/fd/1"),
     ("stderr", "/proc/self/fd/2"),
-)
-#: System calls a program never needs and that widen the kernel's attack surface.
-SECCOMP_POLICY = (
-    "ERRNO(1) { "
-    "mount, umount, pivot_root, chroot, setns, unshare, "
-    "ptrace, process_vm_readv, process_vm_writev, kcmp, "
-    "keyctl, add_key, request_key, bpf, perf_event_open, userfaultfd, "
-    "kexec_load, kexec_file_load, init_module, finit_module, delete_module, "
-    "reboot, swapon, swapoff, acct, quotactl, syslog, settimeofday, clock_settime, "
-    "clock_adjtime, adjtimex, sethostname, setdomainname, iopl, ioperm, "
-    "open_by_handle_at, name_to_handle_at, lookup_dcookie, vhangup, "
-    "fsopen, fsmount, fsconfig, fspick, move_mount, open_tree, mount_setattr"
-    " } DEFAULT ALLOW"
 )
 
 OutputSink = Callable[[str, bytes], None]
@@ -159,6 +150,8 @@ class InitReport:
             return cls(words[0], code, (utime + stime) / 1e6, wall / 1e6)
         if words[0] == "exec-failed":
             return cls(words[0], 0, 0.0, 0.0, os.strerror(int(words[1])))
+        if words[0] == "seal-failed":
+            return cls(words[0], 0, 0.0, 0.0, os.strerror(int(words[1])))
         if words[0] == "rlimit-failed":
             return cls(words[0], 0, 0.0, 0.0, f"{words[1]}: {os.strerror(int(words[2]))}")
         return None
@@ -179,6 +172,8 @@ def classify(
         return "error", "the sandbox ended without reporting the program's status"
     if report.kind == "exec-failed":
         return "error", f"the sandbox could not start the stage's shell: {report.detail}"
+    if report.kind == "seal-failed":
+        return "error", f"the sandbox could not seal its user namespace: {report.detail}"
     if report.kind == "rlimit-failed":
         return "error", f"the sandbox could not apply the limit {report.detail}"
     if report.kind == "exited" and report.code == 0:
@@ -345,7 +340,9 @@ class Sandbox:
             "--time_limit", "0",
             "--user", f"{SANDBOX_UID}:{self.uid}:1", "--group", f"{SANDBOX_UID}:{self.uid}:1",
             "--hostname", HOSTNAME, "--cwd", WORKDIR,
-            "--seccomp_string", SECCOMP_POLICY,
+            "--seccomp_string", seccomp.POLICY,
+            # For init alone, to seal the user namespace; it drops it before the stage.
+            "--cap", "CAP_SYS_RESOURCE",
             "--pass_fd", str(fds.status), "--pass_fd", str(fds.control),
         ]  # fmt: skip
         cmd += self._base_mounts
@@ -353,6 +350,9 @@ class Sandbox:
             cmd += ["--bindmount" if m.writable else "--bindmount_ro", f"{m.source}:{m.target}"]
         cmd += ["--bindmount", f"{workdir}:{WORKDIR}"]
         cmd += ["--bindmount_ro", f"{self.init}:{INIT_PATH}"]
+        # Resolved by nsjail inside the jail's user namespace, so this is that namespace's own
+        # limit, not the host's.
+        cmd += ["--bindmount", f"{USERNS_LIMIT_SYSCTL}:{USERNS_LIMIT_PATH}"]
         cmd += cgroup_args
         cmd += ["--", INIT_PATH, str(fds.status), str(fds.control)]
         return cmd
