@@ -42,6 +42,8 @@ from cellblock.service.protocol import (
 )
 
 JOBS_GROUP = "executors"
+#: The largest ``since`` a read of events passes to Redis (see ``Store.events``).
+MAX_SINCE = 2**64 - 2
 
 
 class QueueFull(CellblockError):
@@ -316,6 +318,10 @@ class Store:
         self, sid: str, since: int = 0, block: float | None = None
     ) -> list[dict[str, Any]]:
         """Events after ``since``; with ``block`` seconds, wait that long for one to come."""
+        # A stream id's sequence is 64 bits and an exclusive range needs one above it; Redis
+        # refuses anything larger. No submission has that many events, so after the bound
+        # means what any larger ``since`` means: after all of them.
+        since = min(since, MAX_SINCE)
         if block is None:
             entries = await self.redis.xrange(self._events(sid), f"(0-{since}", "+")
             return [_event_from_entry(i, f) for i, f in entries]
