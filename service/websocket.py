@@ -28,8 +28,25 @@ log = logging.getLogger("cellblock.service")
 class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         self.authenticate()  # before the upgrade: a bad token answers 401, not a socket
+        self._check_upgrade()
         self._relays: set[asyncio.Task[None]] = set()
         await super().get(*args, **kwargs)
+
+    def _check_upgrade(self) -> None:
+        """Refuse what Tornado would refuse, but with the protocol's error body: Tornado answers
+        a request that is no upgrade with bare text, and an unknown version with no body."""
+        headers = self.request.headers
+        connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+            message = "this endpoint takes a WebSocket upgrade (Upgrade: websocket)"
+            raise ApiError(400, "not_websocket", message)
+        if headers.get("Sec-WebSocket-Version") != "13":
+            raise ApiError(
+                426,
+                "websocket_version",
+                "the WebSocket version must be 13",
+                headers={"Sec-WebSocket-Version": "13"},
+            )
 
     def open(self, *args: Any, **kwargs: Any) -> None:
         # Events are small messages sent one by one: without TCP_NODELAY, Nagle's algorithm

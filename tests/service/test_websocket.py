@@ -273,6 +273,31 @@ async def test_a_bad_token_is_refused_with_401_before_the_upgrade(service: Any) 
         assert raised.value.code == 401, token
 
 
+async def test_a_request_that_is_no_websocket_upgrade_answers_the_error_body(
+    service: Any,
+) -> None:
+    """Tornado's own answers were bare text, or empty (found by fuzzing)."""
+    client = AsyncHTTPClient(force_instance=True)
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "x"}
+    try:
+        for headers, code, error in (
+            ({}, 400, "not_websocket"),
+            ({**upgrade, "Connection": "keep-alive"}, 400, "not_websocket"),
+            ({**upgrade, "Sec-WebSocket-Version": "12"}, 426, "websocket_version"),
+        ):
+            response = await client.fetch(
+                f"{service.url}/api/v1/ws",
+                headers={**headers, "Authorization": f"Bearer {ALICE}"},
+                raise_error=False,
+            )
+            assert response.code == code, (headers, response.body)
+            assert json.loads(response.body)["error"]["code"] == error
+            if code == 426:
+                assert response.headers["Sec-WebSocket-Version"] == "13"
+    finally:
+        client.close()
+
+
 async def test_the_token_query_parameter_authenticates(connect: Connect, service: Any) -> None:
     ws = await connect(BOB, query=True)
     sid = (await ws.ask({"type": "submit", "submission": {"run": "true"}}))["id"]
