@@ -13,7 +13,7 @@ import base64
 import tornado.web
 
 from cellblock.cachebuilder.environments import EnvironmentCache, environment_key
-from cellblock.service.api import ApiError, BaseHandler
+from cellblock.service.api import RETRY_AFTER, ApiError, BaseHandler
 from cellblock.service.protocol import PackagesRequest, parse_packages_request
 
 #: How long a prefetch build may hold its package set before another may start one.
@@ -32,7 +32,12 @@ class PackagesHandler(BaseHandler):
         cache = EnvironmentCache(self.services.store)
         channel = await cache.channel()
         if channel is None:
-            raise ApiError(503, "no_builder", "no cache builder has started yet; retry later")
+            raise ApiError(
+                503,
+                "no_builder",
+                "no cache builder has started yet; retry later",
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
         key = environment_key(channel, request.names)
         env = await cache.get(key)
         if env is not None:

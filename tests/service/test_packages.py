@@ -70,6 +70,9 @@ async def test_packages_need_a_token(api: Api) -> None:
 async def test_before_any_builder_started_prefetch_is_503_and_the_list_empty(api: Api) -> None:
     answer = await api.call("POST", "/api/v1/packages", {"names": ["busybox"]}, expect=503)
     assert answer["error"]["code"] == "no_builder"
+    # Like the full queue's 429, it says when to retry (its absence was found by fuzzing).
+    response = await api.request("POST", "/api/v1/packages", {"names": ["busybox"]})
+    assert int(response.headers["Retry-After"]) > 0
     assert await api.call("GET", "/api/v1/packages") == {"packages": []}
 
 
