@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import metadata
-from typing import Any
+from typing import Any, get_args
 
+from cellblock.service.api import MAX_WAIT
 from cellblock.service.protocol import (
     RLIMITS,
     SANDBOX_LIMITS,
+    STAGES,
     PackagesRequest,
+    Status,
     SubmissionRequest,
+    SubmissionState,
 )
 
 
@@ -53,10 +57,7 @@ def document() -> dict[str, Any]:
         "additionalProperties": False,
         "properties": {
             **{name: limit_value for name in RLIMITS},
-            **{
-                name: {"type": "number" if name == "wall_time" else "integer", "minimum": 0}
-                for name in SANDBOX_LIMITS
-            },
+            **{name: _sandbox_limit(name) for name in SANDBOX_LIMITS},
         },
     }
     request["properties"]["limits"] = {
@@ -65,7 +66,11 @@ def document() -> dict[str, Any]:
         "properties": {
             "compile": _ref("StageLimits"),
             "run": _ref("StageLimits"),
-            "deps": {"type": "object", "properties": {"wall_time": {"type": "number"}}},
+            "deps": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"wall_time": _sandbox_limit("wall_time")},
+            },
         },
     }
     error = {
@@ -90,24 +95,91 @@ def document() -> dict[str, Any]:
             }
         },
     }
+    # Retry-After is a promise to clients that back off: documented, so a fuzzer checks it.
+    retry_after = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}}}
     errors = {
         "400": _json(_ref("Error"), "The body is not JSON."),
-        "401": _json(_ref("Error"), "No valid token."),
         "404": _json(_ref("Error"), "Unknown id, or someone else's."),
+        "409": _json(_ref("Error"), "It has ended."),
         "413": _json(_ref("Error"), "The body is too large."),
         "422": _json(_ref("Error"), "The request does not fit the protocol; details name fields."),
-        "429": _json(_ref("Error"), "The queue is full; retry after Retry-After seconds."),
+        "429": {
+            **_json(_ref("Error"), "The queue is full; retry after Retry-After seconds."),
+            "headers": retry_after,
+        },
     }
-    submission = {"type": "object", "description": "The submission document (PROTOCOL.md)."}
-    sid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    maybe_bool = {"type": ["boolean", "null"]}
+    maybe_text = {"type": ["string", "null"]}
+    maybe_object = {"type": ["object", "null"]}
+    submission = {
+        "type": "object",
+        "description": "The submission document (PROTOCOL.md).",
+        "required": list(SubmissionState(id="").as_json()),
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": list(get_args(Status))},
+            "stage": maybe_text,
+            "picked_up": maybe_bool,
+            "worker": maybe_text,
+            "dependencies_installed": maybe_bool,
+            "compiled": maybe_bool,
+            "ran": maybe_bool,
+            "created_at": {"type": "string"},
+            "started_at": maybe_text,
+            "finished_at": maybe_text,
+            "stages": {
+                "type": "object",
+                "required": list(STAGES),
+                "properties": dict.fromkeys(STAGES, maybe_object),
+            },
+            "error": maybe_text,
+            "attempts": {"type": "integer", "minimum": 0},
+        },
+    }
+    # POST answers only id and status, unless it waited (wait=true): then the whole document.
+    accepted = {
+        "type": "object",
+        "required": ["id", "status"],
+        "properties": {"id": {"type": "string"}, "status": {"enum": list(get_args(Status))}},
+    }
+    listed = {
+        "type": "object",
+        "required": ["submissions"],
+        "properties": {"submissions": {"type": "array", "items": _ref("Submission")}},
+    }
+    count = {"type": "integer", "minimum": 0}
+    health = {
+        "type": "object",
+        "required": ["status", "executors", "builders", "queued"],
+        "properties": {
+            "status": {"const": "ok"},
+            "executors": count,
+            "builders": count,
+            "queued": count,
+        },
+    }
+    # The ids the routes match (service/server.py): any other path answers 404 "no endpoint".
+    sid = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+    }
+    worker_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    build_id = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{1,32}$"},
+    }
     obj = {"type": "object"}
     query = {
-        name: {"name": name, "in": "query", "schema": {"type": kind}}
-        for name, kind in (
-            ("wait", "boolean"),
-            ("timeout", "number"),
-            ("limit", "integer"),
-            ("since", "integer"),
+        name: {"name": name, "in": "query", "schema": schema}
+        for name, schema in (
+            ("wait", {"type": "boolean"}),
+            ("timeout", {"type": "number", "minimum": 0, "maximum": MAX_WAIT}),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            ("since", {"type": "integer", "minimum": 0}),
         )
     }
     body = {
@@ -119,35 +191,56 @@ def document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": _ref("PackagesRequest")}},
     }
+    scale_count = {"type": "integer", "minimum": 0, "maximum": 64}
+    scale_body = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "minProperties": 1,
+                    "properties": {"executors": scale_count, "builders": scale_count},
+                }
+            }
+        },
+    }
     paths = {
-        "/api/v1/health": {"get": _op({"200": _json(obj, "Alive.")}, security=[])},
+        "/api/v1/health": {"get": _op({"200": _json(health, "Alive.")}, security=[])},
         "/api/v1/submissions": {
             "post": _op(
                 {
-                    "201": _json(_ref("Submission"), "Accepted (all of it with wait=true)."),
-                    **errors,
+                    "201": _json(accepted, "Accepted (all of it with wait=true)."),
+                    **{code: errors[code] for code in ("400", "413", "422", "429")},
                 },
                 parameters=[query["wait"], query["timeout"]],
                 requestBody=body,
             ),
-            "get": _op({"200": _json(obj, "Recent submissions.")}, parameters=[query["limit"]]),
+            "get": _op(
+                {"200": _json(listed, "Recent submissions."), "422": errors["422"]},
+                parameters=[query["limit"]],
+            ),
         },
         "/api/v1/submissions/{id}": {
             "parameters": [sid],
             "get": _op({"200": _json(_ref("Submission"), "The submission."), "404": errors["404"]}),
             "delete": _op(
-                {
-                    "200": _json(obj, "Cancelled."),
-                    "404": errors["404"],
-                    "409": _json(_ref("Error"), "It has ended."),
-                }
+                {"200": _json(obj, "Cancelled."), "404": errors["404"], "409": errors["409"]}
             ),
         },
         "/api/v1/submissions/{id}/events": {
             "parameters": [sid, query["since"]],
-            "get": _op({"200": sse}),
+            "get": _op({"200": sse, "404": errors["404"], "422": errors["422"]}),
         },
-        "/api/v1/ws": {"get": _op({"101": {"description": "The WebSocket (PROTOCOL.md)."}})},
+        "/api/v1/ws": {
+            "get": _op(
+                {
+                    "101": {"description": "The WebSocket (PROTOCOL.md)."},
+                    "400": _json(_ref("Error"), "Not a WebSocket upgrade request."),
+                    "426": _json(_ref("Error"), "A WebSocket version other than 13."),
+                }
+            )
+        },
         "/api/v1/packages": {
             "get": _op({"200": _json(obj, "Cached packages.")}),
             "post": _op(
@@ -156,23 +249,50 @@ def document() -> dict[str, Any]:
                     "202": _json(obj, "Building; the answer's id is the build to watch."),
                     "400": errors["400"],
                     "422": errors["422"],
-                    "503": _json(_ref("Error"), "No cache builder has started yet."),
+                    "503": {
+                        **_json(_ref("Error"), "No cache builder has started yet."),
+                        "headers": retry_after,
+                    },
                 },
                 requestBody=packages_body,
             ),
         },
         "/api/v1/packages/builds/{id}": {
-            "parameters": [sid],
+            "parameters": [build_id],
             "get": _op({"200": _json(obj, "A build's status."), "404": errors["404"]}),
         },
-        "/api/v1/workers": {"get": _op({"200": _json(obj, "Live workers (admin).")})},
+        "/api/v1/workers": {"get": _admin({"200": _json(obj, "Live workers (admin).")})},
         "/api/v1/workers/{id}": {
-            "parameters": [sid],
-            "delete": _op({"202": _json(obj, "Draining (admin).")}),
+            "parameters": [worker_id],
+            "delete": _admin(
+                {
+                    "202": _json(obj, "Draining (admin)."),
+                    "404": _json(_ref("Error"), "No live worker."),
+                }
+            ),
         },
-        "/api/v1/admin/scale": {"post": _op({"202": _json(obj, "Scaling (admin).")})},
+        "/api/v1/admin/scale": {
+            "post": _admin(
+                {
+                    "202": _json(obj, "Scaling (admin)."),
+                    "400": errors["400"],
+                    "409": _json(_ref("Error"), "Not a `cellblock up` deployment."),
+                    "422": errors["422"],
+                },
+                requestBody=scale_body,
+            )
+        },
         "/api/v1/openapi.json": {"get": _op({"200": _json(obj, "This document.")})},
-        "/metrics": {"get": _op({"200": {"description": "Prometheus text format (admin)."}})},
+        "/metrics": {
+            "get": _admin(
+                {
+                    "200": {
+                        "description": "Prometheus text format (admin).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                }
+            )
+        },
     }
     return {
         "openapi": "3.1.0",
@@ -193,5 +313,25 @@ def document() -> dict[str, Any]:
     }
 
 
+def _sandbox_limit(name: str) -> dict[str, Any]:
+    """What protocol.resolve_limits takes: seconds above 0, at least 1 memory byte and pid."""
+    if name == "wall_time":
+        return {"type": "number", "exclusiveMinimum": 0}
+    return {"type": "integer", "minimum": 1 if name in ("memory", "pids") else 0}
+
+
+_UNAUTHORIZED = _json(_ref("Error"), "No valid token.")
+_FORBIDDEN = _json(_ref("Error"), "The token is not an admin's.")
+
+
 def _op(responses: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An operation; one that needs a token (all but those with ``security=[]``) also answers
+    401."""
+    if fields.get("security") != []:
+        responses = {**responses, "401": _UNAUTHORIZED}
     return {"responses": responses, **fields}
+
+
+def _admin(responses: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """An operation for admins: a client's token answers 403."""
+    return _op({**responses, "403": _FORBIDDEN}, **fields)

@@ -214,3 +214,20 @@ async def test_every_route_served_is_documented_and_the_reverse(
                                method=method.upper(), body=body)  # fmt: skip
         assert response.code not in (404, 405) or b"no endpoint" not in response.body, path
         assert response.code != 405, (path, method)
+
+
+async def test_every_refusal_the_service_answers_is_documented(document: dict[str, Any]) -> None:
+    """Found undocumented by fuzzing: the 401 of every operation but health, the admin
+    operations' 403, the 422 of bad query parameters and the Retry-After of 429 and 503."""
+    admin = {("/api/v1/workers", "get"), ("/api/v1/workers/{id}", "delete"),
+             ("/api/v1/admin/scale", "post"), ("/metrics", "get")}  # fmt: skip
+    for path, method in documented(document):
+        responses = document["paths"][path][method]["responses"]
+        if (path, method) != ("/api/v1/health", "get"):
+            assert "401" in responses, (path, method)
+        assert ("403" in responses) == ((path, method) in admin), (path, method)
+        for code in ("429", "503"):
+            if code in responses:
+                assert responses[code]["headers"]["Retry-After"]["required"] is True
+    for path in ("/api/v1/submissions", "/api/v1/submissions/{id}/events"):
+        assert "422" in document["paths"][path]["get"]["responses"], path
