@@ -147,19 +147,33 @@ class BaseHandler(tornado.web.RequestHandler):
             raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
 
 
+async def capacity(store: Store) -> dict[str, int]:
+    """The service's capacity as any client may see it: how many executors and builders live,
+    the executors' slots and how many of them are busy, the queue's length. No worker's id or
+    host: those are for admins (``GET /api/v1/workers``)."""
+    workers, queued = await asyncio.gather(store.workers(), store.queued())
+    executors = [w for w in workers if w["kind"] == "executor"]
+    return {
+        "executors": len(executors),
+        "builders": sum(w["kind"] == "builder" for w in workers),
+        "slots": sum(w["slots"] for w in executors),
+        "busy": sum(w["busy"] for w in executors),
+        "queued": queued,
+    }
+
+
 class HealthHandler(BaseHandler):
     async def get(self) -> None:
-        store = self.services.store
-        workers, queued = await asyncio.gather(store.workers(), store.queued())
-        self.send_json(
-            200,
-            {
-                "status": "ok",
-                "executors": sum(w["kind"] == "executor" for w in workers),
-                "builders": sum(w["kind"] == "builder" for w in workers),
-                "queued": queued,
-            },
-        )
+        counts = await capacity(self.services.store)
+        # Without a token, the counts only: slots and busy slots need one (/capacity).
+        health = {name: counts[name] for name in ("executors", "builders", "queued")}
+        self.send_json(200, {"status": "ok", **health})
+
+
+class CapacityHandler(BaseHandler):
+    async def get(self) -> None:
+        self.authenticate()
+        self.send_json(200, await capacity(self.services.store))
 
 
 @tornado.web.stream_request_body

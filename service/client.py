@@ -401,6 +401,11 @@ class Client:
         ``{"id", "status"}``. ``Conflict`` when it has ended already."""
         return _object(await self._call("DELETE", f"/submissions/{_quote(id)}"))
 
+    async def capacity(self) -> Document:
+        """``GET /capacity``, for any token: ``{"executors", "builders", "slots", "busy",
+        "queued"}``, where slots and busy count the executors' sandboxes."""
+        return _object(await self._call("GET", "/capacity"))
+
     async def workers(self) -> Documents:
         """Every live executor and builder (admin)."""
         return _objects(_object(await self._call("GET", "/workers")).get("workers"))

@@ -158,6 +158,13 @@ def document() -> dict[str, Any]:
             "queued": count,
         },
     }
+    capacity_names = ("executors", "builders", "slots", "busy", "queued")
+    capacity = {
+        "type": "object",
+        "description": "slots and busy count the executors' sandboxes; no worker is named.",
+        "required": list(capacity_names),
+        "properties": dict.fromkeys(capacity_names, count),
+    }
     # The ids the routes match (service/server.py): any other path answers 404 "no endpoint".
     sid = {
         "name": "id",
@@ -207,6 +214,9 @@ def document() -> dict[str, Any]:
     }
     paths = {
         "/api/v1/health": {"get": _op({"200": _json(health, "Alive.")}, security=[])},
+        "/api/v1/capacity": {
+            "get": _op({"200": _json(capacity, "Workers, slots, busy slots, queue (any token).")})
+        },
         "/api/v1/submissions": {
             "post": _op(
                 {

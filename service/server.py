@@ -25,6 +25,7 @@ def make_app(store: Store, config: Config, tokens: Tokens) -> tornado.web.Applic
     services = api.Services(store=store, config=config, tokens=tokens, metrics=Metrics())
     routes: list[Any] = [
         (r"/api/v1/health", api.HealthHandler),
+        (r"/api/v1/capacity", api.CapacityHandler),
         (r"/api/v1/submissions", api.SubmissionsHandler),
         (rf"/api/v1/submissions/{SID}", api.SubmissionHandler),
         (rf"/api/v1/submissions/{SID}/events", api.EventsHandler),
