@@ -29,8 +29,10 @@ run: system-packages python-packages
 		--Cellblock.start_local=True --Cellblock.state_dir=$(STATE_DIR) \
 		$(if $(filter 0,$(shell id -u)),--allow-root)
 
+# Hypothesis caches what it learns (constants, Unicode tables) in ./.hypothesis even with no
+# example database: the build folder keeps the working tree clean.
 test: system-packages python-packages check
-	$(BIN)/pytest -q
+	HYPOTHESIS_STORAGE_DIRECTORY=.build/hypothesis $(BIN)/pytest -q
 
 check: lint typecheck
 
