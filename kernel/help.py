@@ -22,7 +22,8 @@ MAGIC_HELP = {
     "reset": "%reset\nForget everything staged.",
     "staged": "%staged\nShow what is staged.",
     "packages": "%packages\nList the packages the shared cache holds.",
-    "workers": "%workers\nList the live executors and cache builders (needs the admin token).",
+    "workers": "%workers\nList the live executors and cache builders (with an admin token); "
+    "with a client token, their counts, the executors' slots, busy slots and the queue.",
     "status": "%status [ID]\nThe status of a submission (the last one by default).",
 }
 

@@ -242,12 +242,7 @@ class CellblockKernel(Kernel):
             ]  # fmt: skip
             self._print(_table(rows) if packages else "the cache holds no packages yet\n")
         elif magic.name == "workers":
-            workers = await self.client(admin=True).workers()
-            rows = [["id", "kind", "host", "busy", "slots", "last seen"]] + [
-                [w["id"], w["kind"], w["host"], str(w["busy"]), str(w["slots"]), w["last_seen"]]
-                for w in workers
-            ]
-            self._print(_table(rows))
+            self._print(await self._workers())
         elif magic.name == "status":
             target = magic.args[0] if magic.args else self.last_id
             if target is None:
@@ -257,6 +252,21 @@ class CellblockKernel(Kernel):
             self._display(render.status_html(state), render.status_line(state))
             if any(state.stages.values()):
                 self._display(render.summary_html(state), render.summary_text(state))
+
+    async def _workers(self) -> str:
+        """Every worker with an admin token; with a client token (the embedded deployment
+        gives its kernels no other), what a client may see: the capacity."""
+        try:
+            admin = self.client(admin=True)
+        except ClientError:  # no admin token in this kernel's environment
+            capacity = await self.client().capacity()
+            names = ["executors", "builders", "slots", "busy", "queued"]
+            return _table([names, [str(capacity[name]) for name in names]])
+        rows = [["id", "kind", "host", "busy", "slots", "last seen"]] + [
+            [w["id"], w["kind"], w["host"], str(w["busy"]), str(w["slots"]), w["last_seen"]]
+            for w in await admin.workers()
+        ]
+        return _table(rows)
 
     # -- completion and inspection -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import jupyter_kernel_test
@@ -291,6 +292,21 @@ async def test_workers_needs_the_admin_token(
     assert out.status == "error"
     assert out.error[0] == "Forbidden"
     assert len(out.of("error")[0]["content"]["traceback"]) == 1
+
+
+async def test_workers_with_a_client_token_shows_the_capacity_and_no_worker(
+    service: Any, launch: Any, start_kernel: StartKernel, tmp_path: Path
+) -> None:
+    # As a kernel of the embedded deployment has it: the client token, and a state directory
+    # with no admin-token in it.
+    executor = await launch(slots=2)
+    env = {k: v for k, v in kernel_env(service.url).items() if k != "CELLBLOCK_ADMIN_TOKEN"}
+    _, kc = await start_kernel({**env, "CELLBLOCK_STATE_DIR": str(tmp_path)})
+    out = await execute(kc, "%workers")
+    assert out.status == "ok", out.reply
+    assert out.stream().splitlines() == ["executors  builders  slots  busy  queued",
+                                         "1          0         2      0     0"]  # fmt: skip
+    assert executor.worker_id not in out.stream()
 
 
 # -- interrupts and an unreachable service -----------------------------------------------------
