@@ -2,8 +2,9 @@
 
 Configure it as ``c.Cellblock.*`` (the ``name`` below): ``url``/``token``/``admin_token`` point
 at an existing service; ``start_local`` (the default when no ``CELLBLOCK_URL`` is set) starts
-one with the server instead. Either way the extension puts the URL and token into the
-server's environment, which the kernels it starts inherit.
+one with the server instead. Either way the extension puts the URL and the client token into
+the server's environment, which the kernels it starts inherit. The admin token stays with the
+extension (the status page makes the admin calls itself): no kernel gets it.
 """
 
 from __future__ import annotations
@@ -52,23 +53,30 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
 
     def initialize_settings(self) -> None:
         self.settings["cellblock_backend"] = None
+        # Out of the environment kernels inherit, whichever way the server was given it.
+        inherited = os.environ.pop("CELLBLOCK_ADMIN_TOKEN", None)
+        admin = self.admin_token or inherited or None
         if not self.start_local:
             url = self.url or os.environ.get("CELLBLOCK_URL", "")
             token = self.token or os.environ.get("CELLBLOCK_TOKEN", "")
-            admin = self.admin_token or os.environ.get("CELLBLOCK_ADMIN_TOKEN") or None
             if url and token:
                 self._use(Backend(url.rstrip("/"), token, admin))
             else:
                 self.log.warning("Cellblock: no service configured (c.Cellblock.url / token)")
             return
         state = Path(self.state_dir)
-        # A kernel started before the deployment is up (JupyterLab restores the open notebooks
-        # at once) inherits no CELLBLOCK_URL. Pointed at the state directory, its client reads
-        # the url and token files `cellblock up` writes there, when its first cell needs them.
-        os.environ["CELLBLOCK_STATE_DIR"] = str(state)
         self.deployment = LocalDeployment(
-            state, executors=self.executors, builders=self.builders, log=state / "up.log"
+            state,
+            executors=self.executors,
+            builders=self.builders,
+            log=state / "up.log",
+            admin_token=admin,
         )
+        # A kernel started before the deployment is up (JupyterLab restores the open notebooks
+        # at once) inherits no CELLBLOCK_URL. Pointed at the deployment's kernel directory, its
+        # client reads the url and token files written there once it is up, when its first
+        # cell needs them.
+        os.environ["CELLBLOCK_STATE_DIR"] = str(self.deployment.kernel_dir)
         assert self.serverapp is not None
         self.serverapp.io_loop.add_callback(self._start_local)
 
@@ -89,8 +97,6 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
         # Kernels started from now on inherit the server's environment.
         os.environ["CELLBLOCK_URL"] = backend.url
         os.environ["CELLBLOCK_TOKEN"] = backend.token
-        if backend.admin_token:
-            os.environ["CELLBLOCK_ADMIN_TOKEN"] = backend.admin_token
         self.log.info("Cellblock: using the service at %s", backend.url)
 
     def initialize_handlers(self) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyterio import ALICE, Fetch
+from jupyterio import ADMIN, ALICE, Fetch
+from procio import processes_of
 from tornado.httpclient import HTTPResponse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,23 +56,6 @@ def extension(serverapp: Any) -> Any:
     """The server's Cellblock extension app."""
     [app] = serverapp.extension_manager.extension_apps["cellblock.server_ext"]
     return app
-
-
-def processes_of(state_dir: Path) -> dict[int, str]:
-    """Every live process whose command line names ``state_dir`` (``cellblock up`` and what it
-    starts: redis-server, the service, the workers), by pid."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        command = " ".join(a.decode(errors="replace") for a in argv if a)
-        if str(state_dir) in command:
-            found[int(entry.name)] = command
-    return found
 
 
 async def ready_status(fetch: Fetch, executors: int = 1) -> dict[str, Any] | None:
@@ -142,13 +126,20 @@ async def test_the_embedded_deployment_starts_serves_and_stops_with_the_server(
     for secret in (token, admin):
         assert_secret_not_in(secret, created, listed)
 
-    # The kernels the server starts get the deployment's URL and tokens.
+    # The kernels the server starts get the deployment's URL and client token, and a state
+    # directory that holds those and nothing else: never the admin token.
     assert os.environ["CELLBLOCK_URL"] == url
     assert os.environ["CELLBLOCK_TOKEN"] == token
-    names = ("CELLBLOCK_URL", "CELLBLOCK_TOKEN", "CELLBLOCK_ADMIN_TOKEN")
-    assert await kernel_environ(jp_serverapp, *names) == dict(
-        zip(names, (url, token, admin), strict=True)
-    )
+    kernels = app.deployment.kernel_dir
+    names = ("CELLBLOCK_URL", "CELLBLOCK_TOKEN", "CELLBLOCK_ADMIN_TOKEN", "CELLBLOCK_STATE_DIR")
+    seen = await kernel_environ(jp_serverapp, *names)
+    assert seen == dict(zip(names, (url, token, None, str(kernels)), strict=True))
+    assert admin not in json.dumps(seen)
+    assert {p.name: p.read_text() for p in kernels.iterdir()} == {
+        "url": f"{url}\n",
+        "token": f"{token}\n",
+    }
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (kernels, *kernels.iterdir()))
 
     # Stopping the server stops the extension (what ServerApp's own cleanup calls): nothing
     # that `cellblock up` started is left.
@@ -222,6 +213,28 @@ async def test_with_cellblock_url_set_the_extension_uses_that_service(
     status = json.loads((await fetch("status.json")).body)
     assert status["service"] == from_environment.url
     assert status["workers"] is None  # no admin token given
+
+
+@pytest.fixture
+def admin_from_environment(monkeypatch: pytest.MonkeyPatch, from_environment: Any) -> None:
+    """An admin token set before the server starts, as ``CELLBLOCK_ADMIN_TOKEN=... jupyter
+    lab`` sets it (asked for before jp_serverapp)."""
+    monkeypatch.setenv("CELLBLOCK_ADMIN_TOKEN", ADMIN)
+
+
+@pytest.mark.parametrize(
+    "cellblock_config", [{"start_local": None, "state_dir": None}], ids=["defaults"], indirect=True
+)
+async def test_an_admin_token_in_the_servers_environment_stays_with_the_extension(
+    admin_from_environment: None, jp_serverapp: Any, fetch: Fetch
+) -> None:
+    assert "CELLBLOCK_ADMIN_TOKEN" not in os.environ
+    assert extension(jp_serverapp).settings["cellblock_backend"].admin_token == ADMIN
+    status = json.loads((await fetch("status.json")).body)
+    assert status["workers"] is not None  # the status page still makes its admin calls
+    names = ("CELLBLOCK_TOKEN", "CELLBLOCK_ADMIN_TOKEN")
+    seen = await kernel_environ(jp_serverapp, *names)
+    assert seen == dict(zip(names, (ALICE, None), strict=True))
 
 
 # --- the wheel -----------------------------------------------------------------------------
