@@ -11,7 +11,9 @@ BIN := $(VENV)/bin
 # init; python3 is the interpreter the sandbox offers to submissions. nodejs builds the
 # JupyterLab extension with its bundled npm (the machine's NodeSource nodejs conflicts with
 # Debian's npm package, so that is not listed); chromium runs the browser tests (tests/e2e).
-APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium
+# btrfs-progs makes the file system of the working directories (executor/disk.py).
+APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium \
+	btrfs-progs
 # The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
 PARTS := service executor cachebuilder kernel server_ext
 STATE_DIR ?= $(CURDIR)/state

@@ -189,7 +189,7 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
     raw = _read_json(args.submission)
     submission = parse_submission(raw, config.limits)
     sandboxes = host.prepare(config)
-    runner = SubmissionRunner(sandboxes.sandbox(args.slot), sandboxes.work_root)
+    runner = SubmissionRunner(sandboxes.sandbox(args.slot))
     submission_id = secrets.token_urlsafe(18)
     recorder = EventRecorder(SubmissionState.new(submission_id, submission.request))
 
@@ -252,6 +252,8 @@ async def _builder(config: config_module.Config, args: argparse.Namespace) -> in
 # -- commands that talk to a service --------------------------------------------------------
 
 CLIENT_COMMANDS = ("submit", "workers", "scale", "packages")
+#: Those of them that take the admin token; ``workers`` without one shows the capacity.
+ADMIN_COMMANDS = ("workers", "scale")
 
 
 def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -273,8 +275,10 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
     workers = commands.add_parser(
         "workers",
-        help="list the service's executors and builders (admin)",
-        description="Print every live worker as JSON; --drain ID drains and stops one.",
+        help="list the service's executors and builders (admin), or its capacity",
+        description="Print every live worker as JSON; --drain ID drains and stops one (admin). "
+        'With a client token (no admin token given or found), print {"capacity": {"executors", '
+        '"builders", "slots", "busy", "queued"}} instead.',
     )
     workers.add_argument("--drain", metavar="ID", help="drain and stop this worker")
     _client_options(workers, admin=True)
@@ -326,15 +330,20 @@ def _client_options(parser: argparse.ArgumentParser, *, admin: bool) -> None:
 
 
 async def _client_command(args: argparse.Namespace, state_dir: Path) -> int:
-    from cellblock.service.client import Client
+    from cellblock.service.client import Client, ClientError
 
-    client = Client.from_environment(
-        state_dir,
-        admin=args.command != "submit",
-        url=args.url,
-        token=args.token,
-        timeout=args.timeout,
-    )
+    def connect(admin: bool) -> Client:
+        return Client.from_environment(
+            state_dir, admin=admin, url=args.url, token=args.token, timeout=args.timeout
+        )
+
+    try:
+        client = connect(admin=args.command in ADMIN_COMMANDS)
+    except ClientError:
+        if args.command != "workers" or args.drain:
+            raise
+        # No admin token anywhere: the client token still shows the capacity.
+        client = connect(admin=False)
     async with client:
         if args.command == "submit":
             return await _submit(client, args)
@@ -409,10 +418,15 @@ def _submission_exit_status(submission: dict[str, Any]) -> int:
 
 
 async def _workers(client: Client, args: argparse.Namespace) -> int:
+    from cellblock.service.client import Forbidden
+
     if args.drain:
         _print_json(await client.drain(args.drain))
-    else:
+        return EXIT_OK
+    try:
         _print_json({"workers": await client.workers()}, indent=2)
+    except Forbidden:  # a client's token: the list is for admins, the capacity is not
+        _print_json({"capacity": await client.capacity()}, indent=2)
     return EXIT_OK
 
 

@@ -20,6 +20,8 @@ from typing import Any, Literal
 from cellblock.errors import ConfigError
 from cellblock.service.protocol import (
     RLIMITS,
+    SANDBOX_LIMITS,
+    SIZE_LIMITS,
     LimitPolicy,
     StageLimits,
     StagePolicy,
@@ -53,6 +55,7 @@ _STAGE_DEFAULTS: dict[str, Any] = {
     "memory": 512 * MiB,
     "pids": 256,
     "output": 1 * MiB,
+    "disk": 256 * MiB,
 }
 _STAGE_MAXIMA: dict[str, Any] = {
     "as": "unlimited",
@@ -78,6 +81,7 @@ _STAGE_MAXIMA: dict[str, Any] = {
     "memory": 8 * GiB,
     "pids": 4096,
     "output": 64 * MiB,
+    "disk": 4 * GiB,
 }
 
 DEFAULTS: dict[str, Any] = {
@@ -103,6 +107,10 @@ DEFAULTS: dict[str, Any] = {
         "uid_base": 200000,
         "tmp_size": 64 * MiB,
         "root": "/var/lib/cellblock",
+        # The file system image that holds the working directories (sparse: it takes only
+        # what they use). Every working directory's disk cap is a share of it, and it is
+        # all the host's disk that sandboxes can ever fill.
+        "disk_size": 16 * GiB,
     },
     "limits": {
         "compile": {
@@ -132,6 +140,7 @@ class SandboxConfig:
     uid_base: int
     tmp_size: int
     root: Path
+    disk_size: int
 
 
 @dataclass(frozen=True)
@@ -235,6 +244,7 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
                 uid_base=int(sandbox["uid_base"]),
                 tmp_size=int(sandbox["tmp_size"]),
                 root=Path(sandbox["root"]),
+                disk_size=int(sandbox["disk_size"]),
             ),
             queue_size=int(raw["queue_size"]),
             lease_timeout=float(raw["lease_timeout"]),
@@ -264,14 +274,14 @@ def _stage_policy(stage: str, raw: Mapping[str, Any]) -> StagePolicy:
         hard = defaults.rlimits[name][1]
         if ceiling is not None and (hard is None or hard > ceiling):
             raise ConfigError(f"limits.{stage}.default.{name} is above limits.{stage}.max.{name}")
-    for name in ("wall_time", "memory", "pids", "output"):
+    for name in SANDBOX_LIMITS:
         if getattr(defaults, name) > getattr(maxima, name):
             raise ConfigError(f"limits.{stage}.default.{name} is above limits.{stage}.max.{name}")
     return StagePolicy(defaults=defaults, maxima=maxima)
 
 
 def _stage_limits(where: str, raw: Mapping[str, Any]) -> StageLimits:
-    known = {*RLIMITS, "wall_time", "memory", "pids", "output"}
+    known = {*RLIMITS, *SANDBOX_LIMITS}
     for name in raw:
         if name not in known:
             raise ConfigError(f"unknown limit {where}.{name}")
@@ -284,7 +294,7 @@ def _stage_limits(where: str, raw: Mapping[str, Any]) -> StageLimits:
             rlimits[name] = parse_rlimit(raw[name])
         except ValueError as exc:
             raise ConfigError(f"{where}.{name}: {exc}") from None
-    for name in ("memory", "pids", "output"):
+    for name in SIZE_LIMITS:
         if isinstance(raw[name], bool) or not isinstance(raw[name], int) or raw[name] < 1:
             raise ConfigError(f"{where}.{name}: must be a positive integer")
     return StageLimits(
@@ -293,6 +303,7 @@ def _stage_limits(where: str, raw: Mapping[str, Any]) -> StageLimits:
         memory=raw["memory"],
         pids=raw["pids"],
         output=raw["output"],
+        disk=raw["disk"],
     )
 
 

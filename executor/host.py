@@ -1,4 +1,5 @@
-"""What an executor host needs before it can run stages: nsjail, the init binary, cgroups."""
+"""What an executor host needs before it can run stages: nsjail, the init binary, cgroups,
+the working directories' disk."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from cellblock.config import Config
 from cellblock.errors import SandboxError
 from cellblock.executor import cgroups, jailinit
+from cellblock.executor.disk import WorkDisk
 from cellblock.executor.sandbox import Sandbox, raise_hard_limits
 
 
@@ -31,11 +33,7 @@ class SandboxHost:
     nsjail: Path
     init: Path
     cgroups: cgroups.Cgroups
-
-    @property
-    def work_root(self) -> Path:
-        """Where submissions' working directories are made."""
-        return self.config.sandbox.root / "work"
+    disk: WorkDisk
 
     def sandbox(self, slot: int) -> Sandbox:
         """The sandbox of one slot: its own uid, never shared with another slot."""
@@ -47,6 +45,7 @@ class SandboxHost:
             etc_dir=self.config.sandbox.root / "etc",
             base=self.config.sandbox.base,
             tmp_size=self.config.sandbox.tmp_size,
+            disk=self.disk,
         )
 
 
@@ -69,4 +68,5 @@ def prepare(config: Config) -> SandboxHost:
         nsjail=nsjail_binary(),
         init=jailinit.init_binary(root / "bin"),
         cgroups=cgroups.detect(),
+        disk=WorkDisk.attach(root, config.sandbox.disk_size),
     )

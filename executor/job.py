@@ -16,9 +16,9 @@ runs, the jail of the run stage is armed. ``aclose`` gives up what is armed.
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,17 +146,13 @@ class SubmissionRunner:
     def __init__(
         self,
         sandbox: Sandbox,
-        work_root: Path,
         dependencies: DependencyProvider | None = None,
     ) -> None:
         self.sandbox = sandbox
-        self.work_root = work_root
         self.dependencies = dependencies or NoDependencies()
         self._next: Path | None = None
-        work_root.mkdir(parents=True, exist_ok=True)
-        work_root.chmod(0o711)
-        for stale in work_root.glob(f"{sandbox.uid}-*"):  # this slot's, from a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in sandbox.disk.names(f"{sandbox.uid}-"):  # this slot's, from a killed run
+            sandbox.disk.remove(stale)
 
     def prepare(self) -> None:
         """Make the next submission's working directory and arm its first jail now."""
@@ -172,20 +168,27 @@ class SubmissionRunner:
         await self.sandbox.aclose()
 
     def _new_workdir(self) -> Path:
-        workdir = self.work_root / f"{self.sandbox.uid}-{secrets.token_hex(8)}"
-        workdir.mkdir(mode=0o700)
-        try:
-            os.chown(workdir, self.sandbox.uid, self.sandbox.uid)
-        except BaseException:
-            workdir.rmdir()
-            raise
-        return workdir
+        name = f"{self.sandbox.uid}-{secrets.token_hex(8)}"
+        return self.sandbox.disk.create(name, self.sandbox.uid)
 
     async def run(self, submission: Submission, emit: Emit) -> None:
         request, limits = submission.request, submission.limits
         workdir, self._next = self._next or self._new_workdir(), None
         try:
-            write_files(workdir, request.files, self.sandbox.uid)
+            # The files count against the disk cap of the first stage they meet. The service
+            # refused files over it, but their metadata may still tip them over.
+            first = "compile" if request.compile is not None else "run"
+            first_limits: StageLimits = getattr(limits, first)
+            self.sandbox.disk.limit(workdir, first_limits.disk)
+            try:
+                write_files(workdir, request.files, self.sandbox.uid)
+            except OSError as exc:
+                if exc.errno not in (errno.EDQUOT, errno.ENOSPC):
+                    raise
+                emit(_files_over_disk(first, first_limits))
+                if first == "compile":
+                    emit(_skipped("run"))
+                return
             env = Environment()
             if request.dependencies:
                 emit({"type": "stage_started", "stage": "deps"})
@@ -258,6 +261,12 @@ class SubmissionRunner:
         outcome = await self.sandbox.run(spec, output, arm_next=stage == "compile")
         emit({"type": "stage_finished", "stage": stage, "result": outcome.result(limits)})
         return outcome.status == "ok"
+
+
+def _files_over_disk(stage: str, limits: StageLimits) -> dict[str, Any]:
+    message = f"the submission's files do not fit the disk limit of {limits.disk} bytes"
+    result = skipped_stage() | {"status": "disk_limit", "limits": limits.as_json()}
+    return {"type": "stage_finished", "stage": stage, "result": result | {"message": message}}
 
 
 def _skipped(stage: str) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 The jail: new user, PID, mount, network (loopback only), IPC, UTS and cgroup namespaces; an
 unprivileged uid of the executor slot; a tmpfs root holding a read-only base (the host's system
 directories in ``host`` mode, nothing in ``pure`` mode), the dependency closures read-only at
-their own paths, the working directory read-write at ``/box``, a size-capped ``/tmp``, a minimal
-``/dev`` and a fresh ``/proc``; a seccomp policy; only the environment we pass.
+their own paths, the working directory read-write at ``/box`` (a subvolume of
+the working disk, capped at the stage's ``disk`` limit: see disk.py), a size-capped ``/tmp``, a
+minimal ``/dev`` and a fresh ``/proc``; a seccomp policy (seccomp.py); only the environment we
+pass.
 
 Inside, ``cellblock-init`` (jailinit.c) is pid 1: it waits for its stage on a control pipe, so
 that the jail can be started before the stage is known (see ``Sandbox``), then applies the
@@ -25,7 +27,6 @@ import math
 import os
 import resource
 import secrets
-import shutil
 import signal
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, Literal
 
 from cellblock.executor import seccomp
 from cellblock.executor.cgroups import Cgroups
+from cellblock.executor.disk import WorkDisk
 from cellblock.executor.jail import Jail, JailFds
 from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
 
@@ -62,7 +64,14 @@ DEV_LINKS = (
 
 OutputSink = Callable[[str, bytes], None]
 StageStatus = Literal[
-    "ok", "failed", "signaled", "time_limit", "memory_limit", "output_limit", "error"
+    "ok",
+    "failed",
+    "signaled",
+    "time_limit",
+    "memory_limit",
+    "output_limit",
+    "disk_limit",
+    "error",
 ]
 
 
@@ -162,6 +171,7 @@ def classify(
     *,
     wall_killed: bool,
     out_of_memory: bool,
+    disk_full: bool,
     cpu_time: float,
     limits: StageLimits,
 ) -> tuple[StageStatus, str | None]:
@@ -199,6 +209,8 @@ def classify(
         report.kind == "exited" and report.code == 128 + signal.SIGXFSZ
     ):
         return "output_limit", f"file size limit of {limits.rlimits['fsize'][0]} bytes exceeded"
+    if disk_full:
+        return "disk_limit", f"disk limit of {limits.disk} bytes for the working directory reached"
     if report.kind == "signaled":
         return "signaled", None
     return "failed", None
@@ -288,9 +300,10 @@ class Sandbox:
         uid: int,
         etc_dir: Path,
         base: Literal["host", "pure"] = "host",
+        disk: WorkDisk,
         tmp_size: int = 64 * 1024 * 1024,
     ) -> None:
-        self.nsjail, self.init, self.cgroups = nsjail, init, cgroups
+        self.nsjail, self.init, self.cgroups, self.disk = nsjail, init, cgroups, disk
         self.uid, self.base, self.tmp_size = uid, base, tmp_size
         self.etc_dir = etc_dir
         write_etc(etc_dir)
@@ -369,7 +382,7 @@ class Sandbox:
         in the background, off the path of the stage's result."""
         for key in [key for key in self._armed if key[0] == workdir]:
             self._later(self._armed.pop(key).end())
-        self._later(_remove_after(workdir, list(self._ending)))
+        self._later(self._remove_after(workdir, list(self._ending)))
 
     async def aclose(self) -> None:
         """Give up every armed jail and wait until every jail of this sandbox has ended and
@@ -396,6 +409,12 @@ class Sandbox:
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
+    async def _remove_after(self, workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
+        # Once its jails are gone it is no mount point any more: a subvolume still mounted in
+        # a jail that is ending cannot be deleted.
+        await asyncio.gather(*jails, return_exceptions=True)
+        self.disk.remove(workdir)
+
     async def run(
         self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: bool = False
     ) -> StageOutcome:
@@ -420,6 +439,7 @@ class Sandbox:
         captures = {s: _Capture(s, limits.output, on_output) for s in ("stdout", "stderr")}
         try:
             jail.cgroup.limit(limits.memory, limits.pids)
+            self.disk.limit(spec.workdir, limits.disk)
             outputs = {stream: capture.feed for stream, capture in captures.items()}
             seen = await jail.serve(
                 request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE
@@ -435,6 +455,8 @@ class Sandbox:
             report,
             wall_killed=seen.wall_killed,
             out_of_memory=jail.cgroup.out_of_memory(),
+            # Asked only of a stage that failed: a stage that ended well was not stopped.
+            disk_full=bool(report and report.code) and self.disk.full(spec.workdir),
             cpu_time=outcome.cpu_time,
             limits=limits,
         )
@@ -451,13 +473,6 @@ class Sandbox:
         outcome.stderr, outcome.stderr_truncated = bytes(stderr.data), stderr.truncated
         outcome.finished_at = now()
         return outcome
-
-
-async def _remove_after(workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
-    # Once its jails are gone it is a plain directory again, quick to remove (while it is a
-    # mount point of a jail that is still ending, removing it contends with the kernel).
-    await asyncio.gather(*jails, return_exceptions=True)
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def write_etc(etc_dir: Path) -> None:

@@ -60,8 +60,7 @@ class Executor:
             cache = EnvironmentCache(store)
             dependencies = NixDependencies(cache, self.config.substituter)
         self.runners = [
-            SubmissionRunner(host.sandbox(uid_offset + slot), host.work_root, dependencies)
-            for slot in range(slots)
+            SubmissionRunner(host.sandbox(uid_offset + slot), dependencies) for slot in range(slots)
         ]
         stale = host.cgroups.remove_stale([runner.sandbox.uid for runner in self.runners])
         if stale:

@@ -14,7 +14,7 @@ from typing import Any
 from cellblock.service.protocol import SubmissionState
 
 ICONS = {"ok": "✅", "failed": "❌", "signaled": "💥", "time_limit": "⏱", "memory_limit": "🧠",
-         "output_limit": "📄", "skipped": "⏭", "error": "⚠"}  # fmt: skip
+         "output_limit": "📄", "disk_limit": "💾", "skipped": "⏭", "error": "⚠"}  # fmt: skip
 STAGE_TITLES = {"deps": "dependencies", "compile": "compile", "run": "run"}
 
 

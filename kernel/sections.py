@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from cellblock.service.protocol import DEPENDENCY_NAME, ENV_NAME, MAX_LIMIT, RLIMITS, decode
+from cellblock.service.protocol import (
+    DEPENDENCY_NAME,
+    ENV_NAME,
+    MAX_LIMIT,
+    RLIMITS,
+    SANDBOX_LIMITS,
+    decode,
+)
 
 SECTION_MAGICS = ("files", "deps", "compile", "run", "stdin", "env", "limits")
 LINE_MAGICS = ("reset", "staged", "packages", "workers", "status")
@@ -29,10 +36,22 @@ OPTIONS: dict[str, dict[str, bool]] = {
     "env": {},
     "limits": {},
 }
-STAGE_LIMITS = (*RLIMITS, "wall_time", "memory", "pids", "output")
+STAGE_LIMITS = (*RLIMITS, *SANDBOX_LIMITS)
 #: How each limit's value is read: bytes take K/M/G, seconds take ms/s/m.
 BYTE_LIMITS = frozenset(
-    {"as", "core", "data", "fsize", "memlock", "msgqueue", "rss", "stack", "memory", "output"}
+    {
+        "as",
+        "core",
+        "data",
+        "fsize",
+        "memlock",
+        "msgqueue",
+        "rss",
+        "stack",
+        "memory",
+        "output",
+        "disk",
+    }
 )
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 #: Seconds per time unit; exact, so that ``1500ms`` is 1.5 s and not 1.5000000000000002.
@@ -270,9 +289,7 @@ def limit_settings(section: Section) -> list[LimitSetting]:
             raise CellSyntaxError(number, line, f"unknown limit {stage}.{name}; known: {known}")
         try:
             parts = value.split(":")
-            if len(parts) > 2 or (
-                len(parts) == 2 and name in ("wall_time", "memory", "pids", "output")
-            ):
+            if len(parts) > 2 or (len(parts) == 2 and name in SANDBOX_LIMITS):
                 raise ValueError(f"{name} takes one value, not soft:hard")
             values = [limit_value(name, p) for p in parts]
             if len(values) == 2 and values[0] > values[1]:

@@ -38,7 +38,9 @@ RLIMITS: tuple[str, ...] = (
     "nice", "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack",
 )  # fmt: skip
 #: The limits Cellblock enforces itself, outside the kernel's rlimits.
-SANDBOX_LIMITS: tuple[str, ...] = ("wall_time", "memory", "pids", "output")
+SANDBOX_LIMITS: tuple[str, ...] = ("wall_time", "memory", "pids", "output", "disk")
+#: Of those, the sizes and counts: positive integers.
+SIZE_LIMITS: tuple[str, ...] = ("memory", "pids", "output", "disk")
 SANDBOXED_STAGES: tuple[str, ...] = ("compile", "run")
 STAGES: tuple[str, ...] = ("deps", "compile", "run")
 #: A stage script travels as one argv string, which Linux caps at MAX_ARG_STRLEN (128 KiB).
@@ -62,10 +64,13 @@ class StageLimits:
     memory: int
     pids: int
     output: int
+    #: Bytes the working directory may hold, uploaded files included.
+    disk: int
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: _rlimit_json(self.rlimits[name]) for name in RLIMITS}
         out.update(wall_time=self.wall_time, memory=self.memory, pids=self.pids, output=self.output)
+        out.update(disk=self.disk)
         return out
 
     @classmethod
@@ -76,7 +81,13 @@ class StageLimits:
             memory=int(data["memory"]),
             pids=int(data["pids"]),
             output=int(data["output"]),
+            # A job queued before the disk cap existed gets the default of that time.
+            disk=int(data.get("disk", LEGACY_DISK)),
         )
+
+
+#: The disk cap of a stored job that predates it.
+LEGACY_DISK = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,7 @@ def _resolve_stage(
         "memory": policy.defaults.memory,
         "pids": policy.defaults.pids,
         "output": policy.defaults.output,
+        "disk": policy.defaults.disk,
     }
     for name, value in requested.items():
         where = f"limits.{stage}.{name}"
@@ -217,7 +229,7 @@ def _resolve_stage(
             elif name in SANDBOX_LIMITS:
                 number = _limit_number(value, allow_unlimited=False)
                 assert number is not None
-                if name in ("memory", "pids") and number < 1:
+                if name in ("memory", "pids", "disk") and number < 1:
                     raise ValueError(f"{name} must be at least 1")
                 scalars[name] = number
                 ceiling_n: int = getattr(policy.maxima, name)
@@ -472,7 +484,30 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
         raise _invalid(exc) from None
     if problems := _file_name_problems(request.files):
         raise InvalidRequest(problems)
-    return Submission(request=request, limits=resolve_limits(request.limits, policy))
+    limits = resolve_limits(request.limits, policy)
+    if problems := _files_over_disk(request, limits):
+        raise InvalidRequest(problems)
+    return Submission(request=request, limits=limits)
+
+
+#: What a file takes on disk beyond its bytes, at the least: one block for its metadata.
+FILE_OVERHEAD = 4096
+
+
+def _files_over_disk(request: SubmissionRequest, limits: ResolvedLimits) -> list[FieldProblem]:
+    """The files stay in the working directory through every stage: each stage's disk cap
+    must hold them (a file's size rounded up to blocks, plus its metadata)."""
+    used = sum(-(-len(f.data()) // 4096) * 4096 + FILE_OVERHEAD for f in request.files)
+    stages = ("compile", "run") if request.compile is not None else ("run",)
+    return [
+        FieldProblem(
+            "files",
+            f"the files take about {used} bytes on disk, over limits.{stage}.disk "
+            f"({getattr(limits, stage).disk} bytes); send fewer or smaller files, or raise it",
+        )
+        for stage in stages
+        if used > getattr(limits, stage).disk
+    ]
 
 
 def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
@@ -500,7 +535,15 @@ def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
 
 Status = Literal["queued", "running", "finished", "cancelled", "error"]
 StageStatus = Literal[
-    "ok", "failed", "signaled", "time_limit", "memory_limit", "output_limit", "skipped", "error"
+    "ok",
+    "failed",
+    "signaled",
+    "time_limit",
+    "memory_limit",
+    "output_limit",
+    "disk_limit",
+    "skipped",
+    "error",
 ]
 TERMINAL: frozenset[str] = frozenset({"finished", "cancelled", "error"})
 #: Which status may follow which; ``running`` → ``running`` is a reclaim by another executor.

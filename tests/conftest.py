@@ -52,10 +52,13 @@ def config(state_dir: Path) -> config_module.Config:
 
 @pytest.fixture(scope="session")
 def sandbox_root() -> Iterator[Path]:
-    """A sandbox root of this test session's own, searchable as nsjail needs it to be."""
+    """A sandbox root of this test session's own, searchable as nsjail needs it to be. The
+    executors mount their working disk in it (executor/disk.py): unmounted at the end."""
     root = Path(tempfile.mkdtemp(prefix="cellblock-test-sandbox-"))
     root.chmod(0o711)
     yield root
+    if os.path.ismount(root / "work"):
+        subprocess.run(["umount", "--lazy", str(root / "work")], check=False)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -213,13 +213,36 @@ async def test_workers_and_drain(cellblock: Cellblock, executor: Any) -> None:
         await asyncio.sleep(0.05)
     [worker] = cellblock.json()["workers"]
     assert worker["id"] == executor.worker_id
-    assert await cellblock("workers") == cli.EXIT_SYSTEM  # alice is no admin
+    # Alice is no admin: she sees the capacity, and no worker's id.
+    assert await cellblock("workers") == cli.EXIT_OK
+    capacity = {"executors": 1, "builders": 0, "slots": 2, "busy": 0, "queued": 0}
+    assert cellblock.json() == {"capacity": capacity}
+    assert await cellblock("workers", "--drain", worker["id"]) == cli.EXIT_SYSTEM
     assert cellblock.message() == "cellblock: this needs an admin token"
     drain = ["workers", "--drain", worker["id"]]
     assert await cellblock(*drain, token="admin-token") == cli.EXIT_OK
     assert cellblock.json() == {"id": worker["id"], "status": "draining"}
     assert await cellblock("workers", "--drain", "nobody", token="admin-token") == cli.EXIT_SYSTEM
     assert "nobody" in cellblock.message()
+
+
+async def test_with_only_a_client_token_workers_shows_the_capacity_and_packages_lists(
+    cellblock: Cellblock, tmp_path: Path
+) -> None:
+    # A state directory such as the embedded deployment's kernels get: no admin-token in it.
+    state = tmp_path / "client-state"
+    state.mkdir()
+    (state / "token").write_text("alice-token\n")
+    options = ["--state-dir", str(state)]
+    assert await cellblock("packages", *options, token=None) == cli.EXIT_OK
+    assert cellblock.json() == []
+    assert await cellblock("workers", *options, token=None) == cli.EXIT_OK
+    assert cellblock.json() == {
+        "capacity": {"executors": 0, "builders": 0, "slots": 0, "busy": 0, "queued": 0}
+    }
+    # Draining is for admins only: no admin token, no call.
+    assert await cellblock("workers", "--drain", "x", *options, token=None) == cli.EXIT_SYSTEM
+    assert "no admin token" in cellblock.message()
 
 
 async def test_scale(cellblock: Cellblock, redis_url: str) -> None:

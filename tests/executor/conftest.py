@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,11 +40,10 @@ async def sandbox(sandbox_host: host.SandboxHost) -> AsyncIterator[Sandbox]:
 
 @pytest.fixture
 def workdir(sandbox_host: host.SandboxHost, sandbox: Sandbox) -> Iterator[Path]:
-    sandbox_host.work_root.mkdir(exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=sandbox_host.work_root))
-    os.chown(path, sandbox.uid, sandbox.uid)
+    """A working directory of the sandbox's slot, on the working disk."""
+    path = sandbox_host.disk.create(f"test-{secrets.token_hex(6)}", sandbox.uid)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    sandbox_host.disk.remove(path)
 
 
 RunStage = Callable[..., Awaitable[StageOutcome]]
@@ -90,7 +88,7 @@ def run_submission(
 
     async def run(request: dict[str, Any]) -> tuple[SubmissionState, list[dict[str, Any]]]:
         submission = parse_submission(request, sandbox_host.config.limits)
-        runner = SubmissionRunner(sandbox, sandbox_host.work_root)
+        runner = SubmissionRunner(sandbox)
         recorder = EventRecorder(SubmissionState.new("test-submission", submission.request))
         events: list[dict[str, Any]] = []
 

@@ -123,13 +123,13 @@ async def test_the_working_directory_is_removed(
     await run_submission(
         {"files": [{"name": "x", "content": "y"}], "run": "mkdir -p d/e; chmod 000 d"}
     )
-    assert list(sandbox_host.work_root.glob(f"{sandbox.uid}-*")) == []
+    assert list(sandbox_host.disk.root.glob(f"{sandbox.uid}-*")) == []
 
 
 async def test_a_prepared_slot_runs_in_its_armed_jail_and_arms_run_during_compile(
     sandbox_host: host.SandboxHost, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = SubmissionRunner(sandbox, sandbox_host.work_root)
+    runner = SubmissionRunner(sandbox)
     started: list[tuple[Path, tuple[Mount, ...]]] = []
     start = sandbox._start
     monkeypatch.setattr(sandbox, "_start", lambda key: started.append(key) or start(key))

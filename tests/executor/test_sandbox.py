@@ -421,15 +421,14 @@ async def test_pure_mode_holds_only_its_mounts(
     shutil.copy("/bin/busybox", busybox / "busybox")
     for applet in ("sh", "ls", "cat", "echo"):
         (busybox / applet).symlink_to("busybox")
-    work = scratch / "box"
-    work.mkdir()
+    uid = sandbox_host.config.sandbox.uid_base + 8
+    work = sandbox_host.disk.create(f"pure-{os.getpid()}", uid)
     hello = '#include <stdio.h>\nint main(void) { puts("static hello"); return 0; }'
     compile_c(work, "hello", hello, "-static")
     pure = Sandbox(
         nsjail=sandbox_host.nsjail, init=sandbox_host.init, cgroups=sandbox_host.cgroups,
-        uid=sandbox_host.config.sandbox.uid_base + 8, etc_dir=sandbox_root / "etc", base="pure",
+        uid=uid, etc_dir=sandbox_root / "etc", base="pure", disk=sandbox_host.disk,
     )  # fmt: skip
-    os.chown(work, pure.uid, pure.uid)
     spec = StageSpec(
         script="ls -A /; ./hello",
         limits=parse_submission({"run": "x"}, _policy()).limits.run,
@@ -441,6 +440,7 @@ async def test_pure_mode_holds_only_its_mounts(
     try:
         out = await pure.run(spec)
     finally:
+        pure.retire(work)
         await pure.aclose()
     assert out.status == "ok", out.error
     listing = out.stdout.decode().split()
@@ -491,6 +491,7 @@ def test_init_report_parsing() -> None:
         (None, False, False, 0.0, "error"),
         (InitReport("exec-failed", 0, 0.0, 0.0, "No such file"), False, False, 0.0, "error"),
         (InitReport("rlimit-failed", 0, 0.0, 0.0, "nofile"), False, False, 0.0, "error"),
+        (InitReport("seal-failed", 0, 0.0, 0.0, "Permission denied"), False, False, 0.0, "error"),
     ],
 )
 def test_classify(
@@ -498,10 +499,30 @@ def test_classify(
 ) -> None:
     limits = parse_submission({"run": "x", "limits": {"run": {"cpu": 2}}}, _policy()).limits.run
     status, message = classify(
-        report, wall_killed=wall_killed, out_of_memory=oom, cpu_time=cpu, limits=limits
-    )
+        report, wall_killed=wall_killed, out_of_memory=oom, disk_full=False, cpu_time=cpu,
+        limits=limits,
+    )  # fmt: skip
     assert status == expected
     assert (message is None) == (expected in ("ok", "failed", "signaled"))
+
+
+@pytest.mark.parametrize(
+    ("report", "expected"),
+    [
+        (InitReport("exited", 1, 0.1, 0.1), "disk_limit"),
+        (InitReport("signaled", 25, 0.0, 0.0), "output_limit"),  # fsize first: more specific
+        (InitReport("exited", 137, 0.1, 0.1), "memory_limit"),
+    ],
+)
+def test_classify_a_full_working_directory(report: InitReport, expected: str) -> None:
+    limits = parse_submission({"run": "x"}, _policy()).limits.run
+    status, message = classify(
+        report, wall_killed=False, out_of_memory=expected == "memory_limit", disk_full=True,
+        cpu_time=0.1, limits=limits,
+    )  # fmt: skip
+    assert status == expected
+    if expected == "disk_limit":
+        assert message == f"disk limit of {limits.disk} bytes for the working directory reached"
 
 
 def test_output_capture_keeps_the_first_bytes_and_reports_them_live() -> None:

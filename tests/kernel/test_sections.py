@@ -404,7 +404,7 @@ def test_every_limit_of_the_protocol_can_be_set_for_compile_and_run() -> None:
     assert set(STAGE_LIMITS) == {
         "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile",
         "nproc", "rss", "rtprio", "rttime", "sigpending", "stack", "wall_time", "memory", "pids",
-        "output",
+        "output", "disk",
     }  # fmt: skip
     body = "".join(f"{stage}.{name} = 1\n" for stage in ("compile", "run") for name in STAGE_LIMITS)
     settings = limit_settings(only(f"%%limits\n{body}"))

@@ -631,7 +631,7 @@ def test_omitted_limits_take_the_stage_defaults(policy):
     assert as_json["deps"] == {"wall_time": 600.0}
     for stage in ("compile", "run"):
         assert set(as_json[stage]) == {*RLIMITS, *SANDBOX_LIMITS}
-        assert len(as_json[stage]) == 20
+        assert len(as_json[stage]) == 21  # 16 rlimits, 5 of the sandbox (disk: v1.1)
     # Spot checks against config.DEFAULTS, so that a policy that loses its values fails here.
     assert as_json["run"]["cpu"] == 5
     assert as_json["compile"]["cpu"] == 30
@@ -684,6 +684,7 @@ def test_stage_limits_keep_a_finite_soft_below_an_unlimited_hard():
         memory=1,
         pids=1,
         output=0,
+        disk=1,
     )
     assert limits.as_json()["cpu"] == [5, "unlimited"]
     assert StageLimits.from_json(limits.as_json()) == limits
