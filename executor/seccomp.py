@@ -39,6 +39,13 @@ REFLINK_IOCTLS = (0x40049409, 0x4020940D, 0xC0189436)
 TERMINAL_IOCTLS = (0x5412, 0x541C)
 
 
+#: Calls newer than the syscall table of nsjail's kafel, by their x86_64 number, and the
+#: one kafel names otherwise.
+KAFEL_NUMBERS = {"quotactl_fd": 443, "set_mempolicy_home_node": 450, "statmount": 457,
+                 "listmount": 458, "open_tree_attr": 467}  # fmt: skip
+KAFEL_NAMES = {"umount2": "umount"}
+
+
 @dataclass(frozen=True)
 class Rule:
     """System calls refused with one errno, for one reason."""
@@ -85,7 +92,7 @@ RULES: tuple[Rule, ...] = (
         "mounting, and the new mount API",
         (
             "mount",
-            "umount",  # umount2(2), by kafel's name
+            "umount2",
             "pivot_root",
             "chroot",
             "fsopen",
@@ -95,9 +102,9 @@ RULES: tuple[Rule, ...] = (
             "move_mount",
             "open_tree",
             "mount_setattr",
-            "SYSCALL[457]",  # statmount
-            "SYSCALL[458]",  # listmount
-            "SYSCALL[467]",  # open_tree_attr
+            "statmount",
+            "listmount",
+            "open_tree_attr",
         ),
     ),
     Rule(
@@ -146,7 +153,7 @@ RULES: tuple[Rule, ...] = (
             "swapoff",
             "acct",
             "quotactl",
-            "SYSCALL[443]",  # quotactl_fd
+            "quotactl_fd",
             "syslog",
             "settimeofday",
             "clock_settime",
@@ -168,7 +175,7 @@ RULES: tuple[Rule, ...] = (
             "get_mempolicy",
             "migrate_pages",
             "move_pages",
-            "SYSCALL[450]",  # set_mempolicy_home_node
+            "set_mempolicy_home_node",
         ),
     ),
     Rule(
@@ -214,13 +221,23 @@ RULES: tuple[Rule, ...] = (
 
 
 def refused_calls() -> list[str]:
-    """The names of every refused call, as SECURITY.md lists them."""
-    return [call.split("(")[0].split(" ")[0] for rule in RULES for call in rule.calls]
+    """The names of every refused call, as SECURITY.md lists them (once each)."""
+    names = [call.split("(")[0].split(" ")[0] for rule in RULES for call in rule.calls]
+    return list(dict.fromkeys(names))
+
+
+def _kafel(call: str) -> str:
+    if call in KAFEL_NUMBERS:
+        return f"SYSCALL[{KAFEL_NUMBERS[call]}]"
+    return KAFEL_NAMES.get(call, call)
 
 
 def policy() -> str:
     """The policy in kafel's language, as nsjail's ``--seccomp_string`` takes it."""
-    blocks = [f"ERRNO({rule.errno}) {{ {', '.join(rule.calls)} }}" for rule in RULES]
+    blocks = [
+        f"ERRNO({rule.errno}) {{ {', '.join(_kafel(call) for call in rule.calls)} }}"
+        for rule in RULES
+    ]
     return ", ".join(blocks) + " DEFAULT ALLOW"
 
 

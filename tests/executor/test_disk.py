@@ -1,0 +1,116 @@
+"""The working disk (executor/disk.py) against a real btrfs image on a real loop device."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cellblock.errors import SandboxError
+from cellblock.executor import host
+from cellblock.executor.disk import HEADROOM, WorkDisk
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def disk(sandbox_host: host.SandboxHost) -> WorkDisk:
+    return sandbox_host.disk
+
+
+@pytest.fixture
+def directory(disk: WorkDisk) -> Iterator[Path]:
+    path = disk.create(f"disk-test-{secrets.token_hex(4)}", 4242)
+    yield path
+    disk.remove(path)
+
+
+def fill(path: Path, size: int) -> int:
+    """Write up to ``size`` bytes into a new file under ``path``; the bytes written."""
+    written = 0
+    with (path / secrets.token_hex(4)).open("wb", buffering=0) as f:
+        try:
+            while written < size:
+                written += f.write(b"\0" * min(MiB, size - written))
+        except OSError as exc:
+            assert exc.errno == errno.EDQUOT
+    return written
+
+
+def test_a_working_directory_is_a_private_subvolume(disk: WorkDisk, directory: Path) -> None:
+    info = directory.stat()
+    assert info.st_ino == 256  # the root of a btrfs subvolume
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (4242, 4242, 0o700)
+    assert directory.parent == disk.root
+    assert disk.names("disk-test-") == sorted(disk.root.glob("disk-test-*"))
+
+
+def test_attaching_again_reuses_the_mounted_disk(sandbox_host: host.SandboxHost) -> None:
+    root = sandbox_host.config.sandbox.root
+    again = WorkDisk.attach(root, sandbox_host.config.sandbox.disk_size)
+    assert again.root == sandbox_host.disk.root
+    assert os.stat(again.root).st_dev == os.stat(sandbox_host.disk.root).st_dev
+
+
+def test_the_cap_holds_even_for_root_and_can_change(disk: WorkDisk, directory: Path) -> None:
+    disk.limit(directory, 4 * MiB)
+    assert fill(directory, 10 * MiB) < 4 * MiB
+    assert disk.full(directory)
+    disk.limit(directory, 16 * MiB)  # a later stage's larger cap
+    assert not disk.full(directory)
+    assert fill(directory, 4 * MiB) == 4 * MiB
+
+
+def test_a_directory_with_room_is_not_full(disk: WorkDisk, directory: Path) -> None:
+    disk.limit(directory, 4 * MiB)
+    fill(directory, 4 * MiB - 4 * HEADROOM)
+    assert not disk.full(directory)
+
+
+def test_full_follows_nothing_the_sandbox_planted(disk: WorkDisk, directory: Path) -> None:
+    """A FIFO, a symlink out to a host file, and a directory named like a temporary file:
+    ``full`` opens none of them (it reserves room in a file with no name)."""
+    os.mkfifo(directory / "fifo")
+    (directory / "passwd").symlink_to("/etc/passwd")
+    (directory / "tmp").mkdir()
+    before = Path("/etc/passwd").read_bytes()
+    disk.limit(directory, 4 * MiB)
+    assert not disk.full(directory)
+    assert Path("/etc/passwd").read_bytes() == before
+    assert sorted(p.name for p in directory.iterdir()) == ["fifo", "passwd", "tmp"]
+
+
+def test_remove_takes_everything_and_is_idempotent(disk: WorkDisk) -> None:
+    path = disk.create(f"disk-test-{secrets.token_hex(4)}", 4242)
+    (path / "a" / "b").mkdir(parents=True)
+    (path / "a" / "b" / "c").write_text("x")
+    (path / "out").symlink_to("/etc")
+    disk.remove(path)
+    assert not path.exists()
+    assert Path("/etc/passwd").exists()
+    disk.remove(path)  # gone already: nothing to do
+
+
+def test_remove_takes_a_plain_directory_of_an_older_layout(disk: WorkDisk) -> None:
+    path = disk.root / f"disk-test-{secrets.token_hex(4)}"
+    (path / "sub").mkdir(parents=True)
+    disk.remove(path)
+    assert not path.exists()
+
+
+def test_a_name_with_a_slash_is_refused(disk: WorkDisk) -> None:
+    with pytest.raises(ValueError, match="not a working directory name"):
+        disk.create("../escape", 4242)
+
+
+def test_a_non_empty_folder_is_never_mounted_over(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "work").mkdir(parents=True)
+    (root / "work" / "old").write_text("left by an older version")
+    with pytest.raises(SandboxError, match="not empty"):
+        WorkDisk.attach(root, 256 * MiB)
+    assert not (root / "disk.img").exists()
