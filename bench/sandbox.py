@@ -328,15 +328,15 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         config = cellblock_config.load(state_dir, None, environ=environ)
         host = prepare(config)
         sandbox = host.sandbox(args.slot)
-        workdir = state_dir / "work"
-        workdir.mkdir(mode=0o700)
-        os.chown(workdir, sandbox.uid, sandbox.uid)
+        workdir = host.disk.create("bench", sandbox.uid)
         setup = Bench(host, sandbox, workdir)
         try:
             methods = setup.methods()
             samples = await measure(methods, args.runs, args.warmup)
         finally:
             setup.close()
+            host.disk.remove(workdir)
+            host.disk.detach()
         info = (
             f"Linux {platform.release()}, {os.cpu_count()} CPUs, "
             f"cgroup v{host.cgroups.version}, sandbox base {config.sandbox.base}, "

@@ -248,9 +248,7 @@ async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
     config = cellblock_config.load(root, environ={"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'})
     host = prepare(config)
     sandbox = host.sandbox(slot=250)
-    workdir = sandbox_root / "bench-box"
-    workdir.mkdir()
-    os.chown(workdir, sandbox.uid, sandbox.uid)
+    workdir = host.disk.create("bench-box", sandbox.uid)
     bare = Bench(host, sandbox, workdir, script=REQUEST["run"])  # the same program as submitted
     client = Client(deployment.url, TOKEN, timeout=60)
     try:
@@ -262,6 +260,8 @@ async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
         await client.close()
         bare.close()
         deployment.stop()
+        host.disk.remove(workdir)
+        host.disk.detach()
         shutil.rmtree(root, ignore_errors=True)
     figures = {key: stats(values) for key, values in samples.items()}
     best_loops = max(nsjail_rates, key=lambda k: nsjail_rates[k])

@@ -113,6 +113,11 @@ class WorkDisk:
                     raise
                 shutil.rmtree(path, ignore_errors=True)
 
+    def detach(self) -> None:
+        """Unmount the disk (lazily: once no jail uses it). For a host's own end, benches and
+        tests; executors leave it mounted for the others."""
+        _run(["umount", "--lazy", str(self.root)], "unmount the working disk")
+
     def names(self, prefix: str) -> list[Path]:
         """The working directories whose names start with ``prefix``."""
         return sorted(self.root.glob(f"{prefix}*"))

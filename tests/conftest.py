@@ -26,6 +26,7 @@ import tornado.netutil
 from tornado.httpclient import AsyncHTTPClient
 
 from cellblock import config as config_module
+from cellblock.executor.disk import WorkDisk
 from cellblock.service.auth import Principal, Tokens
 from cellblock.service.server import make_app
 from cellblock.service.store import Store
@@ -58,7 +59,7 @@ def sandbox_root() -> Iterator[Path]:
     root.chmod(0o711)
     yield root
     if os.path.ismount(root / "work"):
-        subprocess.run(["umount", "--lazy", str(root / "work")], check=False)
+        WorkDisk(root / "work").detach()
     shutil.rmtree(root, ignore_errors=True)
 
 
