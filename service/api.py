@@ -143,7 +143,8 @@ class BaseHandler(tornado.web.RequestHandler):
     def json_body(self) -> Any:
         try:
             return json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
+        # RecursionError: nesting deeper than the parser's stack ([[[... a million deep).
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
 
 

@@ -67,7 +67,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         try:
             try:
                 msg = json.loads(message)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 raise InvalidRequest([FieldProblem("", "the message is not JSON")]) from None
             if not isinstance(msg, dict):
                 raise InvalidRequest([FieldProblem("", "the message must be a JSON object")])
