@@ -44,6 +44,8 @@ from cellblock.service.protocol import (
 JOBS_GROUP = "executors"
 #: The largest ``since`` a read of events passes to Redis (see ``Store.events``).
 MAX_SINCE = 2**64 - 2
+#: Redis connections one process may hold at once (Redis itself takes 10000 clients).
+MAX_CONNECTIONS = 1000
 
 
 class QueueFull(CellblockError):
@@ -202,8 +204,13 @@ class Store:
     def connect(cls, url: str, **kwargs: Any) -> Store:
         # No read timeout: blocking reads (XREAD BLOCK, XREADGROUP BLOCK) wait longer than
         # redis-py's default of 5 s, and each names its own bound.
-        client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=None)
-        return cls(client, **kwargs)
+        # A blocking pool, and a large one: every event stream and WebSocket watch holds a
+        # connection through its blocking read, and redis-py's default pool (100) answers
+        # the next request over it with MaxConnectionsError, a 500, where it should wait.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, socket_timeout=None, max_connections=MAX_CONNECTIONS
+        )
+        return cls(aioredis.Redis.from_pool(pool), **kwargs)
 
     async def close(self) -> None:
         await self.redis.aclose()
