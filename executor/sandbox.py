@@ -37,7 +37,7 @@ from cellblock.executor import seccomp
 from cellblock.executor.cgroups import Cgroups
 from cellblock.executor.disk import WorkDisk
 from cellblock.executor.jail import Jail, JailFds
-from cellblock.service.protocol import RLIMITS, StageLimits, encode_output, now
+from cellblock.service.protocol import RLIMITS, SandboxStatus, StageLimits, encode_output, now
 
 #: Where things are inside the jail.
 WORKDIR = "/box"
@@ -63,16 +63,6 @@ DEV_LINKS = (
 )
 
 OutputSink = Callable[[str, bytes], None]
-StageStatus = Literal[
-    "ok",
-    "failed",
-    "signaled",
-    "time_limit",
-    "memory_limit",
-    "output_limit",
-    "disk_limit",
-    "error",
-]
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,7 @@ class StageSpec:
 
 @dataclass
 class StageOutcome:
-    status: StageStatus
+    status: SandboxStatus
     exit_code: int | None = None
     signal: int | None = None
     stdout: bytes = b""
@@ -174,7 +164,7 @@ def classify(
     disk_full: bool,
     cpu_time: float,
     limits: StageLimits,
-) -> tuple[StageStatus, str | None]:
+) -> tuple[SandboxStatus, str | None]:
     """The stage status from what was observed, most specific cause first. Pure."""
     if wall_killed:
         return "time_limit", f"wall time limit of {limits.wall_time:g} s exceeded"

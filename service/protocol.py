@@ -534,7 +534,8 @@ def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
 # -- status, stage results and events ---------------------------------------------------------
 
 Status = Literal["queued", "running", "finished", "cancelled", "error"]
-StageStatus = Literal[
+#: How a stage that ran in the sandbox ended.
+SandboxStatus = Literal[
     "ok",
     "failed",
     "signaled",
@@ -542,9 +543,9 @@ StageStatus = Literal[
     "memory_limit",
     "output_limit",
     "disk_limit",
-    "skipped",
     "error",
 ]
+StageStatus = Literal[SandboxStatus, "skipped"]
 TERMINAL: frozenset[str] = frozenset({"finished", "cancelled", "error"})
 #: Which status may follow which; ``running`` → ``running`` is a reclaim by another executor.
 TRANSITIONS: Mapping[str, frozenset[str]] = {
