@@ -278,6 +278,9 @@ DEPENDENCY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_+-]*(\.[A-Za-z_][A-Za-z0-9_+-
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_FILES = 1000
 MAX_DEPENDENCIES = 64
+#: Far above any nixpkgs attribute path, and short enough that a name never floods a key,
+#: a log line or nix's command line.
+MAX_DEPENDENCY_NAME = 255
 
 
 def decode(content: str, encoding: str) -> bytes:
@@ -317,6 +320,8 @@ def _no_nul(value: str) -> str:
 
 
 def _dependency_name(name: str) -> str:
+    if len(name) > MAX_DEPENDENCY_NAME:
+        raise ValueError(f"is longer than {MAX_DEPENDENCY_NAME} characters")
     if not DEPENDENCY_NAME.fullmatch(name):
         raise ValueError(
             f"{name!r} is not a package attribute name (letters, digits, _ + -, "
