@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tornado.websocket
 from probeio import still_serves, submit
 from restio import ALICE, Rest
+from wsio import Socket
 
 #: The first slot uid of these suites' executors (the default base is 200000): what the tests
 #: count on the host by uid is theirs alone, not the sandboxes of other test sessions.
@@ -42,6 +44,7 @@ class Target:
     """One service with one registered executor."""
 
     rest: Rest
+    ws_url: str
     until: Until
     #: The host uids of the executor's slots, slot 0 first.
     uids: list[int]
@@ -83,6 +86,22 @@ class Target:
             return bool(state["status"] == "running" and state["stage"] == "run")
 
         await self.until(check, f"submission {sid} to run")
+
+    async def printed(self, sid: str, text: str, token: str = ALICE) -> None:
+        """Wait until the run stage of the submission ``sid`` has printed ``text`` (watched
+        over the WebSocket, as the output streams)."""
+        conn = await tornado.websocket.websocket_connect(f"{self.ws_url}?token={token}")
+        ws = Socket(conn)
+        try:
+            await ws.send({"type": "watch", "id": sid, "since": 0})
+            seen = ""
+            while text not in seen:
+                event = await ws.receive()
+                assert event["type"] != "finished", event
+                if event["type"] == "output" and event["stage"] == "run":
+                    seen += event["data"]
+        finally:
+            await ws.close()
 
     async def cancel(self, sid: str, token: str = ALICE) -> None:
         await self.rest.call("DELETE", f"/api/v1/submissions/{sid}", token=token, expect=200)

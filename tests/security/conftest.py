@@ -27,7 +27,7 @@ async def open_target(
         rest = Rest(service.url)
         clients.append(rest)
         uids = [UID_BASE + FIRST_OFFSET + slot for slot in range(slots)]
-        return Target(rest, until, uids, sandbox_root / "work")
+        return Target(rest, service.ws_url, until, uids, sandbox_root / "work")
 
     yield open_one
     for rest in clients:
