@@ -459,10 +459,9 @@ async def test_slow_clients_do_not_starve_a_normal_client(
     api: Rest, service: Any, store: Store
 ) -> None:
     """Attack (slowloris): 200 loopback connections send their request headers one byte at a
-    time, and 40 more a POST body one byte at a time, over 2.5 s, while 150 more hold
-    event streams open without reading them. Must hold: a normal client's
-    requests meanwhile each answer within a second, and the slow requests, once complete,
-    get honest answers."""
+    time, and 40 more a POST body one byte at a time, over 2.5 s, while 150 more hold event
+    streams open without reading them. Must hold: a normal client's requests meanwhile each
+    answer within 2 s, and the slow requests, once complete, get honest answers."""
     host, port = address(service)
     head = (f"GET /api/v1/health HTTP/1.1\r\nHost: {host}\r\nX-Padding: "
             + "a" * 40 + "\r\n\r\n").encode()  # fmt: skip
@@ -513,5 +512,7 @@ async def test_slow_clients_do_not_starve_a_normal_client(
         for _, writer in connections + streams:
             writer.close()
     assert len(latencies) >= 10, latencies
-    assert max(latencies) < 1.0, latencies
+    # Tens of milliseconds on an idle machine; the bound leaves room for a busy one, while
+    # a starved client would wait for as long as the slow ones hold their connections.
+    assert max(latencies) < 2.0, latencies
     await still_serves(api)
