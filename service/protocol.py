@@ -43,8 +43,11 @@ SANDBOX_LIMITS: tuple[str, ...] = ("wall_time", "memory", "pids", "output", "dis
 SIZE_LIMITS: tuple[str, ...] = ("memory", "pids", "output", "disk")
 SANDBOXED_STAGES: tuple[str, ...] = ("compile", "run")
 STAGES: tuple[str, ...] = ("deps", "compile", "run")
-#: A stage script travels as one argv string, which Linux caps at MAX_ARG_STRLEN (128 KiB).
-MAX_SCRIPT_BYTES = 128 * 1024 - 1
+#: One argv or environment string ("NAME=value"), which Linux caps at MAX_ARG_STRLEN (128 KiB
+#: with its NUL): a longer one can never start. A stage script travels as one argv string.
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_SCRIPT_BYTES = MAX_ARG_BYTES
+TOO_LONG = "Linux passes no longer string to a program: send data as a file or stdin"
 UNLIMITED = "unlimited"
 #: The largest finite limit: rlim_t is 64 bits and its top value means "unlimited".
 MAX_LIMIT = 2**63 - 1
@@ -409,13 +412,17 @@ class SubmissionRequest(_Strict):
                 _no_nul(value)
             except ValueError as exc:
                 raise ValueError(f"the value of {name} {exc}") from None
+            if len(f"{name}={value}".encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"{name}=value is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
         return env
 
     @field_validator("args")
     @classmethod
     def _args(cls, args: list[str]) -> list[str]:
-        for arg in args:
+        for i, arg in enumerate(args):
             _no_nul(arg)
+            if len(arg.encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"args[{i}] is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
         return args
 
     @field_validator("stdin")
