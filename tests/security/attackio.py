@@ -14,6 +14,8 @@ from probeio import still_serves, submit
 from restio import ALICE, Rest
 from wsio import Socket
 
+from cellblock.executor.sandbox import INIT_PATH
+
 #: The first slot uid of these suites' executors (the default base is 200000): what the tests
 #: count on the host by uid is theirs alone, not the sandboxes of other test sessions.
 UID_BASE = 260000
@@ -37,6 +39,14 @@ def processes_of(uids: Sequence[int]) -> list[int]:
         if int(status["Uid"].split()[0]) in uids and status["State"].split()[0] not in "ZX":
             found.append(int(entry.name))
     return found
+
+
+def command_of(pid: int) -> str:
+    """The command line of ``pid``, its arguments joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -115,10 +125,15 @@ class Target:
         return processes_of(self.uids)
 
     async def settled(self, timeout: float = 15) -> None:
-        """Wait until each slot holds nothing but its armed jail's init: every process of
-        ended stages is gone from the host."""
+        """Wait until each slot holds nothing but its armed jail's init (one process, whose
+        command line is init's): every process of ended stages is gone from the host."""
+
+        def only_init(uid: int) -> bool:
+            pids = processes_of([uid])
+            return len(pids) <= 1 and all(command_of(pid).startswith(INIT_PATH) for pid in pids)
+
         await self.until(
-            lambda: all(len(processes_of([uid])) <= 1 for uid in self.uids),
+            lambda: all(only_init(uid) for uid in self.uids),
             "the slots to hold nothing but their armed jails",
             timeout=timeout,
         )
