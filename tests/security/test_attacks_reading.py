@@ -31,7 +31,8 @@ async def test_the_hosts_files_and_the_executors_state_are_not_there(
     """/etc/shadow and the host's other secrets, /root, /home, /sys, /run, the test's folder
     (Redis's socket, the executor's state directory), the sandbox root and the folder of the
     working directories: none exists inside. /etc/passwd is the sandbox's own, naming no
-    user of the host."""
+    user of the host, and pid 1 is the jail's init, not the host's (whose environment is
+    so out of reach)."""
     paths = [
         "/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/ssh", "/etc/machine-id", "/root",
         "/home", "/var", "/boot", "/run", "/sys", "/sys/fs/cgroup", "/sys/kernel",
@@ -39,10 +40,14 @@ async def test_the_hosts_files_and_the_executors_state_are_not_there(
         target.work_root, *target.workdirs(),
     ]  # fmt: skip
     ran = await target.run(
-        f"{ALL_FOUND}; cut -d: -f1 /etc/passwd | tr '\\n' ' '",
+        f"{ALL_FOUND}; cut -d: -f1 /etc/passwd | tr '\\n' ' '; echo;"
+        " tr '\\0' ' ' < /proc/1/cmdline",
         args=[str(p) for p in paths],
     )
-    assert (ran["status"], ran["stdout"]) == ("ok", "root runner nobody "), ran
+    assert ran["status"] == "ok", ran
+    users, pid_1 = ran["stdout"].splitlines()
+    assert users == "root runner nobody ", ran
+    assert pid_1.startswith("/.cellblock/init "), ran  # not the host's pid 1
     await target.still_serves()
 
 
@@ -200,7 +205,7 @@ PLANT = (
 @pytest.fixture
 async def victim(open_target: Any) -> AsyncIterator[tuple[Target, str]]:
     """An executor of two slots, one of which runs Bob's planting program; at the end, Bob's
-    submission is still running, unharmed, and is cancelled."""
+    submission is still running, unharmed, and is cancelled, which ends all of it."""
     target = await open_target(slots=2)
     request = {
         "files": [{"name": "listen.py", "content": LISTEN}],
@@ -213,6 +218,9 @@ async def victim(open_target: Any) -> AsyncIterator[tuple[Target, str]]:
     state = await target.rest.call("GET", f"/api/v1/submissions/{sid}", token=BOB)
     assert (state["status"], state["stage"]) == ("running", "run"), state
     await target.cancel(sid, token=BOB)
+    # Cancelling kills the stage; an executor stopped before it has done so would leave the
+    # stage to its init's deadline, past this test.
+    await target.settled()
     await target.still_serves()
 
 
