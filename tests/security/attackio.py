@@ -4,6 +4,7 @@ its own because test modules cannot import conftest.py (its fixtures are in conf
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from wsio import Socket
 
 from cellblock.executor.sandbox import INIT_PATH
 
-#: The first slot uid of these suites' executors (the default base is 200000): what the tests
-#: count on the host by uid is theirs alone, not the sandboxes of other test sessions.
-UID_BASE = 260000
+#: The first slot uid of these suites' executors: a range of this test session's own (the
+#: default base is 200000), so that what the tests count on the host by uid is theirs alone,
+#: not the sandboxes of other test sessions on this machine.
+UID_BASE = 300_000 + os.getpid() % 4096 * 1000
 #: ``start_executor`` (tests/conftest.py) gives a test's first executor the uid offset 100.
 FIRST_OFFSET = 100
 
