@@ -38,3 +38,9 @@ async def open_target(
 async def target(open_target: OpenTarget) -> Target:
     """The service with one executor of one slot: submissions in a row land in that slot."""
     return await open_target()
+
+
+@pytest.fixture
+def rest(target: Target) -> Rest:
+    """The REST client of ``target``, for suites that only submit."""
+    return target.rest

@@ -6,9 +6,7 @@ whose size bounds everything sandboxes can write (executor/disk.py)."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from probeio import still_serves, submit
@@ -16,14 +14,6 @@ from restio import Rest
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def rest(service: Any, launch: Callable[..., Awaitable[Any]]) -> AsyncIterator[Rest]:
-    await launch(slots=1)
-    client = Rest(service.url)
-    yield client
-    client.close()
 
 
 def host_free(path: Path) -> int:

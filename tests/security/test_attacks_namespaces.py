@@ -6,23 +6,13 @@ and the jail's own user namespace is sealed (its max_user_namespaces is 0) behin
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from probeio import probe, program_file, still_serves, submit
 from restio import Rest
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def rest(service: Any, launch: Callable[..., Awaitable[Any]]) -> AsyncIterator[Rest]:
-    await launch(slots=1)
-    client = Rest(service.url)
-    yield client
-    client.close()
 
 
 async def test_nested_user_namespace_never_reaches_netfilter(rest: Rest) -> None:

@@ -6,22 +6,11 @@ need keeps working."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
 import pytest
 from probeio import probe, program_file, still_serves, submit
 from restio import Rest
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def rest(service: Any, launch: Callable[..., Awaitable[Any]]) -> AsyncIterator[Rest]:
-    await launch(slots=1)
-    client = Rest(service.url)
-    yield client
-    client.close()
 
 
 async def expect(rest: Rest, refused: dict[str, str]) -> dict[str, tuple[int, str]]:
