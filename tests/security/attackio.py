@@ -144,3 +144,7 @@ class Target:
         """The working directories of this executor's slots on the host now (each idle slot
         keeps one ready for its next submission)."""
         return [p for uid in self.uids for p in self.work_root.glob(f"{uid}-*")]
+
+
+#: ``await open_target(slots=1, **env)``: the open_target fixture of conftest.py.
+OpenTarget = Callable[..., Awaitable[Target]]

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attackio import FIRST_OFFSET, UID_BASE, Target, Until
+from attackio import FIRST_OFFSET, UID_BASE, OpenTarget, Target, Until
 from restio import Rest
-
-OpenTarget = Callable[..., Awaitable[Target]]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attackio import Target
+from attackio import OpenTarget, Target
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -44,16 +44,18 @@ async def ready_workdir(target: Target) -> Path:
 
 
 async def test_symlinks_to_host_paths_do_not_make_the_host_write_delete_or_truncate(
-    target: Target, victim: Path, sandbox_root: Path
+    open_target: OpenTarget, victim: Path, sandbox_root: Path
 ) -> None:
     """The compile stage replaces an uploaded file by a symlink to a host file and plants
     symlinks to a host file, a host folder, the sandbox root, the folder of every slot's
     working directory and /; the run stage writes and truncates through them. Inside the jail
     the host paths do not exist; outside, the host removes the working directory without
     following any of them: the victim, the sandbox root's files and the other working
-    directories are untouched."""
+    directories (the executor's other slot keeps one ready) are untouched."""
+    target = await open_target(slots=2)
     before, etc = snapshot(victim), snapshot(sandbox_root / "etc")
-    workdir = await ready_workdir(target)
+    ready = set(await target.until(lambda: len(target.workdirs()) == 2 and target.workdirs(),
+                                   "both slots' next working directories"))  # fmt: skip
     links = {
         "main.c": victim / "precious",  # named like the uploaded file it replaces
         "file": victim / "precious",
@@ -74,10 +76,12 @@ async def test_symlinks_to_host_paths_do_not_make_the_host_write_delete_or_trunc
     compiled, ran = answer["stages"]["compile"], answer["stages"]["run"]
     assert compiled["status"] == "ok", compiled
     assert (ran["status"], ran["stdout"]) == ("ok", ""), ran  # no host path exists inside
-    await target.until(lambda: not workdir.exists(), "the working directory to be removed")
+    # The submission's own working directory is removed, the other slot's stays.
+    await target.until(
+        lambda: sum(p.exists() for p in ready) == 1, "the working directory to be removed"
+    )
     assert snapshot(victim) == before
     assert snapshot(sandbox_root / "etc") == etc
-    assert target.workdirs(), "the slot's next working directory went too"
     await target.still_serves()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from attackio import Target
+from attackio import OpenTarget, Target
 from restio import BOB
 
 pytestmark = pytest.mark.timeout(90)
@@ -73,7 +73,7 @@ print("found", sorted(p for p, text in places.items() for n in needles if n in t
 
 
 async def test_the_workers_environment_and_tokens_are_nowhere_inside(
-    open_target: Any, redis_url: str
+    open_target: OpenTarget, redis_url: str
 ) -> None:
     """The executor holds a client and an admin token and Redis's URL in its environment.
     The program looks for them, and for the service's tokens and any CELLBLOCK_*, *REDIS* or
@@ -203,7 +203,7 @@ PLANT = (
 
 
 @pytest.fixture
-async def victim(open_target: Any) -> AsyncIterator[tuple[Target, str]]:
+async def victim(open_target: OpenTarget) -> AsyncIterator[tuple[Target, str]]:
     """An executor of two slots, one of which runs Bob's planting program; at the end, Bob's
     submission is still running, unharmed, and is cancelled, which ends all of it."""
     target = await open_target(slots=2)
