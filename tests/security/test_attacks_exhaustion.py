@@ -212,6 +212,19 @@ async def test_huge_stdin_is_bounded_by_the_body_size(target: Target) -> None:
     assert run["stdout"].split()[:2] == [str(len(stdin)), hashlib.sha256(stdin).hexdigest()]
 
 
+@pytest.mark.parametrize(("script", "status"), [("exit 0", "ok"), ("sleep 30", "time_limit")])
+async def test_huge_stdin_the_program_never_reads_does_not_hold_its_stage(
+    target: Target, script: str, status: str
+) -> None:
+    """Almost a body's worth of stdin, far more than a pipe holds, to a program that never
+    reads it: one that exits ends the stage at once, one that sleeps ends it at its wall
+    time; neither waits for the executor to finish writing."""
+    ran = await target.run(script, stdin="s" * (MAX_BODY - 1000), limits={"run": {"wall_time": 1}})
+    assert ran["status"] == status, ran
+    assert ran["wall_time"] < 1.5, ran
+    await target.still_serves()
+
+
 async def test_huge_environments_and_arguments_are_refused_or_run_whole(target: Target) -> None:
     """An environment over the body size answers 413. One variable or argument longer than
     Linux passes to a program (MAX_ARG_STRLEN) can never start, so it answers 422 naming the
