@@ -9,7 +9,10 @@ each. The image itself is all of the host's disk that sandboxes can ever fill, w
 caps add up to. (Subvolumes also snapshot in O(1), which the tests of a submission will use.)
 
 Inside the sandbox, btrfs's own ioctls are refused by the seccomp policy (see seccomp.py): a
-program could otherwise make a subvolume of its own, which no quota group would cap.
+program could otherwise make a subvolume of its own, which no quota group would cap. So are
+reflinks (and copy_file_range, which reflinks here): their back references live in the extent
+tree, which no quota group counts. The image keeps one copy of its metadata, as the quota
+groups count it.
 
 Hitting the cap makes writes fail with EDQUOT. Whether a stage ended because of it is told by
 trying, after the stage, to reserve a little more room in the directory (``full``).
@@ -91,11 +94,12 @@ class WorkDisk:
             try:
                 fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=parent)
             except OSError as exc:
-                return exc.errno in (errno.EDQUOT, errno.ENOSPC)
+                return exc.errno == errno.EDQUOT
             try:
                 os.posix_fallocate(fd, 0, HEADROOM)
             except OSError as exc:
-                return exc.errno in (errno.EDQUOT, errno.ENOSPC)
+                # ENOSPC would be the whole image full: the host's pool, not this cap.
+                return exc.errno == errno.EDQUOT
             finally:
                 os.close(fd)
         return False
@@ -174,7 +178,10 @@ def _mount(image: Path, root: Path, size: int) -> None:
         partial = image.with_name(f".{image.name}.{os.getpid()}")
         with partial.open("wb") as f:
             f.truncate(size)  # sparse: the host's disk is taken as the sandboxes write
-        _run(["mkfs.btrfs", "--quiet", "--force", str(partial)], "make the working disk")
+        # One copy of metadata (mkfs's default keeps two): a quota group counts one, so with
+        # two a stage would take twice its cap of the image.
+        mkfs = ["mkfs.btrfs", "--quiet", "--force", "--metadata", "single", "--data", "single"]
+        _run([*mkfs, str(partial)], "make the working disk")
         os.replace(partial, image)
     # nodev and nosuid: nothing a sandbox writes there is ever a device or setuid on the host.
     # discard: space the sandboxes free goes back to the host's disk.

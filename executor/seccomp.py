@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EPERM, ENOTTY, ENOSYS, EPROTONOSUPPORT, EAFNOSUPPORT = 1, 25, 38, 93, 97
+EPERM, ENOTTY, ENOSYS, EOPNOTSUPP, EPROTONOSUPPORT, EAFNOSUPPORT = 1, 25, 38, 95, 93, 97
 
 #: Every flag of clone(2) that makes a new namespace (Docker's mask, 0x7E020000): NEWNS,
 #: NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET. CLONE_NEWTIME is clone3/unshare-only.
@@ -31,8 +31,9 @@ ALLOWED_FAMILIES = (1, 2, 10, 16)
 AF_NETLINK, NETLINK_ROUTE = 16, 0
 #: btrfs's ioctl type: the working directory is a btrfs subvolume, whose ioctls would let a
 #: program make subvolumes and snapshots outside its disk cap. The reflink and dedupe calls
-#: (FICLONE, FICLONERANGE, FIDEDUPERANGE) share the type and stay allowed: they stay inside
-#: the working directory and under its cap.
+#: (FICLONE, FICLONERANGE, FIDEDUPERANGE) share the type: a reflink's back reference lives in
+#: the extent tree, which no quota group counts, so they are refused too (EOPNOTSUPP, as on
+#: ext4), and so is copy_file_range, which reflinks on btrfs (ENOSYS: callers then copy).
 BTRFS_IOCTL_TYPE = 0x94
 REFLINK_IOCTLS = (0x40049409, 0x4020940D, 0xC0189436)
 #: TIOCSTI and TIOCLINUX push input into, or drive, a terminal the program may share.
@@ -199,14 +200,24 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        EOPNOTSUPP,
+        "reflinks and dedupe: their back references escape the working directory's disk cap",
+        (
+            "ioctl(fd, request) { "
+            + " || ".join(f"{_int('request')} == {v:#x}" for v in REFLINK_IOCTLS)
+            + " }",
+        ),
+    ),
+    Rule(
+        ENOSYS,
+        "copy_file_range, which reflinks on btrfs; callers fall back to reading and writing",
+        ("copy_file_range",),
+    ),
+    Rule(
         ENOTTY,
         "btrfs's own ioctls: subvolumes and snapshots would escape the working directory's "
         "disk cap",
-        (
-            "ioctl(fd, request) { "
-            f"(request & 0xff00) == {BTRFS_IOCTL_TYPE << 8:#x} && "
-            f"{_none_of('request', REFLINK_IOCTLS)} }}",
-        ),
+        (f"ioctl(fd, request) {{ (request & 0xff00) == {BTRFS_IOCTL_TYPE << 8:#x} }}",),
     ),
     Rule(
         EPERM,

@@ -109,6 +109,35 @@ static long btrfs_subvolume(void) {
     return ret;
 }
 
+/* A reflink of a fresh one-block file in the working directory: FICLONE or FICLONERANGE. */
+static long reflink(int whole) {
+    char block[4096];
+    memset(block, 'x', sizeof block);
+    int src = open("reflink-src", O_CREAT | O_RDWR | O_TRUNC, 0600);
+    int dst = open("reflink-dst", O_CREAT | O_RDWR | O_TRUNC, 0600);
+    long ret = write(src, block, sizeof block) == (long)sizeof block ? 0 : -1;
+    fsync(src);
+    if (ret == 0) {
+        struct { int64_t src_fd; uint64_t src_offset, src_length, dest_offset; } range = {src, 0, 4096, 0};
+        ret = whole ? ioctl(dst, 0x40049409UL, src) : ioctl(dst, 0x4020940dUL, &range);
+    }
+    int saved = errno;
+    close(src);
+    close(dst);
+    errno = saved;
+    return ret;
+}
+
+static long copy_range(void) {
+    int src = open("/etc/passwd", O_RDONLY), dst = open("copy-dst", O_CREAT | O_WRONLY | O_TRUNC, 0600);
+    long ret = syscall(SYS_copy_file_range, src, NULL, dst, NULL, 100, 0);
+    int saved = errno;
+    close(src);
+    close(dst);
+    errno = saved;
+    return ret;
+}
+
 /* An ioctl request with garbage in the upper half, which the kernel ignores. */
 static long tiocsti(unsigned long upper) {
     char c = 'x';
@@ -158,6 +187,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "socket_inet")) r = socket(AF_INET, SOCK_STREAM, 0);
         else if (!strcmp(a, "socket_unix")) r = socket(AF_UNIX, SOCK_STREAM, 0);
         else if (!strcmp(a, "btrfs_subvolume")) r = btrfs_subvolume();
+        else if (!strcmp(a, "ficlone")) r = reflink(1);
+        else if (!strcmp(a, "ficlonerange")) r = reflink(0);
+        else if (!strcmp(a, "copy_file_range")) r = copy_range();
         else if (!strcmp(a, "tiocsti")) r = tiocsti(0);
         else if (!strcmp(a, "tiocsti_upper_bits")) r = tiocsti(1UL << 40);
         else {
