@@ -16,6 +16,7 @@ runs, the jail of the run stage is armed. ``aclose`` gives up what is armed.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import os
 import secrets
@@ -152,7 +153,8 @@ class SubmissionRunner:
         self.dependencies = dependencies or NoDependencies()
         self._next: Path | None = None
         for stale in sandbox.disk.names(f"{sandbox.uid}-"):  # this slot's, from a killed run
-            sandbox.disk.remove(stale)
+            with contextlib.suppress(OSError):  # as rmtree's ignore_errors did: never fatal
+                sandbox.disk.remove(stale)
 
     def prepare(self) -> None:
         """Make the next submission's working directory and arm its first jail now."""
@@ -183,7 +185,7 @@ class SubmissionRunner:
             try:
                 write_files(workdir, request.files, self.sandbox.uid)
             except OSError as exc:
-                if exc.errno not in (errno.EDQUOT, errno.ENOSPC):
+                if exc.errno != errno.EDQUOT:  # ENOSPC: the whole disk is full, a system failure
                     raise
                 emit(_files_over_disk(first, first_limits))
                 if first == "compile":

@@ -147,9 +147,7 @@ class InitReport:
         if words[0] in ("exited", "signaled") and len(words) == 5:
             code, utime, stime, wall = (int(w) for w in words[1:])
             return cls(words[0], code, (utime + stime) / 1e6, wall / 1e6)
-        if words[0] == "exec-failed":
-            return cls(words[0], 0, 0.0, 0.0, os.strerror(int(words[1])))
-        if words[0] == "seal-failed":
+        if words[0] in ("exec-failed", "seal-failed"):
             return cls(words[0], 0, 0.0, 0.0, os.strerror(int(words[1])))
         if words[0] == "rlimit-failed":
             return cls(words[0], 0, 0.0, 0.0, f"{words[1]}: {os.strerror(int(words[2]))}")
