@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from jupyter_client.asynchronous.client import AsyncKernelClient
+from kernelrun import printed_by
 from procio import processes_of
 from tornado.httpclient import AsyncHTTPClient
 
@@ -168,16 +169,7 @@ async def run_in_kernel(server: JupyterServer, code: str) -> str:
     client.load_connection_file()
     client.start_channels()
     try:
-        await client.wait_for_ready(timeout=30)
-        printed: list[str] = []
-
-        def output(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                printed.append(msg["content"]["text"])
-
-        reply = await client.execute_interactive(code, output_hook=output, timeout=60)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        return "".join(printed)
+        return await printed_by(client, code, timeout=60)
     finally:
         client.stop_channels()
         await server.call("DELETE", f"/api/kernels/{kernel['id']}")

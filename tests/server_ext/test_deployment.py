@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from jupyterio import ADMIN, ALICE, Fetch
+from kernelrun import printed_by
 from procio import processes_of
 from tornado.httpclient import HTTPResponse
 
@@ -81,17 +82,8 @@ async def kernel_environ(serverapp: Any, *names: str) -> dict[str, str]:
     client = manager.get_kernel(kernel_id).client()
     client.start_channels()
     try:
-        await client.wait_for_ready(timeout=30)
-        printed: list[str] = []
-
-        def output(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                printed.append(msg["content"]["text"])
-
         code = f"import json, os; print(json.dumps({{n: os.environ.get(n) for n in {names!r}}}))"
-        reply = await client.execute_interactive(code, output_hook=output, timeout=30)
-        assert reply["content"]["status"] == "ok", reply
-        values: dict[str, str] = json.loads("".join(printed))
+        values: dict[str, str] = json.loads(await printed_by(client, code))
         return values
     finally:
         client.stop_channels()
