@@ -61,7 +61,7 @@ from cellblock import config as cellblock_config
 from cellblock.executor.cgroups import StageCgroup
 from cellblock.executor.host import SandboxHost, prepare
 from cellblock.executor.jail import JailFds
-from cellblock.executor.job import Environment, stage_environment
+from cellblock.executor.runner import StageEnvironment, stage_environment
 from cellblock.executor.sandbox import INIT_PATH, Sandbox, StageSpec, request
 
 #: Cellblock's own overhead over bare nsjail, per stage (median), must stay under this.
@@ -123,7 +123,7 @@ class Bench:
     ) -> None:
         self.sandbox = sandbox
         limits = host.config.limits.run.defaults
-        env = stage_environment(Environment(), {}, pure=host.config.sandbox.base == "pure")
+        env = stage_environment(StageEnvironment(), {}, pure=host.config.sandbox.base == "pure")
         self.spec = StageSpec(script=script, limits=limits, workdir=workdir, env=env)
         self.status, self.log = Pipe(), Pipe()
         # One cgroup for all bare runs, made here and not timed: nsjail's own options then

@@ -29,8 +29,8 @@ from cellblock.cachebuilder.environments import (
     EnvironmentCache,
 )
 from cellblock.config import Config
-from cellblock.service.store import Job, Store
-from cellblock.worker import Presence, WorkerInfo
+from cellblock.presence import Presence, WorkerInfo
+from cellblock.service.store import Lease, Store
 
 log = logging.getLogger("cellblock.builder")
 TAKE_BLOCK = 1.0
@@ -82,7 +82,7 @@ class Builder:
             await asyncio.gather(*background, return_exceptions=True)
             log.info("builder stopped", extra={"worker": self.info.id})
 
-    async def build(self, job: Job) -> BuildOutcome:
+    async def build(self, job: Lease) -> BuildOutcome:
         fields = job.fields
         key, build, names = fields["key"], fields["build"], json.loads(fields["names"])
         assert self.channel is not None
@@ -123,7 +123,7 @@ class Builder:
             return BuildOutcome(ok=False, message=exc.message)
         return BuildOutcome(ok=True, environment=env)
 
-    async def _heartbeat(self, job: Job) -> None:
+    async def _heartbeat(self, job: Lease) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.config.lease_timeout / 3))
             await self.cache.builds.heartbeat(self.info.id, job)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cellblock.service.protocol import now
-from cellblock.service.store import Job, JobQueue, Store
+from cellblock.service.store import JobQueue, Lease, Store
 
 BUILDS_GROUP = "builders"
 #: How long a finished build's log stays readable for late waiters.
@@ -235,7 +235,7 @@ class EnvironmentCache:
         current = await self.redis.get(f"{self.p}:building:{key}")
         return current or await self.request_build(key, names, ttl)
 
-    async def build_done(self, job: Job, key: str, build: str, outcome: BuildOutcome) -> None:
+    async def build_done(self, job: Lease, key: str, build: str, outcome: BuildOutcome) -> None:
         """Release the key, publish a build's outcome to its waiters, and release the job."""
         # The key first: a request made once the outcome is out must not join this build (and
         # be handed its failure again) but start a new one. Only the build that holds the key

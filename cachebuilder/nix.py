@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from cellblock.cachebuilder.environments import Channel, Environment, Package
-from cellblock.errors import CellblockError
+from cellblock.errors import CellblockError, ErrorCode
 
 BUNDLED_CHANNEL = Path(__file__).with_name("channel")
 GCROOTS = Path("/nix/var/nix/gcroots/cellblock")
@@ -35,7 +35,7 @@ _FAILED_BUILDER = re.compile(
 
 
 class NixError(CellblockError):
-    code = "nix"
+    code: str = ErrorCode.NIX
 
     def __init__(self, message: str, log: str = "") -> None:
         super().__init__(message)

@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
     from cellblock.executor import host
-    from cellblock.executor.job import SubmissionRunner
+    from cellblock.executor.runner import SubmissionRunner
     from cellblock.service.protocol import EventRecorder, SubmissionState, parse_submission
 
     raw = _read_json(args.submission)
@@ -213,7 +213,7 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
 
 async def _executor(config: config_module.Config, args: argparse.Namespace) -> int:
     from cellblock.executor import host
-    from cellblock.executor.worker import Executor
+    from cellblock.executor.executor import Executor
     from cellblock.service.store import Store
 
     store = Store.connect(args.redis, retention=config.retention, queue_size=config.queue_size)

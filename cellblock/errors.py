@@ -8,6 +8,44 @@ a kernel cell error and a CLI message all say the same thing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Every ``code`` of an error document or WebSocket ``error`` message (shared/PROTOCOL.md),
+    and the codes the client gives to failures of its own. A ``StrEnum``: each member is the
+    string that goes on the wire."""
+
+    # Input that does not fit the protocol (HTTP 400, 413, 422).
+    INVALID_REQUEST = "invalid_request"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    INVALID_JSON = "invalid_json"
+    BODY_TOO_LARGE = "body_too_large"
+    NOT_WEBSOCKET = "not_websocket"
+    WEBSOCKET_VERSION = "websocket_version"
+    # Who may do what (401, 403).
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    # What the request names (404, 409, 429).
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    NOT_SUPERVISED = "not_supervised"
+    QUEUE_FULL = "queue_full"
+    NO_BUILDER = "no_builder"
+    # The service's own failures (500, 502) and Tornado's bare HTTP errors.
+    INTERNAL = "internal"
+    HTTP = "http"
+    BAD_GATEWAY = "bad_gateway"
+    # Raised inside the system, never answered as such.
+    REJECTED = "rejected"
+    CONFIG = "config"
+    SANDBOX = "sandbox"
+    NIX = "nix"
+    # The client's: the service cannot be reached, redirects, or breaks the protocol.
+    CLIENT = "client"
+    UNAVAILABLE = "unavailable"
+    REDIRECT = "redirect"
+    PROTOCOL = "protocol"
 
 
 @dataclass(frozen=True)
@@ -24,7 +62,7 @@ class FieldProblem:
 class CellblockError(Exception):
     """Base of every error Cellblock raises on purpose."""
 
-    code = "internal"
+    code: str = ErrorCode.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -37,7 +75,7 @@ class CellblockError(Exception):
 class InvalidRequest(CellblockError):
     """The client's input does not fit the protocol; ``problems`` names every bad field."""
 
-    code = "invalid_request"
+    code: str = ErrorCode.INVALID_REQUEST
 
     def __init__(self, problems: list[FieldProblem], message: str | None = None) -> None:
         if message is None:
@@ -60,16 +98,16 @@ class InvalidRequest(CellblockError):
 class LimitExceeded(InvalidRequest):
     """A requested limit is above the administrator's maximum (never silently lowered)."""
 
-    code = "limit_exceeded"
+    code: str = ErrorCode.LIMIT_EXCEEDED
 
 
 class ConfigError(CellblockError):
     """The configuration file or a ``CELLBLOCK_*`` variable is wrong."""
 
-    code = "config"
+    code: str = ErrorCode.CONFIG
 
 
 class SandboxError(CellblockError):
     """The sandbox itself could not run a stage (not the program's fault)."""
 
-    code = "sandbox"
+    code: str = ErrorCode.SANDBOX

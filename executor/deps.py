@@ -20,13 +20,11 @@ from typing import Any
 from cellblock.cachebuilder import nix
 from cellblock.cachebuilder.environments import (
     Channel,
+    Environment,
     EnvironmentCache,
     environment_key,
 )
-from cellblock.cachebuilder.environments import (
-    Environment as CachedEnvironment,  # not job.Environment, what a stage is given
-)
-from cellblock.executor.job import DepsOutcome, Emit, Environment
+from cellblock.executor.runner import DepsOutcome, Emit, StageEnvironment
 
 #: How often to look again for a channel while no builder has published one.
 CHANNEL_POLL = 0.5
@@ -91,12 +89,12 @@ class NixDependencies:
             "log": "\n".join(log),
             "wall_time": round(time.monotonic() - started, 6),
         }
-        provided = Environment(
+        provided = StageEnvironment(
             variables=env.variables, paths=env.closure, packages=result["packages"]
         )
         return DepsOutcome(result=result, environment=provided)
 
-    async def _lookup(self, names: Sequence[str], say: Any) -> tuple[str, CachedEnvironment | None]:
+    async def _lookup(self, names: Sequence[str], say: Any) -> tuple[str, Environment | None]:
         """The key of ``names`` and its record, if any.
 
         A hit costs one Redis command here: the key comes from the channel seen last, and the

@@ -20,6 +20,7 @@ from tornado.iostream import IOStream
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.tcpclient import TCPClient
 
+from cellblock.errors import ErrorCode
 from cellblock.server_ext.deployment import Backend
 
 #: Response headers passed back from the service.
@@ -66,7 +67,9 @@ class _Base(ExtensionHandlerMixin, JupyterHandler):
         self.set_status(502)
         message = f"the Cellblock service did not answer: {problem}"
         self.finish(
-            json.dumps({"error": {"code": "bad_gateway", "details": [], "message": message}})
+            json.dumps(
+                {"error": {"code": ErrorCode.BAD_GATEWAY, "details": [], "message": message}}
+            )
         )
 
 

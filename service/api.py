@@ -19,11 +19,11 @@ import tornado.iostream
 import tornado.web
 
 from cellblock.config import Config
-from cellblock.errors import CellblockError, FieldProblem, InvalidRequest
+from cellblock.errors import CellblockError, ErrorCode, FieldProblem, InvalidRequest
 from cellblock.service.auth import Principal, Tokens
 from cellblock.service.metrics import Metrics
 from cellblock.service.protocol import SubmissionState, parse_submission
-from cellblock.service.store import QueueFull, Rejected, Store
+from cellblock.service.store import QueueAtCapacity, Rejected, Store
 
 log = logging.getLogger("cellblock.service")
 #: Seconds a client is asked to wait before retrying when the queue is full.
@@ -48,7 +48,7 @@ class Services:
     metrics: Metrics
 
 
-class ApiError(CellblockError):
+class ErrorResponse(CellblockError):
     """An error with its HTTP status."""
 
     def __init__(
@@ -85,14 +85,14 @@ class BaseHandler(tornado.web.RequestHandler):
         token = token or self.get_query_argument("token", None)
         principal = self.services.tokens.authenticate(token)
         if principal is None:
-            raise ApiError(
+            raise ErrorResponse(
                 401,
-                "unauthorized",
+                ErrorCode.UNAUTHORIZED,
                 "a valid token is required (Authorization: Bearer)",
                 headers={"WWW-Authenticate": 'Bearer realm="cellblock"'},
             )
         if admin and not principal.is_admin:
-            raise ApiError(403, "forbidden", "this needs an admin token")
+            raise ErrorResponse(403, ErrorCode.FORBIDDEN, "this needs an admin token")
         self.principal = principal
         return principal
 
@@ -106,7 +106,7 @@ class BaseHandler(tornado.web.RequestHandler):
         # stream) still answers its errors as JSON.
         self.set_header("Content-Type", "application/json; charset=utf-8")
         body: dict[str, Any]
-        if isinstance(exc, ApiError):
+        if isinstance(exc, ErrorResponse):
             for name, value in exc.headers.items():
                 self.set_header(name, value)
             body = {"error": {"code": exc.code, "message": exc.message, "details": []}}
@@ -114,13 +114,15 @@ class BaseHandler(tornado.web.RequestHandler):
             body = exc.as_json()
         elif isinstance(exc, tornado.web.HTTPError):
             reason = exc.log_message or self._reason
-            body = {"error": {"code": "http", "message": reason, "details": []}}
+            body = {"error": {"code": ErrorCode.HTTP, "message": reason, "details": []}}
         else:
-            body = {"error": {"code": "internal", "message": "internal error", "details": []}}
+            body = {
+                "error": {"code": ErrorCode.INTERNAL, "message": "internal error", "details": []}
+            }
         self.finish(json.dumps(body))
 
     def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, ApiError):
+        if isinstance(e, ErrorResponse):
             self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
         elif isinstance(e, InvalidRequest):
             self.send_error(422, exc_info=(type(e), e, e.__traceback__))
@@ -137,7 +139,7 @@ class BaseHandler(tornado.web.RequestHandler):
         store = self.services.store
         owner, state = await asyncio.gather(store.owner(sid), store.state(sid))
         if state is None or (owner != self.principal.name and not self.principal.is_admin):
-            raise ApiError(404, "not_found", f"no submission {sid}")
+            raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no submission {sid}")
         return state
 
     def json_body(self) -> Any:
@@ -145,7 +147,9 @@ class BaseHandler(tornado.web.RequestHandler):
             return json.loads(self.request.body or b"null")
         # RecursionError: nesting deeper than the parser's stack ([[[... a million deep).
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+            raise ErrorResponse(
+                400, ErrorCode.INVALID_JSON, f"the body is not JSON: {exc}"
+            ) from None
 
 
 async def capacity(store: Store) -> dict[str, int]:
@@ -197,8 +201,10 @@ class SubmissionsHandler(BaseHandler):
     def _body_limit(self) -> int:
         return self.services.config.max_body_size
 
-    def _too_large(self) -> ApiError:
-        return ApiError(413, "body_too_large", f"the body is over {self._body_limit()} bytes")
+    def _too_large(self) -> ErrorResponse:
+        return ErrorResponse(
+            413, ErrorCode.BODY_TOO_LARGE, f"the body is over {self._body_limit()} bytes"
+        )
 
     def data_received(self, chunk: bytes) -> None:
         if self._finished:
@@ -228,8 +234,8 @@ class SubmissionsHandler(BaseHandler):
         sid = new_submission_id()
         try:
             state = await self.services.store.submit(sid, submission, principal.name)
-        except QueueFull as exc:
-            raise ApiError(
+        except QueueAtCapacity as exc:
+            raise ErrorResponse(
                 429, exc.code, exc.message, headers={"Retry-After": str(RETRY_AFTER)}
             ) from None
         log.info("submission accepted", extra={"submission": sid, "owner": principal.name})
@@ -320,7 +326,7 @@ class SubmissionHandler(BaseHandler):
         try:
             state = await self.services.store.cancel(sid)
         except Rejected as exc:
-            raise ApiError(409, "conflict", f"cannot cancel: {exc.message}") from None
+            raise ErrorResponse(409, ErrorCode.CONFLICT, f"cannot cancel: {exc.message}") from None
         log.info("submission cancelled", extra={"submission": sid, "by": self.principal.name})
         self.send_json(200, {"id": sid, "status": state.status})
 
@@ -370,7 +376,7 @@ class WorkerHandler(BaseHandler):
     async def delete(self, worker_id: str) -> None:
         self.authenticate(admin=True)
         if not await self.services.store.request_drain(worker_id):
-            raise ApiError(404, "not_found", f"no live worker {worker_id}")
+            raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no live worker {worker_id}")
         log.info("worker drain requested", extra={"worker": worker_id})
         self.send_json(202, {"id": worker_id, "status": "draining"})
 
@@ -392,7 +398,7 @@ class ScaleHandler(BaseHandler):
         store = self.services.store
         if not await store.supervised():
             message = "scaling starts local processes: it needs a `cellblock up` deployment"
-            raise ApiError(409, "not_supervised", message)
+            raise ErrorResponse(409, ErrorCode.NOT_SUPERVISED, message)
         await store.set_scale(raw)
         log.info("scale requested", extra=raw)
         self.send_json(202, {**await store.scale(), "status": "scaling"})
@@ -415,4 +421,4 @@ class OpenApiHandler(BaseHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
-        raise ApiError(404, "not_found", f"no endpoint {self.request.path}")
+        raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no endpoint {self.request.path}")

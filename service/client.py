@@ -92,13 +92,13 @@ EventCallback = Callable[[Document], Awaitable[None] | None]
 class ClientError(errors.CellblockError):
     """Base of every error this client raises about the service."""
 
-    code = "client"
+    code: str = errors.ErrorCode.CLIENT
 
 
 class ServiceUnavailable(ClientError):
     """The service cannot be reached (refused, unresolvable, silent, or the connection broke)."""
 
-    code = "unavailable"
+    code: str = errors.ErrorCode.UNAVAILABLE
 
     def __init__(self, url: str, reason: str, message: str | None = None) -> None:
         super().__init__(message or f"cannot reach the Cellblock service at {url}: {reason}")

@@ -13,7 +13,8 @@ import base64
 import tornado.web
 
 from cellblock.cachebuilder.environments import EnvironmentCache, environment_key
-from cellblock.service.api import RETRY_AFTER, ApiError, BaseHandler
+from cellblock.errors import ErrorCode
+from cellblock.service.api import RETRY_AFTER, BaseHandler, ErrorResponse
 from cellblock.service.protocol import PackagesRequest, parse_packages_request
 
 #: How long a prefetch build may hold its package set before another may start one.
@@ -32,9 +33,9 @@ class PackagesHandler(BaseHandler):
         cache = EnvironmentCache(self.services.store)
         channel = await cache.channel()
         if channel is None:
-            raise ApiError(
+            raise ErrorResponse(
                 503,
-                "no_builder",
+                ErrorCode.NO_BUILDER,
                 "no cache builder has started yet; retry later",
                 headers={"Retry-After": str(RETRY_AFTER)},
             )
@@ -54,7 +55,7 @@ class BuildHandler(BaseHandler):
         self.authenticate()
         status = await EnvironmentCache(self.services.store).build_status(build)
         if status is None:
-            raise ApiError(404, "not_found", f"no build {build}")
+            raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no build {build}")
         self.send_json(200, status)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from cellblock.errors import CellblockError
+from cellblock.errors import CellblockError, ErrorCode
 from cellblock.service.protocol import (
     TERMINAL,
     EventRecorder,
@@ -48,18 +48,18 @@ MAX_SINCE = 2**64 - 2
 MAX_CONNECTIONS = 1000
 
 
-class QueueFull(CellblockError):
-    code = "queue_full"
+class QueueAtCapacity(CellblockError):
+    code: str = ErrorCode.QUEUE_FULL
 
 
 class UnknownSubmission(CellblockError):
-    code = "not_found"
+    code: str = ErrorCode.NOT_FOUND
 
 
 class Rejected(CellblockError):
     """An event the submission no longer takes: it ended, or another attempt owns it now."""
 
-    code = "rejected"
+    code: str = ErrorCode.REJECTED
 
 
 # KEYS: sub, events, queued, jobs, owner index, counters. ARGV: id, job, owner, state,
@@ -106,8 +106,8 @@ return seq
 
 
 @dataclass(frozen=True)
-class Job:
-    """A job taken from a queue: its stream entry (which is its lease) and that entry's fields."""
+class Lease:
+    """A job on loan from a queue: its stream entry (the lease itself) and that entry's fields."""
 
     entry: str
     fields: Mapping[str, str]
@@ -138,17 +138,17 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def take(self, consumer: str, block: float) -> Job | None:
+    async def take(self, consumer: str, block: float) -> Lease | None:
         """The next new job for ``consumer``, waiting up to ``block`` seconds."""
         reply = await self.redis.xreadgroup(
             self.group, consumer, {self.key: ">"}, count=1, block=max(1, int(block * 1000))
         )
         for _, entries in reply or []:
             for entry_id, fields in entries:
-                return Job(entry_id, fields, 1)
+                return Lease(entry_id, fields, 1)
         return None
 
-    async def reclaim(self, consumer: str, lease: float) -> Job | None:
+    async def reclaim(self, consumer: str, lease: float) -> Lease | None:
         """A job whose holder has not heartbeaten for ``lease`` seconds, now ``consumer``'s."""
         _, claimed, deleted = await self.redis.xautoclaim(
             self.key, self.group, consumer, int(lease * 1000), "0-0", count=1
@@ -158,14 +158,14 @@ class JobQueue:
         for entry_id, fields in claimed:
             info = await self.redis.xpending_range(self.key, self.group, entry_id, entry_id, 1)
             deliveries = int(info[0]["times_delivered"]) if info else 1
-            return Job(entry_id, fields, deliveries)
+            return Lease(entry_id, fields, deliveries)
         return None
 
-    async def heartbeat(self, consumer: str, job: Job) -> None:
+    async def heartbeat(self, consumer: str, job: Lease) -> None:
         """Renew the lease on ``job`` (resets its idle time; keeps the delivery count)."""
         await self.redis.xclaim(self.key, self.group, consumer, 0, [job.entry], justid=True)
 
-    async def done(self, job: Job) -> None:
+    async def done(self, job: Lease) -> None:
         """Release ``job`` for good: acknowledged and removed from the stream."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xack(self.key, self.group, job.entry)
@@ -228,7 +228,7 @@ class Store:
     # -- submissions ---------------------------------------------------------------------------
 
     async def submit(self, sid: str, submission: Submission, owner: str) -> SubmissionState:
-        """Store and queue a submission, all or nothing; ``QueueFull`` when the queue is full."""
+        """Store and queue a submission, all or nothing; ``QueueAtCapacity`` when it is full."""
         state = SubmissionState.new(sid, submission.request)
         recorder = EventRecorder(state)
         first = recorder.record({"type": "status", "status": "queued"})
@@ -242,7 +242,9 @@ class Store:
                   json.dumps(first), self.retention],
         )  # fmt: skip
         if not ok:
-            raise QueueFull(f"the queue is full ({self.queue_size} submissions wait); retry later")
+            raise QueueAtCapacity(
+                f"the queue is full ({self.queue_size} submissions wait); retry later"
+            )
         return recorder.state
 
     async def state(self, sid: str) -> SubmissionState | None:

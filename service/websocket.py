@@ -17,10 +17,10 @@ from typing import Any
 import tornado.websocket
 
 from cellblock.cachebuilder.environments import EnvironmentCache
-from cellblock.errors import CellblockError, FieldProblem, InvalidRequest
-from cellblock.service.api import ApiError, BaseHandler, follow_events, new_submission_id
+from cellblock.errors import CellblockError, ErrorCode, FieldProblem, InvalidRequest
+from cellblock.service.api import BaseHandler, ErrorResponse, follow_events, new_submission_id
 from cellblock.service.protocol import parse_submission
-from cellblock.service.store import QueueFull, Rejected
+from cellblock.service.store import QueueAtCapacity, Rejected
 
 log = logging.getLogger("cellblock.service")
 
@@ -39,11 +39,11 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         connection = {part.strip().lower() for part in headers.get("Connection", "").split(",")}
         if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in connection:
             message = "this endpoint takes a WebSocket upgrade (Upgrade: websocket)"
-            raise ApiError(400, "not_websocket", message)
+            raise ErrorResponse(400, ErrorCode.NOT_WEBSOCKET, message)
         if headers.get("Sec-WebSocket-Version") != "13":
-            raise ApiError(
+            raise ErrorResponse(
                 426,
-                "websocket_version",
+                ErrorCode.WEBSOCKET_VERSION,
                 "the WebSocket version must be 13",
                 headers={"Sec-WebSocket-Version": "13"},
             )
@@ -76,7 +76,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         except InvalidRequest as exc:
             body = exc.as_json()["error"]
             self._send({"type": "error", **body}, request_id)  # type: ignore[dict-item]
-        except ApiError as exc:
+        except ErrorResponse as exc:
             self._send({"type": "error", "code": exc.code, "message": exc.message}, request_id)
         except CellblockError as exc:
             self._send({"type": "error", "code": exc.code, "message": exc.message}, request_id)
@@ -91,8 +91,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             sid = new_submission_id()
             try:
                 await store.submit(sid, submission, self.principal.name)
-            except QueueFull as exc:
-                raise ApiError(429, exc.code, exc.message) from None
+            except QueueAtCapacity as exc:
+                raise ErrorResponse(429, exc.code, exc.message) from None
             log.info("submission accepted", extra={"submission": sid, "owner": self.principal.name})
             self._send({"type": "accepted", "id": sid}, request_id)
             self._relay(sid, 0)
@@ -112,7 +112,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             try:
                 await store.cancel(sid)
             except Rejected as exc:
-                raise ApiError(409, "conflict", f"cannot cancel: {exc.message}") from None
+                raise ErrorResponse(
+                    409, ErrorCode.CONFLICT, f"cannot cancel: {exc.message}"
+                ) from None
             self._send({"type": "cancelled", "id": sid}, request_id)
         elif kind == "packages":
             # What GET /api/v1/packages answers, for clients that only hold the socket.

@@ -25,7 +25,7 @@ from cellblock.cachebuilder.environments import (
     EnvironmentCache,
     environment_key,
 )
-from cellblock.service.store import Job
+from cellblock.service.store import Lease
 
 NAMES = ["busybox", "gcc", "python3", "coreutils", "nodejs", "bash"]
 FIXED = Channel(path="/channel", identity="0" * 52, system="x86_64-linux")
@@ -257,7 +257,7 @@ async def test_an_abandoned_build_is_reclaimed_after_the_lease(cache: Environmen
     assert await cache.builds.reclaim("builder-b", lease=0.3) is None
     await asyncio.sleep(0.4)  # builder-a went quiet
     again = await cache.builds.reclaim("builder-b", lease=0.3)
-    assert isinstance(again, Job) and again.entry == job.entry and again.deliveries == 2
+    assert isinstance(again, Lease) and again.entry == job.entry and again.deliveries == 2
     assert again.fields["build"] == build
 
 

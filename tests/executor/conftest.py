@@ -12,7 +12,7 @@ import pytest
 
 from cellblock import config as config_module
 from cellblock.executor import host
-from cellblock.executor.job import SubmissionRunner
+from cellblock.executor.runner import SubmissionRunner
 from cellblock.executor.sandbox import Sandbox, StageOutcome, StageSpec
 from cellblock.service.protocol import (
     EventRecorder,

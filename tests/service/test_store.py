@@ -9,7 +9,7 @@ import pytest
 
 from cellblock import config as config_module
 from cellblock.service.protocol import Submission, parse_submission
-from cellblock.service.store import EventLog, QueueFull, Rejected, Store, UnknownSubmission
+from cellblock.service.store import EventLog, QueueAtCapacity, Rejected, Store, UnknownSubmission
 
 
 def submission(**request: object) -> Submission:
@@ -32,7 +32,7 @@ async def test_a_full_queue_refuses_and_stores_nothing(store: Store) -> None:
     store.queue_size = 5
     for i in range(5):
         await store.submit(f"s{i}", submission(), owner="a")
-    with pytest.raises(QueueFull, match="queue is full"):
+    with pytest.raises(QueueAtCapacity, match="queue is full"):
         await store.submit("s5", submission(), owner="a")
     assert await store.state("s5") is None
     assert await store.events("s5") == []

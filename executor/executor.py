@@ -23,9 +23,9 @@ from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError
 from cellblock.executor.deps import NixDependencies
 from cellblock.executor.host import SandboxHost
-from cellblock.executor.job import DependencyProvider, SubmissionRunner
-from cellblock.service.store import EventLog, Job, Rejected, Store
-from cellblock.worker import Presence, WorkerInfo
+from cellblock.executor.runner import DependencyProvider, SubmissionRunner
+from cellblock.presence import Presence, WorkerInfo
+from cellblock.service.store import EventLog, Lease, Rejected, Store
 
 log = logging.getLogger("cellblock.executor")
 #: Seconds between polls of a running submission's status (cancellation latency).
@@ -109,7 +109,7 @@ class Executor:
         except (OSError, CellblockError) as exc:  # the job then starts its own, and says why
             log.warning("slot not prepared", extra={"worker": self.info.id, "error": str(exc)})
 
-    async def _process(self, job: Job, runner: SubmissionRunner) -> None:
+    async def _process(self, job: Lease, runner: SubmissionRunner) -> None:
         sid = job.submission_id
         fields = {"submission": sid, "worker": self.info.id}
         opened = await self.store.open_job(sid)
@@ -141,7 +141,7 @@ class Executor:
         await self.store.jobs.done(job)
 
     async def _run_job(
-        self, job: Job, runner: SubmissionRunner, events: EventLog, submission: Any, attempt: int
+        self, job: Lease, runner: SubmissionRunner, events: EventLog, submission: Any, attempt: int
     ) -> str:
         sid = events.sid
         pending: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -195,7 +195,7 @@ class Executor:
                 accepted = False
         return accepted
 
-    async def _watch(self, job: Job, sid: str, work: asyncio.Task[None]) -> None:
+    async def _watch(self, job: Lease, sid: str, work: asyncio.Task[None]) -> None:
         """Renew the lease and stop the job when its submission is cancelled."""
         renew_every = max(0.2, self.config.lease_timeout / 3)
         since_renewal = 0.0

@@ -8,8 +8,8 @@ import contextlib
 import time
 from typing import Any
 
-from cellblock.executor import worker
-from cellblock.executor.worker import next_batch
+from cellblock.executor import executor
+from cellblock.executor.executor import next_batch
 
 Pending = asyncio.Queue[dict[str, Any] | None]
 OUTPUT = {"type": "output", "stage": "run", "stream": "stdout", "data": "hi\n"}
@@ -47,7 +47,7 @@ async def test_output_waits_a_moment_for_the_end_of_its_stage() -> None:
     pending: Pending = asyncio.Queue()
     loop = asyncio.get_running_loop()
     pending.put_nowait(OUTPUT)
-    loop.call_later(worker.OUTPUT_LINGER / 2, pending.put_nowait, ENDED)
+    loop.call_later(executor.OUTPUT_LINGER / 2, pending.put_nowait, ENDED)
     batch, _ = await next_batch(pending)
     assert kinds(batch) == ["output", "stage_finished"]
 
@@ -59,7 +59,7 @@ async def test_output_goes_alone_when_nothing_follows_in_time() -> None:
     batch, ended = await next_batch(pending)
     waited = time.monotonic() - started
     assert kinds(batch) == ["output"] and not ended
-    assert worker.OUTPUT_LINGER * 0.9 <= waited < worker.OUTPUT_LINGER + 0.2
+    assert executor.OUTPUT_LINGER * 0.9 <= waited < executor.OUTPUT_LINGER + 0.2
     pending.put_nowait(None)
     assert await next_batch(pending) == ([], True)
 
@@ -70,12 +70,12 @@ async def test_a_steady_stream_of_output_still_goes_out_every_linger() -> None:
     async def chatty() -> None:
         for _ in range(100):
             pending.put_nowait(OUTPUT)
-            await asyncio.sleep(worker.OUTPUT_LINGER / 10)
+            await asyncio.sleep(executor.OUTPUT_LINGER / 10)
 
     task = asyncio.create_task(chatty())
     started = time.monotonic()
     batch, _ = await next_batch(pending)
-    assert time.monotonic() - started < worker.OUTPUT_LINGER + 0.2
+    assert time.monotonic() - started < executor.OUTPUT_LINGER + 0.2
     assert 1 < len(batch) < 100
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cellblock.executor import host
-from cellblock.executor.job import SubmissionRunner, write_files
+from cellblock.executor.runner import SubmissionRunner, write_files
 from cellblock.executor.sandbox import Mount, Sandbox
 from cellblock.service.protocol import EventRecorder, FileSpec, SubmissionState, parse_submission
 

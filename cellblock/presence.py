@@ -19,7 +19,7 @@ from typing import Any
 from cellblock.service.protocol import now
 from cellblock.service.store import Store
 
-log = logging.getLogger("cellblock.worker")
+log = logging.getLogger("cellblock.presence")
 
 
 @dataclass

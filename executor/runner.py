@@ -35,7 +35,7 @@ STREAMS = ("stdout", "stderr")
 
 
 @dataclass(frozen=True)
-class Environment:
+class StageEnvironment:
     """A dependency environment: variables to set and store paths to mount read-only."""
 
     variables: Mapping[str, str] = field(default_factory=dict)
@@ -48,7 +48,7 @@ class DepsOutcome:
     """The deps stage's result plus, when it succeeded, the environment."""
 
     result: dict[str, Any]
-    environment: Environment | None
+    environment: StageEnvironment | None
 
 
 class DependencyProvider(Protocol):
@@ -111,7 +111,7 @@ def write_files(workdir: Path, files: Sequence[FileSpec], uid: int) -> None:
 
 
 def stage_environment(
-    env: Environment, request_env: Mapping[str, str], pure: bool
+    env: StageEnvironment, request_env: Mapping[str, str], pure: bool
 ) -> dict[str, str]:
     """The whole environment of a stage: an allowlist, never a variable of the executor's."""
     path = env.variables.get("PATH", "")
@@ -130,7 +130,7 @@ def stage_environment(
     return variables
 
 
-def find_shell(env: Environment, pure: bool) -> str | None:
+def find_shell(env: StageEnvironment, pure: bool) -> str | None:
     """The shell for stage scripts: bash if there is one, else a POSIX sh."""
     if not pure:
         return "/bin/bash"
@@ -191,7 +191,7 @@ class SubmissionRunner:
                 if first == "compile":
                     emit(_skipped("run"))
                 return
-            env = Environment()
+            env = StageEnvironment()
             if request.dependencies:
                 emit({"type": "stage_started", "stage": "deps"})
                 started, clock = now(), time.monotonic()
