@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import tornado.httpclient
@@ -88,8 +88,7 @@ class WorkerKind:
     options: Callable[[int], list[str]] = lambda i: []
 
 
-#: Adding a kind of worker is one line here; a kind whose subcommand this version of the
-#: ``cellblock`` command lacks is recorded (its desired count) but not started.
+#: Adding a kind of worker is one line here.
 WORKER_KINDS = (
     WorkerKind("executors", "executor", lambda i: ["--uid-offset", str(i * UID_STRIDE)]),
     WorkerKind("builders", "builder"),
@@ -171,16 +170,6 @@ def describe_exit(status: int) -> str:
     return f"exit status {status}"
 
 
-def subcommands() -> set[str]:
-    """The subcommands of this version of the ``cellblock`` command."""
-    from cellblock.cli import build_parser
-
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
-
-
 def redact(url: str | None) -> str:
     """``url`` without its password (``redis://:pw@host``, ``unix:///s?password=pw``)."""
     url = url or ""
@@ -218,9 +207,8 @@ class Supervisor:
         self.service: Child | None = None
         self.workers: list[Child] = []
         self.desired = {"executors": args.executors, "builders": args.builders}
-        self.commands = subcommands()
         self.backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
-        self._told: dict[str, Any] = {}  # what was last logged about a kind, to log changes once
+        self._backoff_told: dict[str, int] = {}  # crashes last logged, to log a change once
         self._store_failing = False
         self._lock: IO[bytes] | None = None
         self._stop = asyncio.Event()
@@ -544,8 +532,8 @@ class Supervisor:
         if delay <= 0:
             return False
         crashes = self.backoff[name].recent()
-        if self._told.get(name) != ("backoff", crashes):
-            self._told[name] = ("backoff", crashes)
+        if self._backoff_told.get(name) != crashes:
+            self._backoff_told[name] = crashes
             log.warning(
                 "crashing repeatedly; waiting before starting it again",
                 extra={"child": name, "crashes": crashes, "window": RESTART_WINDOW,
@@ -555,15 +543,6 @@ class Supervisor:
 
     def _reconcile(self, kind: WorkerKind) -> None:
         want = self.desired[kind.scale_key]
-        if kind.command not in self.commands:
-            if want and self._told.get(kind.scale_key) != ("missing", want):
-                self._told[kind.scale_key] = ("missing", want)
-                log.warning(
-                    f"not starting {kind.scale_key}: this cellblock has no "
-                    f"`{kind.command}` command yet; the desired count is recorded",
-                    extra={kind.scale_key: want},
-                )
-            return
         active = [c for c in self.workers if c.kind is kind and not c.stopping]
         if len(active) > want:
             newest = sorted(active, key=lambda c: c.started, reverse=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import redis
 
-from cellblock import up
+from cellblock import cli, up
 
 if os.geteuid() != 0:
     pytest.skip("cellblock up runs executors, which need root", allow_module_level=True)
@@ -360,11 +360,7 @@ def test_up_with_external_redis_starts_none_of_its_own(
     finally:
         client.close()
 
-    # Builders: started when this cellblock has the command, else said so in the log.
-    if "builder" in up.subcommands():
-        wait_for("one builder", lambda: len(instance.workers("builder")) == 1)
-    else:
-        assert any(e["event"].startswith("not starting builders") for e in instance.logs())
+    wait_for("one builder", lambda: len(instance.workers("builder")) == 1)
 
     # One state directory, one supervisor.
     second = start_up("--redis", redis_url, state=instance.state, wait=False)
@@ -488,6 +484,8 @@ def test_up_that_cannot_listen_stops_what_it_started(
     assert not (instance.state / "redis.sock").exists()
 
 
-def test_builders_are_started_only_when_the_command_exists() -> None:
+def test_every_kind_of_worker_is_a_cellblock_command() -> None:
+    for kind in up.WORKER_KINDS:
+        args = cli.build_parser().parse_args([kind.command, "--id", "w", *kind.options(1)])
+        assert args.command == kind.command
     assert [kind.command for kind in up.WORKER_KINDS] == ["executor", "builder"]
-    assert {"up", "executor", "service"} <= up.subcommands()
