@@ -19,6 +19,7 @@ from cellblock.errors import CellblockError, InvalidRequest
 
 if TYPE_CHECKING:
     from cellblock.service.client import Client
+    from cellblock.up import UpOptions
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CELLBLOCK_STATE_DIR", "~/.local/state/cellblock"))
 
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "up":
             from cellblock import up
 
-            return asyncio.run(up.run(config, args))
+            return asyncio.run(up.run(config, _up_options(args)))
         if args.command in ("executor", "builder", "service") and not args.redis:
             raise CellblockError("no Redis: give --redis URL or set CELLBLOCK_REDIS_URL")
         if args.command == "executor":
@@ -179,6 +180,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_SYSTEM
+
+
+def _up_options(args: argparse.Namespace) -> UpOptions:
+    from cellblock.up import UpOptions
+
+    return UpOptions(
+        host=args.host,
+        port=args.port,
+        executors=args.executors,
+        builders=args.builders,
+        log_level=args.log_level,
+        redis=args.redis,
+        token=args.token,
+        admin_token=args.admin_token,
+        config_file=args.config,
+    )
 
 
 async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ so the sandboxes of a killed executor are adopted by it and killed.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -76,6 +75,39 @@ MAX_SOCKET_PATH = 107
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+class StartFailed(CellblockError):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpOptions:
+    """What ``cellblock up`` is asked to run (its command line); constructing one checks it."""
+
+    host: str
+    port: int
+    executors: int
+    builders: int
+    log_level: str
+    #: A Redis to use instead of starting a private one.
+    redis: str | None = None
+    #: The tokens; one not given is generated once and kept in the state directory.
+    token: str | None = None
+    admin_token: str | None = None
+    #: The configuration file named on the command line, which every child is given too.
+    config_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise StartFailed(f"--port {self.port} is not a port the service can listen on")
+        for key, count in self.counts().items():
+            if not 0 <= count <= MAX_WORKERS:
+                raise StartFailed(f"--{key} must be from 0 to {MAX_WORKERS}")
+
+    def counts(self) -> dict[str, int]:
+        """The desired count of each kind of worker, by its ``WorkerKind.scale_key``."""
+        return {"executors": self.executors, "builders": self.builders}
+
+
 @dataclass(frozen=True)
 class WorkerKind:
     """A kind of worker that ``cellblock up`` runs N of."""
@@ -88,7 +120,7 @@ class WorkerKind:
     options: Callable[[int], list[str]] = lambda i: []
 
 
-#: Adding a kind of worker is one line here.
+#: Adding a kind of worker is one line here (and its count in ``UpOptions``).
 WORKER_KINDS = (
     WorkerKind("executors", "executor", lambda i: ["--uid-offset", str(i * UID_STRIDE)]),
     WorkerKind("builders", "builder"),
@@ -157,10 +189,6 @@ class Child:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-class StartFailed(CellblockError):
-    pass
-
-
 def describe_exit(status: int) -> str:
     if status < 0:
         try:
@@ -194,19 +222,19 @@ def client_url(host: str, port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, config: Config, args: argparse.Namespace) -> None:
+    def __init__(self, config: Config, options: UpOptions) -> None:
         self.config = config
-        self.args = args
+        self.options = options
         # Absolute: children get it as an option and Redis's socket is named by it in a URL.
         self.state_dir: Path = config.state_dir.absolute()
         self.hostname = socket.gethostname()
-        self.url = client_url(args.host, args.port)
-        self.redis_url: str | None = args.redis
+        self.url = client_url(options.host, options.port)
+        self.redis_url: str | None = options.redis
         self.store: Store | None = None
         self.redis: Child | None = None
         self.service: Child | None = None
         self.workers: list[Child] = []
-        self.desired = {"executors": args.executors, "builders": args.builders}
+        self.desired = options.counts()
         self.backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
         self._backoff_told: dict[str, int] = {}  # crashes last logged, to log a change once
         self._store_failing = False
@@ -265,7 +293,7 @@ class Supervisor:
         )
         await self._wait_for_redis()
         self._check_stop()
-        ensure_token_files(self.state_dir, self.args.token, self.args.admin_token)
+        ensure_token_files(self.state_dir, self.options.token, self.options.admin_token)
         self._write_url()
         await self.store.jobs.ensure_group()
         await self.store.set_scale(self.desired)
@@ -299,12 +327,6 @@ class Supervisor:
                 f"another `cellblock up` runs with the state directory {self.state_dir}"
             ) from None
         self._lock = lock
-        if not 0 < self.args.port < 65536:
-            raise StartFailed(f"--port {self.args.port} is not a port the service can listen on")
-        for kind in WORKER_KINDS:
-            count = self.desired[kind.scale_key]
-            if not 0 <= count <= MAX_WORKERS:
-                raise StartFailed(f"--{kind.scale_key} must be from 0 to {MAX_WORKERS}")
         if self.config.slots > UID_STRIDE:
             raise StartFailed(f"slots is {self.config.slots}; `cellblock up` allows {UID_STRIDE}")
         try:
@@ -365,9 +387,9 @@ class Supervisor:
         tmp.replace(path)
 
     def _common_options(self) -> list[str]:
-        options = ["--state-dir", str(self.state_dir), "--log-level", self.args.log_level]
-        if self.args.config is not None:
-            options += ["--config", str(self.args.config)]
+        options = ["--state-dir", str(self.state_dir), "--log-level", self.options.log_level]
+        if self.options.config_file is not None:
+            options += ["--config", str(self.options.config_file)]
         return options
 
     def _redis_option(self) -> list[str]:
@@ -378,9 +400,10 @@ class Supervisor:
         return [] if secret else ["--redis", self.redis_url]
 
     def _service_argv(self) -> list[str]:
+        host, port = self.options.host, str(self.options.port)
         return [
             sys.executable, "-m", "cellblock", "service", *self._redis_option(),
-            "--host", self.args.host, "--port", str(self.args.port), *self._common_options(),
+            "--host", host, "--port", port, *self._common_options(),
         ]  # fmt: skip
 
     def _worker_argv(self, kind: WorkerKind, index: int) -> list[str]:
@@ -633,5 +656,5 @@ def _children() -> list[int]:
     return found
 
 
-async def run(config: Config, args: argparse.Namespace) -> int:
-    return await Supervisor(config, args).run()
+async def run(config: Config, options: UpOptions) -> int:
+    return await Supervisor(config, options).run()

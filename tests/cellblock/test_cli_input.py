@@ -1,7 +1,9 @@
-"""``cellblock exec`` on bad input: refused before any sandbox is prepared, with its exit status.
+"""``cellblock exec`` on bad input: refused before any sandbox is prepared, with its exit status;
+and ``cellblock up``'s options, refused before anything starts.
 
 Exit statuses: 2 for bad input (the protocol's error document on stderr), 3 when the system fails
-(here: the submission file cannot be read, or the configuration is wrong).
+(here: the submission file cannot be read, the configuration is wrong, or an option of `up` is
+out of range).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 
 from cellblock import cli
 from cellblock.executor import host
+from cellblock.up import UpOptions
 
 
 @pytest.fixture(autouse=True)
@@ -189,6 +192,49 @@ def test_a_bad_configuration_exits_3_before_reading_the_submission(tmp_path, cap
     assert status == 3
     assert "unknown key 'slotz'" in err
     assert err.startswith("cellblock: ")
+
+
+# -- cellblock up ---------------------------------------------------------------------------
+
+
+def up_options(*argv: str) -> UpOptions:
+    return cli._up_options(cli.build_parser().parse_args(["up", *argv]))
+
+
+def test_up_options_come_from_the_command_line_else_the_environment(monkeypatch):
+    monkeypatch.setenv("CELLBLOCK_TOKEN", "client-from-env")
+    monkeypatch.setenv("CELLBLOCK_ADMIN_TOKEN", "admin-from-env")
+    assert up_options() == UpOptions(
+        host="127.0.0.1", port=8765, executors=2, builders=2, log_level="warning",
+        token="client-from-env", admin_token="admin-from-env",
+    )  # fmt: skip
+    given = up_options(
+        "--host", "::", "--port", "9000", "--executors", "0", "--builders", "64",
+        "--redis", "unix:///r.sock", "--config", "c.toml", "--log-level", "info",
+        "--token", "client", "--admin-token", "admin",
+    )  # fmt: skip
+    assert given == UpOptions(
+        host="::", port=9000, executors=0, builders=64, log_level="info",
+        redis="unix:///r.sock", token="client", admin_token="admin", config_file=Path("c.toml"),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--port", "0"], "--port 0 is not a port the service can listen on"),
+        (["--port", "65536"], "--port 65536 is not a port the service can listen on"),
+        (["--executors", "-1"], "--executors must be from 0 to 64"),
+        (["--builders", "65"], "--builders must be from 0 to 64"),
+    ],
+)
+def test_up_with_an_option_out_of_range_exits_3_having_started_nothing(
+    tmp_path, capsys, options, message
+):
+    state = tmp_path / "state"
+    assert cli.main(["up", "--state-dir", str(state), *options]) == 3
+    assert f"cellblock: {message}" in capsys.readouterr().err.splitlines()
+    assert not state.exists()
 
 
 # -- known bugs -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from cellblock import cli, up
+from cellblock import config as config_module
 
 if os.geteuid() != 0:
     pytest.skip("cellblock up runs executors, which need root", allow_module_level=True)
@@ -484,8 +485,19 @@ def test_up_that_cannot_listen_stops_what_it_started(
     assert not (instance.state / "redis.sock").exists()
 
 
-def test_every_kind_of_worker_is_a_cellblock_command() -> None:
+def test_every_worker_command_line_parses_as_its_cellblock_command(
+    config: config_module.Config,
+) -> None:
+    options = up.UpOptions(
+        host="::", port=1, executors=0, builders=0, log_level="info", config_file=Path("c.toml")
+    )
+    assert {kind.scale_key for kind in up.WORKER_KINDS} == set(options.counts())
+    supervisor = up.Supervisor(config, options)
+    supervisor.redis_url = "unix:///state/redis.sock"
     for kind in up.WORKER_KINDS:
-        args = cli.build_parser().parse_args([kind.command, "--id", "w", *kind.options(1)])
-        assert args.command == kind.command
+        argv = supervisor._worker_argv(kind, 1)
+        assert argv[:3] == [sys.executable, "-m", "cellblock"]
+        args = cli.build_parser().parse_args(argv[3:])
+        assert (args.command, args.id) == (kind.command, f"{kind.command}-{HOST}-1")
+        assert (args.redis, args.config) == ("unix:///state/redis.sock", Path("c.toml"))
     assert [kind.command for kind in up.WORKER_KINDS] == ["executor", "builder"]
