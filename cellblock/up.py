@@ -16,9 +16,9 @@ the executors and builders that the desired counts ask for. Then it supervises t
   ``DRAIN_TIMEOUT``), then the service, then Redis (``SHUTDOWN``, which flushes the AOF).
   A second signal kills everything at once.
 
-No process is left behind: every child runs in a session of its own (a Ctrl-C in the terminal
-reaches only the supervisor, which stops them in order), gets SIGTERM should the supervisor
-itself die (``PR_SET_PDEATHSIG`` through ``setpriv``), and the supervisor is a child subreaper,
+No process is left behind (cellblock/processes.py says how far that goes): every child runs in a
+session of its own (a Ctrl-C in the terminal reaches only the supervisor, which stops them in
+order), gets SIGTERM should the supervisor itself die, and the supervisor is a child subreaper,
 so the sandboxes of a killed executor are adopted by it and killed.
 """
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -38,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -46,8 +45,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import tornado.httpclient
 from redis.exceptions import RedisError
 
+from cellblock import processes
 from cellblock.config import Config
 from cellblock.errors import CellblockError
+from cellblock.processes import Backoff, Child, Subreaper
 from cellblock.service.auth import ensure_token_files, token_files
 from cellblock.service.store import Store
 
@@ -65,6 +66,8 @@ STOP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 #: Unexpected exits restarted at once within a window; later ones back off (doubling, capped).
 RESTART_BURST, RESTART_WINDOW, RESTART_MAX_DELAY = 3, 60.0, 30.0
+#: Seconds the shutdown waits for orphans still being adopted (a killed executor's sandbox).
+ORPHAN_TIMEOUT = 2.0
 #: Executor i runs its slots as uids uid_base + i * UID_STRIDE + slot.
 UID_STRIDE = 100
 #: The API's bound on a scale request, applied to --executors and --builders too.
@@ -72,11 +75,9 @@ MAX_WORKERS = 64
 #: Longest unix socket path (sun_path is 108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
 
-_PR_SET_CHILD_SUBREAPER = 36
-
 
 class StartFailed(CellblockError):
-    pass
+    """``cellblock up`` cannot run as asked: the command exits 3 with this message."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,75 +128,13 @@ WORKER_KINDS = (
 )
 
 
-class Backoff:
-    """Restarts after unexpected exits: the first ``burst`` within ``window`` seconds go at once,
-    each later one waits twice as long as the one before, at most ``max_delay`` seconds."""
-
-    def __init__(
-        self,
-        burst: int = RESTART_BURST,
-        window: float = RESTART_WINDOW,
-        max_delay: float = RESTART_MAX_DELAY,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.burst, self.window, self.max_delay, self.clock = burst, window, max_delay, clock
-        self.crashes: collections.deque[float] = collections.deque()
-
-    def crashed(self) -> None:
-        self.crashes.append(self.clock())
-
-    def recent(self) -> int:
-        horizon = self.clock() - self.window
-        while self.crashes and self.crashes[0] < horizon:
-            self.crashes.popleft()
-        return len(self.crashes)
-
-    def delay(self) -> float:
-        """Seconds from now until the next start may happen (0: now)."""
-        count = self.recent()
-        if count < self.burst:
-            return 0.0
-        wait = min(self.max_delay, 2.0 ** (count - self.burst))
-        return max(0.0, self.crashes[-1] + wait - self.clock())
-
-
 @dataclass
-class Child:
-    """One process that ``cellblock up`` started."""
+class Worker:
+    """A worker that the supervisor started: number ``index`` of its kind."""
 
-    name: str
-    argv: list[str]
-    proc: subprocess.Popen[bytes]
-    kind: WorkerKind | None = None
-    index: int = 0
-    started: float = field(default_factory=time.monotonic)
-    stopping: bool = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.running():
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    def kill_group(self) -> None:
-        """SIGKILL the child's whole session (it leads its own), the child included."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"killed by signal {-status}"
-    return f"exit status {status}"
+    kind: WorkerKind
+    index: int
+    child: Child
 
 
 def redact(url: str | None) -> str:
@@ -221,6 +160,10 @@ def client_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def _backoff() -> Backoff:
+    return Backoff(RESTART_BURST, RESTART_WINDOW, RESTART_MAX_DELAY)
+
+
 class Supervisor:
     def __init__(self, config: Config, options: UpOptions) -> None:
         self.config = config
@@ -233,16 +176,15 @@ class Supervisor:
         self.store: Store | None = None
         self.redis: Child | None = None
         self.service: Child | None = None
-        self.workers: list[Child] = []
+        self.workers: list[Worker] = []
         self.desired = options.counts()
-        self.backoff: dict[str, Backoff] = collections.defaultdict(Backoff)
+        self.backoff: dict[str, Backoff] = collections.defaultdict(_backoff)
+        self.subreaper = Subreaper()
         self._backoff_told: dict[str, int] = {}  # crashes last logged, to log a change once
         self._store_failing = False
         self._lock: IO[bytes] | None = None
         self._stop = asyncio.Event()
-        self._forced = False
-        self._subreaper = False
-        self._setpriv = shutil.which("setpriv")
+        self._kill = asyncio.Event()  # a second signal: kill everything at once
         self._restart: dict[str, list[str]] = {}  # Redis or the service, to start again
 
     # -- the whole run -------------------------------------------------------------------------
@@ -263,21 +205,22 @@ class Supervisor:
             await self._shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        if self._forced:
+        if self._kill.is_set():
             log.warning("killed everything at once on a second signal")
             return 130
         return 0
 
     def _on_signal(self, sig: int) -> None:
+        name = signal.Signals(sig).name
         if not self._stop.is_set():
-            log.info("stopping", extra={"signal": signal.Signals(sig).name})
+            log.info("stopping", extra={"signal": name})
             with contextlib.suppress(OSError):
                 print("Stopping: running work finishes first (Ctrl-C again kills everything).",
                       flush=True)  # fmt: skip
             self._stop.set()
-        elif not self._forced:
-            log.warning("second signal: killing everything", extra={"signal": sig})
-            self._forced = True
+        elif not self._kill.is_set():
+            log.warning("second signal: killing everything", extra={"signal": name})
+            self._kill.set()
             for child in self._tracked():
                 child.kill_group()
 
@@ -329,12 +272,7 @@ class Supervisor:
         self._lock = lock
         if self.config.slots > UID_STRIDE:
             raise StartFailed(f"slots is {self.config.slots}; `cellblock up` allows {UID_STRIDE}")
-        try:
-            self._subreaper = (
-                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-            )
-        except (OSError, AttributeError):
-            self._subreaper = False
+        self.subreaper.become()
 
     async def _start_redis(self) -> str:
         server = shutil.which("redis-server")
@@ -365,7 +303,7 @@ class Supervisor:
             self._check_stop()
             if self.redis is not None and not self.redis.running():
                 raise StartFailed(
-                    f"redis-server ended ({describe_exit(self.redis.proc.returncode)}): "
+                    f"redis-server ended ({self.redis.describe_exit()}): "
                     f"see {self.state_dir / 'redis' / 'redis.log'}"
                 )
             try:
@@ -415,24 +353,14 @@ class Supervisor:
     def _worker_id(self, kind: WorkerKind, index: int) -> str:
         return f"{kind.command}-{self.hostname}-{index}"
 
-    def _spawn(
-        self, name: str, argv: list[str], kind: WorkerKind | None = None, index: int = 0
-    ) -> Child:
-        """Start a child in a session of its own that gets SIGTERM should this process die."""
-        prefix = [] if self._setpriv is None else [self._setpriv, "--pdeathsig", "TERM", "--"]
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        """Start a child that finds the Redis URL in its environment."""
         env = dict(os.environ)
         if self.redis_url is not None:
             env["CELLBLOCK_REDIS_URL"] = self.redis_url
-        proc = subprocess.Popen(
-            [*prefix, *argv],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL if name == "redis" else sys.stderr,
-            start_new_session=True,
-        )
-        child = Child(name, argv, proc, kind, index)
-        log.info("started", extra={"child": name, "pid": proc.pid})
-        return child
+        # Redis writes its own logfile; the others log JSON lines to the supervisor's stderr.
+        stdout = subprocess.DEVNULL if name == "redis" else sys.stderr
+        return processes.spawn(name, argv, env=env, stdout=stdout)
 
     async def _wait_for_service(self) -> None:
         client = tornado.httpclient.AsyncHTTPClient(force_instance=True)
@@ -443,7 +371,7 @@ class Supervisor:
                 assert self.service is not None
                 if not self.service.running():
                     raise StartFailed(
-                        f"the service ended ({describe_exit(self.service.proc.returncode)}) "
+                        f"the service ended ({self.service.describe_exit()}) "
                         f"before it answered on {self.url}; its log is above"
                     )
                 with contextlib.suppress(Exception):
@@ -476,7 +404,7 @@ class Supervisor:
     # -- supervision ---------------------------------------------------------------------------
 
     async def _tick(self) -> None:
-        self._reap_adopted()
+        self.subreaper.reap(self._tracked_pids())  # what a killed executor left running
         await self._reap()
         await self._read_scale()
         self._restart_core()
@@ -485,7 +413,11 @@ class Supervisor:
 
     def _tracked(self) -> list[Child]:
         """Every child not reaped yet."""
-        return [c for c in (self.redis, self.service, *self.workers) if c is not None]
+        core = [c for c in (self.redis, self.service) if c is not None]
+        return [*core, *(w.child for w in self.workers)]
+
+    def _tracked_pids(self) -> set[int]:
+        return {c.pid for c in self._tracked()}
 
     async def _read_scale(self) -> None:
         assert self.store is not None
@@ -509,35 +441,41 @@ class Supervisor:
                 self.desired[kind.scale_key] = want
 
     async def _reap(self) -> None:
-        for child in self._tracked():
-            if child.running():
-                continue
-            child.kill_group()  # whatever it left in its session
-            status = child.proc.returncode
-            fields = {"child": child.name, "pid": child.pid, "status": describe_exit(status)}
-            if child.kind is None:  # Redis or the service: always wanted while supervising
-                log.warning("ended unexpectedly; starting it again", extra=fields)
-                self.backoff[child.name].crashed()
-                self._restart[child.name] = child.argv
-                if child is self.redis:
-                    self.redis = None
-                else:
-                    self.service = None
-                continue
-            self.workers.remove(child)
-            key = child.kind.scale_key
-            if child.stopping:
-                log.info("worker stopped", extra=fields)
-            elif status == 0:
-                self.desired[key] = max(0, self.desired[key] - 1)
-                message = "worker stopped from outside (drained); lowering the desired count"
-                log.info(message, extra={**fields, key: self.desired[key]})
-                assert self.store is not None
-                with contextlib.suppress(RedisError, OSError):
-                    await self.store.set_scale({key: self.desired[key]})
-            else:
-                self.backoff[key].crashed()
-                log.warning("worker died; it will be started again", extra=fields)
+        for core in (self.redis, self.service):
+            if core is not None and not core.running():
+                self._core_ended(core)
+        for worker in [w for w in self.workers if not w.child.running()]:
+            await self._worker_ended(worker)
+
+    def _core_ended(self, child: Child) -> None:
+        """Redis or the service ended: always wanted while supervising, so started again."""
+        child.kill_group()  # whatever it left in its group
+        fields = {"child": child.name, "pid": child.pid, "status": child.describe_exit()}
+        log.warning("ended unexpectedly; starting it again", extra=fields)
+        self.backoff[child.name].crashed()
+        self._restart[child.name] = child.argv
+        if child is self.redis:
+            self.redis = None
+        else:
+            self.service = None
+
+    async def _worker_ended(self, worker: Worker) -> None:
+        child, key = worker.child, worker.kind.scale_key
+        child.kill_group()  # whatever it left in its group
+        fields = {"child": child.name, "pid": child.pid, "status": child.describe_exit()}
+        self.workers.remove(worker)
+        if child.stopping:
+            log.info("worker stopped", extra=fields)
+        elif child.proc.returncode == 0:
+            self.desired[key] = max(0, self.desired[key] - 1)
+            message = "worker stopped from outside (drained); lowering the desired count"
+            log.info(message, extra={**fields, key: self.desired[key]})
+            assert self.store is not None
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.set_scale({key: self.desired[key]})
+        else:
+            self.backoff[key].crashed()
+            log.warning("worker died; it will be started again", extra=fields)
 
     def _restart_core(self) -> None:
         for name, argv in list(self._restart.items()):
@@ -551,109 +489,60 @@ class Supervisor:
 
     def _waiting(self, name: str) -> bool:
         """True while starting ``name`` again must wait for its crashes' backoff."""
-        delay = self.backoff[name].delay()
+        backoff = self.backoff[name]
+        delay = backoff.delay()
         if delay <= 0:
             return False
-        crashes = self.backoff[name].recent()
+        crashes = backoff.recent()
         if self._backoff_told.get(name) != crashes:
             self._backoff_told[name] = crashes
             log.warning(
                 "crashing repeatedly; waiting before starting it again",
-                extra={"child": name, "crashes": crashes, "window": RESTART_WINDOW,
+                extra={"child": name, "crashes": crashes, "window": backoff.window,
                        "delay": round(delay, 1)},
             )  # fmt: skip
         return True
 
     def _reconcile(self, kind: WorkerKind) -> None:
         want = self.desired[kind.scale_key]
-        active = [c for c in self.workers if c.kind is kind and not c.stopping]
+        active = [w for w in self.workers if w.kind is kind and not w.child.stopping]
         if len(active) > want:
-            newest = sorted(active, key=lambda c: c.started, reverse=True)
-            for child in newest[: len(active) - want]:
+            newest = sorted(active, key=lambda w: w.child.started, reverse=True)
+            for worker in newest[: len(active) - want]:
+                child = worker.child
                 log.info("stopping worker (drain)", extra={"worker": child.name, "pid": child.pid})
-                child.stopping = True
-                child.signal(signal.SIGTERM)
+                child.stop()
         elif len(active) < want and not self._waiting(kind.scale_key):
             for _ in range(want - len(active)):
                 self._start_worker(kind)
 
     def _start_worker(self, kind: WorkerKind) -> None:
-        taken = {c.index for c in self.workers if c.kind is kind}
+        taken = {w.index for w in self.workers if w.kind is kind}
         index = next(i for i in range(len(taken) + 1) if i not in taken)
-        argv = self._worker_argv(kind, index)
-        self.workers.append(self._spawn(self._worker_id(kind, index), argv, kind, index))
-
-    def _reap_adopted(self) -> None:
-        """Kill and reap orphans adopted as subreaper: what a killed executor left running."""
-        if not self._subreaper:
-            return
-        known = {c.pid for c in self._tracked()}
-        for pid in _children():
-            if pid in known:
-                continue
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] != 0:
-                    log.info("reaped an orphan a worker left", extra={"pid": pid})
+        child = self._spawn(self._worker_id(kind, index), self._worker_argv(kind, index))
+        self.workers.append(Worker(kind, index, child))
 
     # -- stop ----------------------------------------------------------------------------------
 
     async def _shutdown(self) -> None:
         log.info("shutting down")
-        for child in self.workers:
-            child.stopping = True
-        await self._wait_ended(self.workers, DRAIN_TIMEOUT, signal.SIGTERM)
+        await processes.stop([w.child for w in self.workers], DRAIN_TIMEOUT, self._kill)
         if self.service is not None:
-            await self._wait_ended([self.service], STOP_TIMEOUT, signal.SIGTERM)
-        if self.redis is not None and self.redis.running() and not self._forced:
+            await processes.stop([self.service], STOP_TIMEOUT, self._kill)
+        if self.redis is not None and self.redis.running() and not self._kill.is_set():
             log.info("redis: SHUTDOWN")
             assert self.store is not None
             with contextlib.suppress(RedisError, OSError):
                 await self.store.redis.shutdown()
         if self.redis is not None:
-            await self._wait_ended([self.redis], STOP_TIMEOUT, signal.SIGTERM)
+            await processes.stop([self.redis], STOP_TIMEOUT, self._kill)
         if self.store is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self.store.close()
-        deadline = time.monotonic() + 2  # orphans adopted meanwhile (a killed executor's sandbox)
-        while self._subreaper and _children() and time.monotonic() < deadline:
-            self._reap_adopted()
-            await asyncio.sleep(0.02)
+        await self.subreaper.reap_remaining(self._tracked_pids(), ORPHAN_TIMEOUT)
         if self._lock is not None:
             self._lock.close()
         log.info("stopped")
-
-    async def _wait_ended(
-        self, children: list[Child], timeout: float, sig: int | None = None
-    ) -> None:
-        """Wait until ``children`` end (sending ``sig`` first, if given); SIGKILL them after
-        ``timeout`` or on a second signal."""
-        if sig is not None:
-            for child in children:
-                child.signal(sig)
-        deadline = time.monotonic() + timeout
-        while any(c.running() for c in children):
-            if self._forced or time.monotonic() > deadline:
-                for child in children:
-                    if child.running():
-                        log.warning("did not stop in time: SIGKILL", extra={"child": child.name})
-                        child.kill_group()
-                break
-            await asyncio.sleep(0.05)
-        for child in children:
-            status = child.proc.wait()
-            child.kill_group()
-            log.info("ended", extra={"child": child.name, "status": describe_exit(status)})
-
-
-def _children() -> list[int]:
-    """This process's children (those it started and those it adopted)."""
-    found: list[int] = []
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):
-            found += [int(p) for p in Path(f"/proc/self/task/{tid}/children").read_text().split()]
-    return found
 
 
 async def run(config: Config, options: UpOptions) -> int:

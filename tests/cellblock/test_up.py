@@ -239,23 +239,6 @@ def submission(instance: Up, sid: str) -> dict[str, Any]:
 # -- units ---------------------------------------------------------------------------------------
 
 
-def test_backoff_restarts_a_burst_at_once_then_doubles_the_wait() -> None:
-    now = [100.0]
-    backoff = up.Backoff(burst=3, window=60, max_delay=30, clock=lambda: now[0])
-    for _ in range(3):
-        assert backoff.delay() == 0
-        backoff.crashed()
-    assert backoff.delay() == 1  # the fourth crash within the window: wait
-    now[0] += 1
-    backoff.crashed()
-    assert backoff.delay() == 2
-    for _ in range(10):
-        backoff.crashed()
-    assert backoff.delay() == 30  # capped
-    now[0] += 61  # the window forgets
-    assert backoff.delay() == 0
-
-
 def test_redis_passwords_stay_out_of_logs_and_command_lines() -> None:
     assert up.redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
     assert up.redact("rediss://me:s3cret@db/1") == "rediss://me:***@db/1"
