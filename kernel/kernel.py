@@ -30,9 +30,9 @@ from cellblock.kernel.sections import CellSyntaxError
 from cellblock.kernel.staging import Staged
 from cellblock.service.client import (
     ApiError,
+    BadRequest,
     Client,
     ClientError,
-    InvalidRequest,
     ServiceUnavailable,
 )
 from cellblock.service.protocol import InvalidTransition, SubmissionState, apply_event
@@ -140,7 +140,7 @@ class CellblockKernel(Kernel):
         same for a line magic as for a submission, never a traceback."""
         if isinstance(exc, ServiceUnavailable):
             return self._error("CellblockServiceUnavailable", exc.message)
-        if isinstance(exc, InvalidRequest):
+        if isinstance(exc, BadRequest):
             details = "; ".join(f"{p.field}: {p.message}" for p in exc.problems) or exc.message
             return self._error("CellblockInvalidSubmission", details)
         return self._error(type(exc).__name__, exc.message)
