@@ -124,7 +124,8 @@ def spawn(
     stdout: int | IO[Any] | None = None,
 ) -> Child:
     """Start ``argv`` in a session of its own, with SIGTERM as its parent-death signal; its
-    standard input is /dev/null (the terminal is the supervisor's)."""
+    standard input is /dev/null (the terminal is the supervisor's). The kernel sends that signal
+    when the spawning thread ends: call this from the thread that lives as long as the process."""
     setpriv = shutil.which("setpriv")
     prefix = [] if setpriv is None else [setpriv, "--pdeathsig", "TERM", "--"]
     proc = subprocess.Popen(
