@@ -30,6 +30,7 @@ from cellblock.cachebuilder.environments import (
 )
 from cellblock.config import Config
 from cellblock.presence import Presence, WorkerInfo
+from cellblock.service import metrics
 from cellblock.service.store import Lease, Store
 
 log = logging.getLogger("cellblock.builder")
@@ -89,6 +90,8 @@ class Builder:
         extra = {"worker": self.info.id, "key": key, "build": build, "packages": names}
         log.info("build started", extra=extra)
         started = time.monotonic()
+        # Counted apart from its end: a build lost with its builder shows as started, not ended.
+        await metrics.build_started(self.store)
         heartbeat = asyncio.create_task(self._heartbeat(job))
         try:
             if (await self.cache.get(key)) is not None:  # a reclaimed build already published
@@ -99,8 +102,10 @@ class Builder:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-        await self.cache.build_done(job, key, build, outcome)
         seconds = round(time.monotonic() - started, 3)
+        # Before its waiters hear of it: whoever saw a build end finds it counted.
+        await metrics.build_ended(self.store, outcome.ok, seconds)
+        await self.cache.build_done(job, key, build, outcome)
         # "outcome", not "message": a LogRecord's own attribute may not be set through extra.
         log.info("build ended", extra={**extra, "ok": outcome.ok, "outcome": outcome.message,
                                        "seconds": seconds})  # fmt: skip

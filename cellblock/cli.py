@@ -201,7 +201,15 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
 async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
     from cellblock.executor import host
     from cellblock.executor.runner import SubmissionRunner
-    from cellblock.service.protocol import EventRecorder, SubmissionState, parse_submission
+    from cellblock.service.protocol import (
+        Event,
+        EventRecorder,
+        FinishedEvent,
+        StatusEvent,
+        SubmissionState,
+        encode_event,
+        parse_submission,
+    )
 
     raw = _read_json(args.submission)
     submission = parse_submission(raw, config.limits)
@@ -210,22 +218,22 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
     submission_id = secrets.token_urlsafe(18)
     recorder = EventRecorder(SubmissionState.new(submission_id, submission.request))
 
-    def emit(body: dict[str, Any]) -> None:
+    def emit(body: Event) -> None:
         event = recorder.record(body)
         if args.stream:
-            print(json.dumps(event), flush=True)
+            print(encode_event(event), flush=True)
 
-    emit({"type": "status", "status": "queued"})
-    emit({"type": "status", "status": "running", "worker": f"exec-{os.uname().nodename}"})
+    emit(StatusEvent(status="queued"))
+    emit(StatusEvent(status="running", worker=f"exec-{os.uname().nodename}"))
     try:
         await runner.run(submission, emit)
     finally:
         await runner.aclose()
-    emit({"type": "finished"})
+    emit(FinishedEvent())
     if not args.stream:
         print(json.dumps(recorder.state.as_json(), indent=2))
     stages = [s for s in recorder.state.stages.values() if s is not None]
-    return EXIT_OK if all(s["status"] == "ok" for s in stages) else EXIT_STAGE_FAILED
+    return EXIT_OK if all(s.status == "ok" for s in stages) else EXIT_STAGE_FAILED
 
 
 async def _executor(config: config_module.Config, args: argparse.Namespace) -> int:

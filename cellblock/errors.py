@@ -7,6 +7,7 @@ a kernel cell error and a CLI message all say the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -93,6 +94,25 @@ class InvalidRequest(CellblockError):
                 "details": [p.as_json() for p in self.problems],
             }
         }
+
+
+class ErrorResponse(CellblockError):
+    """What the service answers a request it cannot serve: an HTTP status with the error
+    document (over the WebSocket, an ``error`` message with the same code and message)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        # Headers belong on the error answer itself: an answer to an error starts from a clean
+        # slate (Tornado's send_error clears every header set before it).
+        self.headers = dict(headers or {})
 
 
 class LimitExceeded(InvalidRequest):

@@ -25,6 +25,7 @@ from cellblock.cachebuilder.environments import (
     environment_key,
 )
 from cellblock.executor.runner import DepsOutcome, Emit, StageEnvironment
+from cellblock.service.protocol import CacheOutcome, DepsResult, DepsStatus, OutputEvent
 
 #: How often to look again for a channel while no builder has published one.
 CHANNEL_POLL = 0.5
@@ -42,7 +43,7 @@ class NixDependencies:
 
         def say(line: str) -> None:
             log.append(line)
-            emit({"type": "output", "stage": "deps", "stream": "stderr", "data": line + "\n"})
+            emit(OutputEvent(stage="deps", stream="stderr", data=line + "\n"))
 
         started = time.monotonic()
         state: dict[str, Any] = {"cache": None}
@@ -82,15 +83,15 @@ class NixDependencies:
             except nix.NixError as exc:
                 return _failed("failed", exc.message, log, state["cache"], started)
         await self.cache.touch(env)
-        result = {
-            "status": "ok",
-            "cache": state["cache"],
-            "packages": [p.as_json() for p in env.packages],
-            "log": "\n".join(log),
-            "wall_time": round(time.monotonic() - started, 6),
-        }
+        result = DepsResult(
+            status="ok",
+            cache=state["cache"],
+            packages=[p.as_json() for p in env.packages],
+            log="\n".join(log),
+            wall_time=round(time.monotonic() - started, 6),
+        )
         provided = StageEnvironment(
-            variables=env.variables, paths=env.closure, packages=result["packages"]
+            variables=env.variables, paths=env.closure, packages=result.packages
         )
         return DepsOutcome(result=result, environment=provided)
 
@@ -122,14 +123,13 @@ class NixDependencies:
 
 
 def _failed(
-    status: str, message: str, log: list[str], cache: str | None, started: float
+    status: DepsStatus, message: str, log: list[str], cache: CacheOutcome | None, started: float
 ) -> DepsOutcome:
-    result: dict[str, Any] = {
-        "status": status,
-        "cache": cache,
-        "packages": [],
-        "log": "\n".join([*log, message]),
-        "message": message,
-        "wall_time": round(time.monotonic() - started, 6),
-    }
+    result = DepsResult(
+        status=status,
+        cache=cache,
+        log="\n".join([*log, message]),
+        message=message,
+        wall_time=round(time.monotonic() - started, 6),
+    )
     return DepsOutcome(result=result, environment=None)

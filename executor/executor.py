@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError
@@ -25,6 +24,7 @@ from cellblock.executor.deps import NixDependencies
 from cellblock.executor.host import SandboxHost
 from cellblock.executor.runner import DependencyProvider, SubmissionRunner
 from cellblock.presence import Presence, WorkerInfo
+from cellblock.service.protocol import Event, FinishedEvent, OutputEvent, StatusEvent, Submission
 from cellblock.service.store import EventLog, Lease, Rejected, Store
 
 log = logging.getLogger("cellblock.executor")
@@ -125,12 +125,11 @@ class Executor:
             )
             log.warning("job abandoned", extra={**fields, "attempts": job.deliveries - 1})
             with contextlib.suppress(Rejected):
-                error = {"type": "status", "status": "error", "error": message}
-                await events.append([error, {"type": "finished"}])
+                await events.append([StatusEvent(status="error", error=message), FinishedEvent()])
             await self.store.jobs.done(job)
             return
         try:
-            await events.append([{"type": "status", "status": "running", "worker": self.info.id}])
+            await events.append([StatusEvent(status="running", worker=self.info.id)])
         except Rejected:
             await self.store.jobs.done(job)
             return
@@ -141,10 +140,15 @@ class Executor:
         await self.store.jobs.done(job)
 
     async def _run_job(
-        self, job: Lease, runner: SubmissionRunner, events: EventLog, submission: Any, attempt: int
+        self,
+        job: Lease,
+        runner: SubmissionRunner,
+        events: EventLog,
+        submission: Submission,
+        attempt: int,
     ) -> str:
         sid = events.sid
-        pending: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        pending: asyncio.Queue[Event | None] = asyncio.Queue()
         work = asyncio.create_task(runner.run(submission, pending.put_nowait))
         publisher = asyncio.create_task(self._publish(events, attempt, pending))
         watcher = asyncio.create_task(self._watch(job, sid, work))
@@ -158,17 +162,17 @@ class Executor:
                 outcome = "cancelled"
             except CellblockError as exc:
                 outcome = "error"
-                pending.put_nowait({"type": "status", "status": "error", "error": exc.message})
+                pending.put_nowait(StatusEvent(status="error", error=exc.message))
             except Exception as exc:
                 log.exception("job crashed", extra={"submission": sid})
                 outcome = "error"
                 error = f"the executor failed: {exc!r}"
-                pending.put_nowait({"type": "status", "status": "error", "error": error})
+                pending.put_nowait(StatusEvent(status="error", error=error))
             # Before the watcher is stopped (which takes the loop a turn or two), so that the
             # publisher, which yields once before it takes a batch, sends it with the last
             # events of the stage.
             if outcome != "cancelled":
-                pending.put_nowait({"type": "finished"})
+                pending.put_nowait(FinishedEvent())
             pending.put_nowait(None)
         finally:
             watcher.cancel()
@@ -179,7 +183,7 @@ class Executor:
         return outcome
 
     async def _publish(
-        self, events: EventLog, attempt: int, pending: asyncio.Queue[dict[str, Any] | None]
+        self, events: EventLog, attempt: int, pending: asyncio.Queue[Event | None]
     ) -> bool:
         """Publish events in order until the end marker, in batches (see ``next_batch``);
         False if the store refused one."""
@@ -212,8 +216,8 @@ class Executor:
 
 
 async def next_batch(
-    pending: asyncio.Queue[dict[str, Any] | None],
-) -> tuple[list[dict[str, Any]], bool]:
+    pending: asyncio.Queue[Event | None],
+) -> tuple[list[Event], bool]:
     """The next events to publish together, and whether the end marker (``None``) came.
 
     Whatever has queued up goes together, and so does what the same turn of the event loop
@@ -223,13 +227,13 @@ async def next_batch(
     """
     loop = asyncio.get_running_loop()
     linger_until = loop.time() + OUTPUT_LINGER
-    batch: list[dict[str, Any]] = []
+    batch: list[Event] = []
     body = await pending.get()
     while body is not None:
         batch.append(body)
         if pending.empty():
             await asyncio.sleep(0)
-        if pending.empty() and body["type"] == "output":
+        if pending.empty() and isinstance(body, OutputEvent):
             try:
                 body = await asyncio.wait_for(pending.get(), linger_until - loop.time())
             except TimeoutError:

@@ -20,18 +20,30 @@ import contextlib
 import errno
 import os
 import secrets
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageSpec
-from cellblock.service.protocol import FileSpec, StageLimits, Submission, now, skipped_stage
+from cellblock.service.protocol import (
+    STREAMS,
+    DepsResult,
+    Event,
+    FileSpec,
+    OutputEvent,
+    SandboxResult,
+    StageFinishedEvent,
+    StageLimits,
+    StageName,
+    StageStartedEvent,
+    Stream,
+    Submission,
+    now,
+)
 
-Emit = Callable[[dict[str, Any]], None]
+Emit = Callable[[Event], None]
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
-STREAMS = ("stdout", "stderr")
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class StageEnvironment:
 class DepsOutcome:
     """The deps stage's result plus, when it succeeded, the environment."""
 
-    result: dict[str, Any]
+    result: DepsResult
     environment: StageEnvironment | None
 
 
@@ -60,14 +72,8 @@ class NoDependencies:
     """The provider when no dependency cache is configured: any dependency fails the stage."""
 
     async def provide(self, names: Sequence[str], wall_time: float, emit: Emit) -> DepsOutcome:
-        result: dict[str, Any] = {
-            "status": "failed",
-            "cache": None,
-            "packages": [],
-            "log": f"no dependency cache is configured here; cannot install {', '.join(names)}",
-            "wall_time": 0.0,
-        }
-        return DepsOutcome(result=result, environment=None)
+        log = f"no dependency cache is configured here; cannot install {', '.join(names)}"
+        return DepsOutcome(result=DepsResult(status="failed", log=log), environment=None)
 
 
 def write_files(workdir: Path, files: Sequence[FileSpec], uid: int) -> None:
@@ -179,7 +185,7 @@ class SubmissionRunner:
         try:
             # The files count against the disk cap of the first stage they meet. The service
             # refused files over it, but their metadata may still tip them over.
-            first = "compile" if request.compile is not None else "run"
+            first: StageName = "compile" if request.compile is not None else "run"
             first_limits: StageLimits = getattr(limits, first)
             self.sandbox.disk.limit(workdir, first_limits.disk)
             try:
@@ -193,18 +199,19 @@ class SubmissionRunner:
                 return
             env = StageEnvironment()
             if request.dependencies:
-                emit({"type": "stage_started", "stage": "deps"})
-                started, clock = now(), time.monotonic()
+                emit(StageStartedEvent(stage="deps"))
+                started = now()
                 outcome = await self.dependencies.provide(
                     request.dependencies, limits.deps_wall_time, emit
                 )
-                result = {"started_at": started, "finished_at": now(), **outcome.result}
-                result.setdefault("wall_time", round(time.monotonic() - clock, 6))
-                emit({"type": "stage_finished", "stage": "deps", "result": result})
+                result = outcome.result.model_copy(
+                    update={"started_at": started, "finished_at": now()}
+                )
+                emit(StageFinishedEvent(stage="deps", result=result))
                 if outcome.environment is None:
-                    for stage in ("compile", "run"):
-                        if stage != "compile" or request.compile is not None:
-                            emit(_skipped(stage))
+                    if request.compile is not None:
+                        emit(_skipped("compile"))
+                    emit(_skipped("run"))
                     return
                 env = outcome.environment
             pure = self.sandbox.base == "pure"
@@ -228,7 +235,7 @@ class SubmissionRunner:
 
     async def _stage(
         self,
-        stage: str,
+        stage: StageName,
         script: str,
         limits: StageLimits,
         shell: str | None,
@@ -237,39 +244,36 @@ class SubmissionRunner:
         args: Sequence[str],
         stdin: bytes,
     ) -> bool:
-        emit({"type": "stage_started", "stage": stage})
+        emit(StageStartedEvent(stage=stage))
         if shell is None:
-            result = skipped_stage() | {
-                "status": "error",
-                "limits": limits.as_json(),
-                "message": "no shell in this pure sandbox: add bash or busybox to dependencies",
-            }
-            emit({"type": "stage_finished", "stage": stage, "result": result})
+            message = "no shell in this pure sandbox: add bash or busybox to dependencies"
+            result = SandboxResult.refused("error", limits, message)
+            emit(StageFinishedEvent(stage=stage, result=result))
             return False
 
         # Live output is text; a character split across two reads is decoded whole. (The final
         # result carries the exact bytes, base64 when they are not UTF-8.)
         decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
 
-        def output(stream: str, data: bytes) -> None:
+        def output(stream: Stream, data: bytes) -> None:
             text = decoders[stream].decode(data)
             if text:
-                emit({"type": "output", "stage": stage, "stream": stream, "data": text})
+                emit(OutputEvent(stage=stage, stream=stream, data=text))
 
         spec = StageSpec(
             script=script, limits=limits, args=args, stdin=stdin, shell=shell, **common
         )
         # While the compile stage runs, the run stage's jail starts.
         outcome = await self.sandbox.run(spec, output, arm_next=stage == "compile")
-        emit({"type": "stage_finished", "stage": stage, "result": outcome.result(limits)})
+        emit(StageFinishedEvent(stage=stage, result=outcome.result(limits)))
         return outcome.status == "ok"
 
 
-def _files_over_disk(stage: str, limits: StageLimits) -> dict[str, Any]:
+def _files_over_disk(stage: StageName, limits: StageLimits) -> Event:
     message = f"the submission's files do not fit the disk limit of {limits.disk} bytes"
-    result = skipped_stage() | {"status": "disk_limit", "limits": limits.as_json()}
-    return {"type": "stage_finished", "stage": stage, "result": result | {"message": message}}
+    result = SandboxResult.refused("disk_limit", limits, message)
+    return StageFinishedEvent(stage=stage, result=result)
 
 
-def _skipped(stage: str) -> dict[str, Any]:
-    return {"type": "stage_finished", "stage": stage, "result": skipped_stage()}
+def _skipped(stage: StageName) -> Event:
+    return StageFinishedEvent(stage=stage, result=SandboxResult.skipped())

@@ -37,7 +37,16 @@ from cellblock.executor import seccomp
 from cellblock.executor.cgroups import Cgroups
 from cellblock.executor.disk import WorkDisk
 from cellblock.executor.jail import Jail, JailFds
-from cellblock.service.protocol import RLIMITS, SandboxStatus, StageLimits, encode_output, now
+from cellblock.service.protocol import (
+    RLIMITS,
+    STREAMS,
+    SandboxResult,
+    SandboxStatus,
+    StageLimits,
+    Stream,
+    encode_output,
+    now,
+)
 
 #: Where things are inside the jail.
 WORKDIR = "/box"
@@ -62,7 +71,7 @@ DEV_LINKS = (
     ("stderr", "/proc/self/fd/2"),
 )
 
-OutputSink = Callable[[str, bytes], None]
+OutputSink = Callable[[Stream, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -102,30 +111,29 @@ class StageOutcome:
     started_at: str = field(default_factory=now)
     finished_at: str = ""
 
-    def result(self, limits: StageLimits) -> dict[str, Any]:
+    def result(self, limits: StageLimits) -> SandboxResult:
         """The stage result of the protocol."""
         stdout, stdout_encoding = encode_output(self.stdout)
         stderr, stderr_encoding = encode_output(self.stderr)
-        return {
-            "status": self.status,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "signal_name": signal.Signals(self.signal).name if self.signal else None,
-            "stdout": stdout,
-            "stderr": stderr,
-            "stdout_encoding": stdout_encoding,
-            "stderr_encoding": stderr_encoding,
-            "stdout_truncated": self.stdout_truncated,
-            "stderr_truncated": self.stderr_truncated,
-            "wall_time": round(self.wall_time, 6),
-            "cpu_time": round(self.cpu_time, 6),
-            "memory": self.memory,
-            "limits": limits.as_json(),
-            # Why the sandbox ended the stage the way it did, in words (an extension field).
-            "message": self.error,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
+        return SandboxResult(
+            status=self.status,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            signal_name=signal.Signals(self.signal).name if self.signal else None,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_encoding=stdout_encoding,
+            stderr_encoding=stderr_encoding,
+            stdout_truncated=self.stdout_truncated,
+            stderr_truncated=self.stderr_truncated,
+            wall_time=round(self.wall_time, 6),
+            cpu_time=round(self.cpu_time, 6),
+            memory=self.memory,
+            limits=limits.as_json(),
+            message=self.error,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        )
 
 
 @dataclass(frozen=True)
@@ -207,7 +215,7 @@ def classify(
 class _Capture:
     """Keeps the first ``limit`` bytes of one stream and counts the rest."""
 
-    def __init__(self, name: str, limit: int, sink: OutputSink | None) -> None:
+    def __init__(self, name: Stream, limit: int, sink: OutputSink | None) -> None:
         self.name, self.limit, self.sink = name, limit, sink
         self.data = bytearray()
         self.truncated = False
@@ -424,11 +432,13 @@ class Sandbox:
         if arm_next:
             self.arm(spec.workdir, spec.mounts)
         outcome = StageOutcome(status="error")
-        captures = {s: _Capture(s, limits.output, on_output) for s in ("stdout", "stderr")}
+        captures = {s: _Capture(s, limits.output, on_output) for s in STREAMS}
         try:
             jail.cgroup.limit(limits.memory, limits.pids)
             self.disk.limit(spec.workdir, limits.disk)
-            outputs = {stream: capture.feed for stream, capture in captures.items()}
+            outputs: dict[str, Callable[[bytes], None]] = {
+                stream: capture.feed for stream, capture in captures.items()
+            }
             seen = await jail.serve(
                 request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE
             )

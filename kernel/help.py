@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cellblock.kernel.sections import LINE_MAGICS, OPTIONS, SECTION_MAGICS, STAGE_LIMITS
+from cellblock.service.protocol import DEPS_LIMITS, SANDBOXED_STAGES
 
 MAGIC_HELP = {
     "files": "%%files NAME [--encoding utf8|hex|base64] [--executable]\n"
@@ -66,8 +67,9 @@ def complete(code: str, cursor_pos: int, packages: Sequence[str]) -> tuple[list[
         return [], start
     section = _section_of(code, cursor_pos)
     if section == "limits" and line == word:
-        names = [f"{stage}.{name}" for stage in ("compile", "run") for name in STAGE_LIMITS]
-        return [n for n in [*names, "deps.wall_time"] if n.startswith(word)], start
+        names = [f"{stage}.{name}" for stage in SANDBOXED_STAGES for name in STAGE_LIMITS]
+        names += [f"deps.{name}" for name in DEPS_LIMITS]
+        return [n for n in names if n.startswith(word)], start
     if section == "deps":
         return [p for p in packages if p.startswith(word)], start
     return [], start

@@ -35,7 +35,16 @@ from cellblock.service.client import (
     ClientError,
     ServiceUnavailable,
 )
-from cellblock.service.protocol import InvalidTransition, SubmissionState, apply_event
+from cellblock.service.protocol import (
+    STREAMS,
+    DepsResult,
+    FinishedEvent,
+    InvalidTransition,
+    SandboxResult,
+    SubmissionState,
+    apply_event,
+    decode_event,
+)
 
 PACKAGES_TTL = 30.0
 
@@ -198,18 +207,22 @@ class CellblockKernel(Kernel):
         self._display(render.status_html(final), render.status_line(final), display_id, update=True)
         failure = render.failure(final)
         compile_result = final.stages.get("compile")
-        if compile_result is not None and (show_compile or compile_result["status"] != "ok"):
-            for name in ("stdout", "stderr"):
-                if compile_result.get(name):
-                    self._print(compile_result[name], name)
+        if isinstance(compile_result, SandboxResult) and (
+            show_compile or compile_result.status != "ok"
+        ):
+            for name, text in zip(
+                STREAMS, (compile_result.stdout, compile_result.stderr), strict=True
+            ):
+                if text:
+                    self._print(text, name)
         # The run's output streamed live stops where the output limit cut it, which looks like
         # the program's last words; say right below it that the rest was dropped.
         run_result = final.stages.get("run")
         if run_result is not None and (cut := render.truncation(run_result)):
             self._print(f"[{cut}: the rest was not kept; raise run.output in %%limits]\n", "stderr")
         deps_result = final.stages.get("deps")
-        if deps_result is not None and deps_result["status"] != "ok" and deps_result.get("log"):
-            self._print(deps_result["log"] + "\n", "stderr")
+        if isinstance(deps_result, DepsResult) and deps_result.status != "ok" and deps_result.log:
+            self._print(deps_result.log + "\n", "stderr")
         self._display(render.summary_html(final), render.summary_text(final))
         return self._error(*failure) if failure else self._ok()
 
@@ -293,9 +306,13 @@ class CellblockKernel(Kernel):
         return {"status": "ok", "found": bool(text), "data": data, "metadata": {}}
 
 
-def _advance(state: SubmissionState, event: Mapping[str, Any]) -> SubmissionState:
-    if event["type"] == "finished":
-        return SubmissionState.from_record(event["submission"])
+def _advance(state: SubmissionState, raw: Mapping[str, Any]) -> SubmissionState:
+    try:
+        event = decode_event(raw)
+    except ValueError:
+        return state  # an event this kernel does not know (a newer service): nothing to show
+    if isinstance(event, FinishedEvent) and event.submission is not None:
+        return SubmissionState.from_record(event.submission)
     try:
         return apply_event(state, event)
     except InvalidTransition:

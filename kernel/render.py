@@ -8,10 +8,8 @@ stage at the end, and the error that fails the cell.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
-from typing import Any
 
-from cellblock.service.protocol import SubmissionState
+from cellblock.service.protocol import DepsResult, SandboxResult, StageResult, SubmissionState
 
 ICONS = {"ok": "✅", "failed": "❌", "signaled": "💥", "time_limit": "⏱", "memory_limit": "🧠",
          "output_limit": "📄", "disk_limit": "💾", "skipped": "⏭", "error": "⚠"}  # fmt: skip
@@ -35,40 +33,45 @@ def seconds(s: float | None) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def _stage_words(stage: str, result: Mapping[str, Any] | None, current: bool) -> str | None:
+def _stage_words(stage: str, result: StageResult | None, current: bool) -> str | None:
     title = STAGE_TITLES[stage]
     if result is None:
         return f"{title}…" if current else None
-    status = result["status"]
+    status = result.status
     words = [f"{title}: {status}"]
-    if stage == "deps" and result.get("cache"):
-        words.append(f"cache {result['cache']}")
-    elif result.get("exit_code") is not None and status != "ok":
-        words.append(f"exit {result['exit_code']}")
-    if result.get("signal_name"):
-        words.append(result["signal_name"])
+    if isinstance(result, DepsResult):
+        if result.cache:
+            words.append(f"cache {result.cache}")
+    else:
+        if result.exit_code is not None and status != "ok":
+            words.append(f"exit {result.exit_code}")
+        if result.signal_name:
+            words.append(result.signal_name)
     if status != "skipped":
-        words.append(seconds(result.get("wall_time")))
-        if result.get("memory"):
-            words.append(size(result["memory"]))
+        words.append(seconds(result.wall_time))
+        if isinstance(result, SandboxResult) and result.memory:
+            words.append(size(result.memory))
     if streams := truncated_streams(result):
         words.append(f"({' and '.join(streams)} truncated)")
     return " ".join(w for w in words if w)
 
 
-def truncated_streams(result: Mapping[str, Any]) -> list[str]:
+def truncated_streams(result: StageResult) -> list[str]:
     """The streams of a stage that wrote more than its ``output`` limit keeps. The program went
     on but the rest of its output is gone, which the student must be told: what the cell shows
     looks complete otherwise."""
-    return [name for name in ("stdout", "stderr") if result.get(f"{name}_truncated")]
+    if not isinstance(result, SandboxResult):
+        return []
+    flags = {"stdout": result.stdout_truncated, "stderr": result.stderr_truncated}
+    return [name for name, cut in flags.items() if cut]
 
 
-def truncation(result: Mapping[str, Any]) -> str | None:
+def truncation(result: StageResult) -> str | None:
     """``stdout truncated at 1.0 KiB`` (the stage's ``output`` limit), or None."""
     streams = truncated_streams(result)
-    if not streams:
+    if not isinstance(result, SandboxResult) or not streams:
         return None
-    limit = (result.get("limits") or {}).get("output")
+    limit = (result.limits or {}).get("output")
     at = f" at {size(limit)}" if isinstance(limit, int) else ""
     return f"{' and '.join(streams)} truncated{at}"
 
@@ -106,18 +109,18 @@ def summary_rows(state: SubmissionState) -> list[list[str]]:
         result = state.stages.get(stage)
         if result is None:
             continue
-        status = result["status"]
-        if stage == "deps":
-            cache = f"cache {result['cache']}" if result.get("cache") else ""
+        status = result.status
+        if isinstance(result, DepsResult):
+            cache = f"cache {result.cache}" if result.cache else ""
             rows.append([stage, f"{ICONS.get(status, '')} {status}", cache,
-                         "", seconds(result.get("wall_time")), "", ""])  # fmt: skip
+                         "", seconds(result.wall_time), "", ""])  # fmt: skip
         else:
             rows.append([
                 stage, f"{ICONS.get(status, '')} {status}",
-                "" if result.get("exit_code") is None else str(result["exit_code"]),
-                result.get("signal_name") or "",
-                seconds(result.get("wall_time")), seconds(result.get("cpu_time")),
-                size(result.get("memory")),
+                "" if result.exit_code is None else str(result.exit_code),
+                result.signal_name or "",
+                seconds(result.wall_time), seconds(result.cpu_time),
+                size(result.memory),
             ])  # fmt: skip
     return rows
 
@@ -152,19 +155,21 @@ def failure(state: SubmissionState) -> tuple[str, str] | None:
         return "CellblockError", state.error or "the system failed the submission"
     for stage in ("deps", "compile", "run"):
         result = state.stages.get(stage)
-        if result is not None and result["status"] not in ("ok", "skipped"):
-            reason = result.get("message") or _reason(result)
+        if result is not None and result.status not in ("ok", "skipped"):
+            reason = result.message or _reason(result)
             title = "dependencies" if stage == "deps" else f"{stage} stage"
-            evalue = f"{title}: {result['status']}" + (f": {reason}" if reason else "")
+            evalue = f"{title}: {result.status}" + (f": {reason}" if reason else "")
             if cut := truncation(result):
                 evalue += f" ({cut})"
             return "CellblockStageFailed", evalue
     return None
 
 
-def _reason(result: Mapping[str, Any]) -> str:
-    if result.get("signal_name"):
-        return f"killed by {result['signal_name']}"
-    if result.get("exit_code") not in (None, 0):
-        return f"exit code {result['exit_code']}"
+def _reason(result: StageResult) -> str:
+    if not isinstance(result, SandboxResult):
+        return ""
+    if result.signal_name:
+        return f"killed by {result.signal_name}"
+    if result.exit_code not in (None, 0):
+        return f"exit code {result.exit_code}"
     return ""

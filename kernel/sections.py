@@ -16,10 +16,14 @@ from typing import Any
 
 from cellblock.service.protocol import (
     DEPENDENCY_NAME,
+    DEPS_LIMITS,
     ENV_NAME,
+    LIMIT_BY_NAME,
+    LIMITS,
     MAX_LIMIT,
-    RLIMITS,
-    SANDBOX_LIMITS,
+    SANDBOXED_STAGES,
+    STAGES,
+    Unit,
     decode,
 )
 
@@ -36,23 +40,8 @@ OPTIONS: dict[str, dict[str, bool]] = {
     "env": {},
     "limits": {},
 }
-STAGE_LIMITS = (*RLIMITS, *SANDBOX_LIMITS)
-#: How each limit's value is read: bytes take K/M/G, seconds take ms/s/m.
-BYTE_LIMITS = frozenset(
-    {
-        "as",
-        "core",
-        "data",
-        "fsize",
-        "memlock",
-        "msgqueue",
-        "rss",
-        "stack",
-        "memory",
-        "output",
-        "disk",
-    }
-)
+#: Every limit a sandboxed stage takes, as the protocol names them.
+STAGE_LIMITS = tuple(limit.name for limit in LIMITS)
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 #: Seconds per time unit; exact, so that ``1500ms`` is 1.5 s and not 1.5000000000000002.
 TIME_UNITS = {"ms": Fraction(1, 1000), "s": Fraction(1), "m": Fraction(60)}
@@ -280,16 +269,17 @@ def limit_settings(section: Section) -> list[LimitSetting]:
         stage, dot, name = key.strip().partition(".")
         if not eq or not dot:
             raise CellSyntaxError(number, line, "write stage.limit = value, e.g. run.cpu = 2")
-        if stage not in ("compile", "run", "deps"):
+        if stage not in STAGES:
             raise CellSyntaxError(
                 number, line, f"unknown stage {stage!r}; use compile, run or deps"
             )
-        if name not in STAGE_LIMITS or (stage == "deps" and name != "wall_time"):
-            known = "wall_time" if stage == "deps" else ", ".join(STAGE_LIMITS)
+        known_here = STAGE_LIMITS if stage in SANDBOXED_STAGES else DEPS_LIMITS
+        if name not in known_here:
+            known = ", ".join(known_here)
             raise CellSyntaxError(number, line, f"unknown limit {stage}.{name}; known: {known}")
         try:
             parts = value.split(":")
-            if len(parts) > 2 or (len(parts) == 2 and name in SANDBOX_LIMITS):
+            if len(parts) > 2 or (len(parts) == 2 and not LIMIT_BY_NAME[name].rlimit):
                 raise ValueError(f"{name} takes one value, not soft:hard")
             values = [limit_value(name, p) for p in parts]
             if len(values) == 2 and values[0] > values[1]:
@@ -312,17 +302,20 @@ def limit_value(name: str, text: str) -> int | float:
     if not match:
         raise ValueError(f"{text.strip()!r} is not a number")
     number, unit = Fraction(match.group(1)), match.group(2)
-    if name in BYTE_LIMITS:
+    limit = LIMIT_BY_NAME.get(name)
+    if limit is None:
+        raise ValueError(f"unknown limit {name!r}; known: {', '.join(STAGE_LIMITS)}")
+    if limit.unit is Unit.BYTES:
         if unit.upper() not in SIZE_UNITS:
             raise ValueError(f"unknown size unit {unit!r}; use K, M or G (powers of 1024)")
         return _whole(number * SIZE_UNITS[unit.upper()], name)
-    if name in ("cpu", "wall_time", "rttime"):
+    if limit.unit in (Unit.SECONDS, Unit.MICROSECONDS):
         if unit and unit not in TIME_UNITS:
             raise ValueError(f"unknown time unit {unit!r}; use ms, s or m")
-        if name == "rttime":
+        if limit.unit is Unit.MICROSECONDS:
             return _whole(number * TIME_UNITS[unit] * 1_000_000 if unit else number, name)
         seconds = number * TIME_UNITS[unit] if unit else number
-        if name == "wall_time":
+        if not limit.whole:
             _check_range(seconds, name)
             return float(seconds)
         return _whole(seconds, name)

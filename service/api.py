@@ -1,7 +1,9 @@
 """The REST API and server-sent events (shared/PROTOCOL.md), as Tornado handlers.
 
-Handlers are thin: they authenticate, decode, call the protocol module and the store, and turn
-Cellblock's errors into the protocol's error documents. The service keeps no state of its own.
+Handlers are thin: they authenticate, decode, call ``Submissions`` (service/submissions.py, which
+the WebSocket shares) or the store, and turn Cellblock's errors into the protocol's error
+documents through Tornado's public hooks (``write_error``, ``log_exception``). The service keeps
+no state of its own.
 """
 
 from __future__ import annotations
@@ -9,33 +11,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
 import tornado.iostream
 import tornado.web
 
 from cellblock.config import Config
-from cellblock.errors import CellblockError, ErrorCode, FieldProblem, InvalidRequest
+from cellblock.errors import ErrorCode, ErrorResponse, FieldProblem, InvalidRequest
 from cellblock.service.auth import Principal, Tokens
 from cellblock.service.metrics import Metrics
-from cellblock.service.protocol import SubmissionState, parse_submission
-from cellblock.service.store import QueueAtCapacity, Rejected, Store
+from cellblock.service.protocol import SubmissionState, encode_event
+from cellblock.service.store import Store
+from cellblock.service.submissions import Submissions
 
 log = logging.getLogger("cellblock.service")
-#: Seconds a client is asked to wait before retrying when the queue is full.
-RETRY_AFTER = 5
 DEFAULT_WAIT = 60.0
 MAX_WAIT = 3600.0
-#: Seconds one blocking read of a submission's events waits before a quiet stream sends a
-#: keep-alive and checks that the submission still exists.
-EVENTS_BLOCK = 4.0
-#: Seconds to wait for more events of a submission that has ended: its closing events are
-#: appended back to back, so any still to come arrive at once.
-ENDED_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,25 +40,7 @@ class Services:
     config: Config
     tokens: Tokens
     metrics: Metrics
-
-
-class ErrorResponse(CellblockError):
-    """An error with its HTTP status."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        # Headers belong on the error answer itself: ``send_error`` clears every header set
-        # before it, so a handler setting Retry-After and then raising would lose it.
-        self.headers = dict(headers or {})
-
-
-def new_submission_id() -> str:
-    """144 random bits, URL-safe: unguessable, so ids cannot be probed."""
-    return secrets.token_urlsafe(18)
+    submissions: Submissions
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -102,6 +78,12 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        # Tornado answers every exception but its own HTTPError with 500: the protocol's
+        # errors carry their status, set here before anything is written.
+        if isinstance(exc, ErrorResponse):
+            self.set_status(exc.status)
+        elif isinstance(exc, InvalidRequest):
+            self.set_status(422)
         # Set here, not only in set_default_headers: a handler with other defaults (the event
         # stream) still answers its errors as JSON.
         self.set_header("Content-Type", "application/json; charset=utf-8")
@@ -121,13 +103,15 @@ class BaseHandler(tornado.web.RequestHandler):
             }
         self.finish(json.dumps(body))
 
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, ErrorResponse):
-            self.send_error(e.status, exc_info=(type(e), e, e.__traceback__))
-        elif isinstance(e, InvalidRequest):
-            self.send_error(422, exc_info=(type(e), e, e.__traceback__))
-        else:
-            super()._handle_request_exception(e)
+    def log_exception(
+        self,
+        typ: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # A refused request is the client's error, answered in full: no traceback in the log.
+        if not isinstance(value, ErrorResponse | InvalidRequest):
+            super().log_exception(typ, value, tb)
 
     def on_finish(self) -> None:
         self.services.metrics.request(
@@ -136,11 +120,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def visible_state(self, sid: str) -> SubmissionState:
         """The submission, if this principal may see it; else 404 exactly as for an unknown id."""
-        store = self.services.store
-        owner, state = await asyncio.gather(store.owner(sid), store.state(sid))
-        if state is None or (owner != self.principal.name and not self.principal.is_admin):
-            raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no submission {sid}")
-        return state
+        return await self.services.submissions.visible(sid, self.principal)
 
     def json_body(self) -> Any:
         try:
@@ -225,25 +205,18 @@ class SubmissionsHandler(BaseHandler):
             return
         principal = self.authenticate()
         self.request.body = b"".join(self._chunks)
-        raw = self.json_body()
-        submission = parse_submission(raw, self.services.config.limits)
+        submissions = self.services.submissions
+        submission = submissions.parse(self.json_body())
         # Every query parameter is checked before the submission is stored: a bad one must
         # not leave an accepted submission behind its 422.
         wait = self.get_query_argument("wait", "false").lower() in ("true", "1", "yes")
         timeout = self._timeout() if wait else DEFAULT_WAIT
-        sid = new_submission_id()
-        try:
-            state = await self.services.store.submit(sid, submission, principal.name)
-        except QueueAtCapacity as exc:
-            raise ErrorResponse(
-                429, exc.code, exc.message, headers={"Retry-After": str(RETRY_AFTER)}
-            ) from None
-        log.info("submission accepted", extra={"submission": sid, "owner": principal.name})
+        state = await submissions.accept(submission, principal)
         if wait:
-            state = await wait_until_done(self.services.store, sid, timeout) or state
+            state = await submissions.wait(state.id, timeout) or state
             self.send_json(201, state.as_json())
             return
-        self.send_json(201, {"id": sid, "status": state.status})
+        self.send_json(201, {"id": state.id, "status": state.status})
 
     def _timeout(self) -> float:
         text = self.get_query_argument("timeout", None)
@@ -273,61 +246,14 @@ class SubmissionsHandler(BaseHandler):
         self.send_json(200, {"submissions": [s.as_json() for s in states]})
 
 
-async def wait_until_done(store: Store, sid: str, timeout: float) -> SubmissionState | None:
-    """Wait for the submission to end, or ``timeout`` seconds; its state then."""
-    deadline = time.monotonic() + timeout
-    since = 0
-    while (remaining := deadline - time.monotonic()) > 0:
-        events = await store.events(sid, since, block=min(remaining, EVENTS_BLOCK))
-        for event in events:
-            since = event["seq"]
-            if event["type"] == "finished":
-                return SubmissionState.from_record(event["submission"])
-    return await store.state(sid)
-
-
-async def follow_events(
-    store: Store, sid: str, since: int, ended: bool = False
-) -> AsyncIterator[list[dict[str, Any]]]:
-    """Batches of the submission's events after ``since``, up to its ``finished`` event, and
-    an empty batch whenever nothing came for a while (time for a keep-alive).
-
-    ``ended``: the submission had ended already. The stream also ends when the submission has
-    ended and nothing follows ``since`` (a client resuming after the last event, which would
-    otherwise wait for events that never come), and when the submission expires.
-    """
-    while True:
-        events = await store.events(sid, since, block=ENDED_GRACE if ended else EVENTS_BLOCK)
-        if not events:
-            if ended:
-                return
-            state = await store.state(sid)
-            if state is None:  # expired under us
-                return
-            ended = state.done
-            yield []
-            continue
-        for i, event in enumerate(events):
-            if event["type"] == "finished":  # the last event: nothing follows it
-                yield events[: i + 1]
-                return
-        yield events
-        since = events[-1]["seq"]
-
-
 class SubmissionHandler(BaseHandler):
     async def get(self, sid: str) -> None:
         self.authenticate()
         self.send_json(200, (await self.visible_state(sid)).as_json())
 
     async def delete(self, sid: str) -> None:
-        self.authenticate()
-        await self.visible_state(sid)
-        try:
-            state = await self.services.store.cancel(sid)
-        except Rejected as exc:
-            raise ErrorResponse(409, ErrorCode.CONFLICT, f"cannot cancel: {exc.message}") from None
-        log.info("submission cancelled", extra={"submission": sid, "by": self.principal.name})
+        principal = self.authenticate()
+        state = await self.services.submissions.cancel(sid, principal)
         self.send_json(200, {"id": sid, "status": state.status})
 
 
@@ -347,12 +273,10 @@ class EventsHandler(BaseHandler):
             raise InvalidRequest([FieldProblem("since", "must be a whole number")])
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
-        async for events in follow_events(
-            self.services.store, sid, int(since_text), ended=state.done
-        ):
+        follow = self.services.submissions.follow(sid, int(since_text), ended=state.done)
+        async for events in follow:
             for event in events:
-                seq, kind = event["seq"], event["type"]
-                self.write(f"id: {seq}\nevent: {kind}\ndata: {json.dumps(event)}\n\n")
+                self.write(f"id: {event.seq}\nevent: {event.type}\ndata: {encode_event(event)}\n\n")
             if not events:
                 self.write(": keep-alive\n\n")
             try:
@@ -407,8 +331,11 @@ class ScaleHandler(BaseHandler):
 class MetricsHandler(BaseHandler):
     async def get(self) -> None:
         self.authenticate(admin=True)
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(await self.services.metrics.render(self.services.store))
+        # The format the scraper asks for: Prometheus itself prefers OpenMetrics.
+        accept = self.request.headers.get("Accept", "")
+        body, content_type = await self.services.metrics.render(accept)
+        self.set_header("Content-Type", content_type)
+        self.finish(body)
 
 
 class OpenApiHandler(BaseHandler):

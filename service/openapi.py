@@ -6,16 +6,24 @@ from functools import cache
 from importlib import metadata
 from typing import Any, get_args
 
+from pydantic import BaseModel
+
 from cellblock.service.api import MAX_WAIT
 from cellblock.service.protocol import (
-    RLIMITS,
-    SANDBOX_LIMITS,
+    DEPS_LIMITS,
+    LIMIT_BY_NAME,
+    LIMITS,
     STAGES,
+    DepsResult,
+    Limit,
     PackagesRequest,
+    SandboxResult,
     Status,
     SubmissionRequest,
     SubmissionState,
 )
+
+REF = "#/components/schemas/{model}"
 
 
 def _version() -> str:
@@ -39,26 +47,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 @cache
 def document() -> dict[str, Any]:
-    request = SubmissionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    definitions = request.pop("$defs", {})
-    limit_value = {
-        "oneOf": [
-            {"type": "integer", "minimum": 0},
-            {
-                "type": "array",
-                "items": {"type": "integer", "minimum": 0},
-                "minItems": 2,
-                "maxItems": 2,
-            },
-        ]
-    }
+    definitions: dict[str, Any] = {}
+    request = _model_schema(SubmissionRequest, definitions)
     stage_limits = {
         "type": "object",
         "additionalProperties": False,
-        "properties": {
-            **{name: limit_value for name in RLIMITS},
-            **{name: _sandbox_limit(name) for name in SANDBOX_LIMITS},
-        },
+        "properties": {limit.name: _limit_schema(limit) for limit in LIMITS},
     }
     request["properties"]["limits"] = {
         "type": "object",
@@ -69,7 +63,7 @@ def document() -> dict[str, Any]:
             "deps": {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {"wall_time": _sandbox_limit("wall_time")},
+                "properties": {name: _limit_schema(LIMIT_BY_NAME[name]) for name in DEPS_LIMITS},
             },
         },
     }
@@ -110,7 +104,11 @@ def document() -> dict[str, Any]:
     }
     maybe_bool = {"type": ["boolean", "null"]}
     maybe_text = {"type": ["string", "null"]}
-    maybe_object = {"type": ["object", "null"]}
+    results = {
+        stage: {"oneOf": [_ref("DepsResult" if stage == "deps" else "SandboxResult"),
+                          {"type": "null"}]}
+        for stage in STAGES
+    }  # fmt: skip
     submission = {
         "type": "object",
         "description": "The submission document (PROTOCOL.md).",
@@ -130,7 +128,7 @@ def document() -> dict[str, Any]:
             "stages": {
                 "type": "object",
                 "required": list(STAGES),
-                "properties": dict.fromkeys(STAGES, maybe_object),
+                "properties": results,
             },
             "error": maybe_text,
             "attempts": {"type": "integer", "minimum": 0},
@@ -312,7 +310,9 @@ def document() -> dict[str, Any]:
             "schemas": {
                 **definitions,
                 "SubmissionRequest": request,
-                "PackagesRequest": PackagesRequest.model_json_schema(),
+                "PackagesRequest": _model_schema(PackagesRequest, definitions),
+                "SandboxResult": _model_schema(SandboxResult, definitions),
+                "DepsResult": _model_schema(DepsResult, definitions),
                 "StageLimits": stage_limits,
                 "Submission": submission,
                 "Error": error,
@@ -323,11 +323,24 @@ def document() -> dict[str, Any]:
     }
 
 
-def _sandbox_limit(name: str) -> dict[str, Any]:
-    """What protocol.resolve_limits takes: seconds above 0, at least 1 memory byte and pid."""
-    if name == "wall_time":
-        return {"type": "number", "exclusiveMinimum": 0}
-    return {"type": "integer", "minimum": 1 if name in ("memory", "pids") else 0}
+def _model_schema(model: type[BaseModel], definitions: dict[str, Any]) -> dict[str, Any]:
+    """A model's JSON Schema, its nested models gathered into ``definitions``."""
+    schema = model.model_json_schema(ref_template=REF)
+    definitions.update(schema.pop("$defs", {}))
+    return schema
+
+
+def _limit_schema(limit: Limit) -> dict[str, Any]:
+    """What protocol.resolve_limits takes for ``limit``: a number in its unit, at least its
+    minimum (``wall_time`` above 0), and for an rlimit also ``[soft, hard]``."""
+    description = f"{limit.description}, in {limit.unit}"
+    if not limit.whole:
+        return {"type": "number", "exclusiveMinimum": 0, "description": description}
+    number = {"type": "integer", "minimum": limit.minimum}
+    if not limit.rlimit:
+        return {**number, "description": description}
+    pair = {"type": "array", "items": number, "minItems": 2, "maxItems": 2}
+    return {"oneOf": [number, pair], "description": f"{description}; or [soft, hard]"}
 
 
 _UNAUTHORIZED = _json(_ref("Error"), "No valid token.")

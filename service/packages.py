@@ -13,9 +13,10 @@ import base64
 import tornado.web
 
 from cellblock.cachebuilder.environments import EnvironmentCache, environment_key
-from cellblock.errors import ErrorCode
-from cellblock.service.api import RETRY_AFTER, BaseHandler, ErrorResponse
+from cellblock.errors import ErrorCode, ErrorResponse
+from cellblock.service.api import BaseHandler
 from cellblock.service.protocol import PackagesRequest, parse_packages_request
+from cellblock.service.submissions import RETRY_AFTER
 
 #: How long a prefetch build may hold its package set before another may start one.
 BUILD_TTL = 3600.0

@@ -15,6 +15,7 @@ from cellblock.service import api, packages
 from cellblock.service.auth import Tokens, load_tokens
 from cellblock.service.metrics import Metrics
 from cellblock.service.store import Store
+from cellblock.service.submissions import Submissions
 from cellblock.service.websocket import WebSocketHandler
 
 log = logging.getLogger("cellblock.service")
@@ -22,7 +23,13 @@ SID = r"([A-Za-z0-9_-]{1,64})"
 
 
 def make_app(store: Store, config: Config, tokens: Tokens) -> tornado.web.Application:
-    services = api.Services(store=store, config=config, tokens=tokens, metrics=Metrics())
+    services = api.Services(
+        store=store,
+        config=config,
+        tokens=tokens,
+        metrics=Metrics(store),
+        submissions=Submissions(store, config.limits),
+    )
     routes: list[Any] = [
         (r"/api/v1/health", api.HealthHandler),
         (r"/api/v1/capacity", api.CapacityHandler),

@@ -34,11 +34,18 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from cellblock.errors import CellblockError, ErrorCode
+from cellblock.service import metrics
 from cellblock.service.protocol import (
     TERMINAL,
+    Event,
     EventRecorder,
+    FinishedEvent,
+    OutputEvent,
+    StatusEvent,
     Submission,
     SubmissionState,
+    decode_event,
+    encode_event,
 )
 
 JOBS_GROUP = "executors"
@@ -77,9 +84,10 @@ redis.call('HINCRBY', KEYS[6], 'submitted', 1)
 return 1
 """
 
-# KEYS: sub, events, queued, counters. ARGV: expected version, attempt ('' for any), new state
-# ('' when only outputs were added: it did not change), new status, new attempts, retention
-# ('' unless the submission ends), id, then the events in order.
+# KEYS: sub, events, queued, counters, metrics. ARGV: expected version, attempt ('' for any),
+# new state ('' when only outputs were added: it did not change), new status, new attempts,
+# retention ('' unless the submission ends), id, what the events add to the metrics (a JSON
+# object of field -> amount, '' for nothing: service/metrics.py), then the events in order.
 # Returns the last event's seq, or -1 (version conflict: read again), -3 (stale attempt),
 # -4 (unknown).
 _APPEND = """
@@ -88,11 +96,16 @@ if not cur[1] then return -4 end
 if ARGV[2] ~= '' and cur[3] ~= ARGV[2] then return -3 end
 if cur[1] ~= ARGV[1] then return -1 end
 local seq = tonumber(cur[4])
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   seq = seq + 1
   redis.call('XADD', KEYS[2], '0-' .. seq, 'e', ARGV[i])
 end
 redis.call('HSET', KEYS[1], 'version', tonumber(cur[1]) + 1, 'seq', seq)
+if ARGV[8] ~= '' then
+  for field, amount in pairs(cjson.decode(ARGV[8])) do
+    redis.call('HINCRBY', KEYS[5], field, amount)
+  end
+end
 if ARGV[3] == '' then return seq end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'status', ARGV[4], 'attempts', ARGV[5])
 if ARGV[4] ~= 'queued' then redis.call('SREM', KEYS[3], ARGV[7]) end
@@ -173,10 +186,8 @@ class JobQueue:
             await pipe.execute()
 
 
-def _event_from_entry(entry_id: str, fields: Mapping[str, str]) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(fields["e"])
-    event["seq"] = int(entry_id.split("-")[1])
-    return event
+def _event_from_entry(entry_id: str, fields: Mapping[str, str]) -> Event:
+    return decode_event(fields["e"], seq=int(entry_id.split("-")[1]))
 
 
 class Store:
@@ -231,15 +242,14 @@ class Store:
         """Store and queue a submission, all or nothing; ``QueueAtCapacity`` when it is full."""
         state = SubmissionState.new(sid, submission.request)
         recorder = EventRecorder(state)
-        first = recorder.record({"type": "status", "status": "queued"})
-        first.pop("seq")
+        first = recorder.record(StatusEvent(status="queued"))
         created = time.time()
         ok = await self._submit(
             keys=[self._sub(sid), self._events(sid), f"{self.p}:queued", self.jobs_key,
                   f"{self.p}:owner:{owner}", f"{self.p}:counters"],
             args=[sid, json.dumps(submission.as_json()), owner,
                   json.dumps(recorder.state.as_record()), created, self.queue_size,
-                  json.dumps(first), self.retention],
+                  encode_event(first, numbered=False), self.retention],
         )  # fmt: skip
         if not ok:
             raise QueueAtCapacity(
@@ -295,8 +305,7 @@ class Store:
     async def cancel(self, sid: str) -> SubmissionState:
         """Cancel a queued or running submission (an executor running it notices and stops).
         ``Rejected`` when it has ended already."""
-        cancelled = {"type": "status", "status": "cancelled"}
-        await EventLog(self, sid).append([cancelled, {"type": "finished"}])
+        await EventLog(self, sid).append([StatusEvent(status="cancelled"), FinishedEvent()])
         state = await self.state(sid)
         assert state is not None
         return state
@@ -307,9 +316,7 @@ class Store:
 
     # -- events --------------------------------------------------------------------------------
 
-    async def append(
-        self, sid: str, body: Mapping[str, Any], attempt: int | None = None
-    ) -> dict[str, Any]:
+    async def append(self, sid: str, body: Event, attempt: int | None = None) -> Event:
         """Append one event, applying it to the state. ``attempt``: the writer's attempt number,
         checked so that a reclaimed executor's late events are refused with ``Rejected``."""
         [event] = await EventLog(self, sid).append([body], attempt)
@@ -323,9 +330,7 @@ class Store:
             raise UnknownSubmission(f"no submission {sid}")
         return seq
 
-    async def events(
-        self, sid: str, since: int = 0, block: float | None = None
-    ) -> list[dict[str, Any]]:
+    async def events(self, sid: str, since: int = 0, block: float | None = None) -> list[Event]:
         """Events after ``since``; with ``block`` seconds, wait that long for one to come."""
         # A stream id's sequence is 64 bits and an exclusive range needs one above it; Redis
         # refuses anything larger. No submission has that many events, so after the bound
@@ -406,9 +411,7 @@ class EventLog:
         """The state as this log last wrote or read it (``None`` before it did either)."""
         return None if self._known is None else self._known[0]
 
-    async def append(
-        self, bodies: Sequence[Mapping[str, Any]], attempt: int | None = None
-    ) -> list[dict[str, Any]]:
+    async def append(self, bodies: Sequence[Event], attempt: int | None = None) -> list[Event]:
         """Append ``bodies`` in order as events (``attempt`` as in ``Store.append``)."""
         store, sid = self.store, self.sid
         expected = "" if attempt is None else str(attempt)
@@ -424,14 +427,15 @@ class EventLog:
                     raise Rejected(str(exc)) from None
                 continue  # perhaps only against what this log remembered: read it again
             new = recorder.state
-            changed = any(event["type"] != "output" for event in events)
+            changed = any(not isinstance(event, OutputEvent) for event in events)
             last = await store._append(
                 keys=[store._sub(sid), store._events(sid), f"{store.p}:queued",
-                      f"{store.p}:counters"],
+                      f"{store.p}:counters", metrics.key(store)],
                 args=[version, expected, json.dumps(new.as_record()) if changed else "",
                       new.status, new.attempts,
                       store.retention if new.status in TERMINAL else "", sid,
-                      *(json.dumps({k: v for k, v in e.items() if k != "seq"}) for e in events)],
+                      metrics.event_increments(state, events),
+                      *(encode_event(e, numbered=False) for e in events)],
             )  # fmt: skip
             self._known = None
             if last == -1:  # another writer came first

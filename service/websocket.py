@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 from typing import Any
 
 import tornado.websocket
 
 from cellblock.cachebuilder.environments import EnvironmentCache
-from cellblock.errors import CellblockError, ErrorCode, FieldProblem, InvalidRequest
-from cellblock.service.api import BaseHandler, ErrorResponse, follow_events, new_submission_id
-from cellblock.service.protocol import parse_submission
-from cellblock.service.store import QueueAtCapacity, Rejected
-
-log = logging.getLogger("cellblock.service")
+from cellblock.errors import CellblockError, ErrorCode, ErrorResponse, InvalidRequest
+from cellblock.service.api import BaseHandler
+from cellblock.service.protocol import encode_event
+from cellblock.service.protocol.messages import (
+    Accepted,
+    Answer,
+    Cancel,
+    Cancelled,
+    ClientMessage,
+    ErrorAnswer,
+    PackagesAnswer,
+    StatusQuery,
+    SubmissionAnswer,
+    Submit,
+    Watch,
+    encode_message,
+    parse_client_message,
+    request_id_of,
+)
 
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
@@ -63,68 +74,35 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             task.cancel()
 
     async def on_message(self, message: str | bytes) -> None:
-        request_id = None
         try:
-            try:
-                msg = json.loads(message)
-            except (ValueError, RecursionError):  # RecursionError: nested too deeply
-                raise InvalidRequest([FieldProblem("", "the message is not JSON")]) from None
-            if not isinstance(msg, dict):
-                raise InvalidRequest([FieldProblem("", "the message must be a JSON object")])
-            request_id = msg.get("request_id")
-            await self._dispatch(msg, request_id)
+            await self._dispatch(parse_client_message(message))
         except InvalidRequest as exc:
-            body = exc.as_json()["error"]
-            self._send({"type": "error", **body}, request_id)  # type: ignore[dict-item]
-        except ErrorResponse as exc:
-            self._send({"type": "error", "code": exc.code, "message": exc.message}, request_id)
-        except CellblockError as exc:
-            self._send({"type": "error", "code": exc.code, "message": exc.message}, request_id)
+            details = [p.as_json() for p in exc.problems]
+            answer = ErrorAnswer(code=exc.code, message=exc.message, details=details)
+            self._send(answer.model_copy(update={"request_id": request_id_of(message)}))
+        except CellblockError as exc:  # ErrorResponse and the store's errors: no details
+            answer = ErrorAnswer(code=exc.code, message=exc.message)
+            self._send(answer.model_copy(update={"request_id": request_id_of(message)}))
 
-    async def _dispatch(self, msg: dict[str, Any], request_id: Any) -> None:
-        kind = msg.get("type")
-        store = self.services.store
-        if kind == "submit":
-            if not isinstance(msg.get("submission"), dict):
-                raise InvalidRequest([FieldProblem("submission", "must be a submission object")])
-            submission = parse_submission(msg["submission"], self.services.config.limits)
-            sid = new_submission_id()
-            try:
-                await store.submit(sid, submission, self.principal.name)
-            except QueueAtCapacity as exc:
-                raise ErrorResponse(429, exc.code, exc.message) from None
-            log.info("submission accepted", extra={"submission": sid, "owner": self.principal.name})
-            self._send({"type": "accepted", "id": sid}, request_id)
-            self._relay(sid, 0)
-        elif kind == "watch":
-            sid = _id(msg)
-            since = msg.get("since", 0)
-            if isinstance(since, bool) or not isinstance(since, int) or since < 0:
-                raise InvalidRequest([FieldProblem("since", "must be a whole number")])
-            state = await self.visible_state(sid)
-            self._relay(sid, since, ended=state.done)
-        elif kind == "status":
-            state = await self.visible_state(_id(msg))
-            self._send({"type": "submission", "submission": state.as_json()}, request_id)
-        elif kind == "cancel":
-            sid = _id(msg)
-            await self.visible_state(sid)
-            try:
-                await store.cancel(sid)
-            except Rejected as exc:
-                raise ErrorResponse(
-                    409, ErrorCode.CONFLICT, f"cannot cancel: {exc.message}"
-                ) from None
-            self._send({"type": "cancelled", "id": sid}, request_id)
-        elif kind == "packages":
-            # What GET /api/v1/packages answers, for clients that only hold the socket.
-            packages = await EnvironmentCache(store).packages()
-            self._send({"type": "packages", "packages": packages}, request_id)
+    async def _dispatch(self, msg: ClientMessage) -> None:
+        submissions = self.services.submissions
+        if isinstance(msg, Submit):
+            state = await submissions.accept(submissions.parse(msg.submission), self.principal)
+            self._send(Accepted(id=state.id, request_id=msg.request_id))
+            self._relay(state.id, 0)
+        elif isinstance(msg, Watch):
+            state = await self.visible_state(msg.id)
+            self._relay(msg.id, msg.since, ended=state.done)
+        elif isinstance(msg, StatusQuery):
+            state = await self.visible_state(msg.id)
+            self._send(SubmissionAnswer(submission=state.as_json(), request_id=msg.request_id))
+        elif isinstance(msg, Cancel):
+            await submissions.cancel(msg.id, self.principal)
+            self._send(Cancelled(id=msg.id, request_id=msg.request_id))
         else:
-            known = "submit, watch, status, cancel, packages"
-            raise InvalidRequest(
-                [FieldProblem("type", f"unknown message type {kind!r}; use {known}")]
-            )
+            # What GET /api/v1/packages answers, for clients that only hold the socket.
+            packages = await EnvironmentCache(self.services.store).packages()
+            self._send(PackagesAnswer(packages=packages, request_id=msg.request_id))
 
     def _relay(self, sid: str, since: int, ended: bool = False) -> None:
         task = asyncio.create_task(self._relay_events(sid, since, ended))
@@ -132,22 +110,14 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         task.add_done_callback(self._relays.discard)
 
     async def _relay_events(self, sid: str, since: int, ended: bool) -> None:
-        async for events in follow_events(self.services.store, sid, since, ended):
+        async for events in self.services.submissions.follow(sid, since, ended):
             for event in events:
-                self._send(event, None)
+                with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+                    self.write_message(encode_event(event))
 
-    def _send(self, message: dict[str, Any], request_id: Any) -> None:
-        if request_id is not None:
-            message = {**message, "request_id": request_id}
+    def _send(self, answer: Answer) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            self.write_message(json.dumps(message))
+            self.write_message(encode_message(answer))
 
     def on_finish(self) -> None:
         pass  # a WebSocket is not an HTTP request for the metrics
-
-
-def _id(msg: dict[str, Any]) -> str:
-    sid = msg.get("id")
-    if not isinstance(sid, str) or not sid:
-        raise InvalidRequest([FieldProblem("id", "must be a submission id")])
-    return sid

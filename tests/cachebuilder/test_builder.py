@@ -25,6 +25,7 @@ from cellblock.cachebuilder.environments import (
     environment_key,
 )
 from cellblock.executor.deps import NixDependencies
+from cellblock.service.protocol import Event
 from cellblock.service.store import Store
 
 BROKEN_LINE = "broken-example: this package always fails to build (on purpose, for tests)"
@@ -32,9 +33,9 @@ BROKEN_LINE = "broken-example: this package always fails to build (on purpose, f
 
 async def deps(cache: EnvironmentCache, names: list[str], wall_time: float = 30) -> dict[str, Any]:
     """One deps stage; its result with the output events it emitted under ``events``."""
-    events: list[dict[str, Any]] = []
+    events: list[Event] = []
     outcome = await NixDependencies(cache).provide(names, wall_time, events.append)
-    return {**outcome.result, "events": events}
+    return {**outcome.result.wire(), "events": [event.wire() for event in events]}
 
 
 def logged_at(line: dict[str, Any]) -> float:

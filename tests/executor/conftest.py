@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,10 @@ from cellblock.executor import host
 from cellblock.executor.runner import SubmissionRunner
 from cellblock.executor.sandbox import Sandbox, StageOutcome, StageSpec
 from cellblock.service.protocol import (
+    Event,
     EventRecorder,
+    FinishedEvent,
+    StatusEvent,
     SubmissionState,
     parse_submission,
 )
@@ -77,30 +81,32 @@ def run_stage(sandbox: Sandbox, workdir: Path, sandbox_host: host.SandboxHost) -
     return run
 
 
-RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[SubmissionState, list[dict[str, Any]]]]]
+#: The submission document, its fields as attributes (``ran.stages["run"]["stdout"]``).
+Ran = SimpleNamespace
+RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[Ran, list[dict[str, Any]]]]]
 
 
 @pytest.fixture
 def run_submission(
     sandbox: Sandbox, tmp_path: Path, sandbox_host: host.SandboxHost
 ) -> RunSubmission:
-    """Run a whole submission request; returns the final state and every event."""
+    """Run a whole submission request; returns how it ended and every event, as their JSON."""
 
-    async def run(request: dict[str, Any]) -> tuple[SubmissionState, list[dict[str, Any]]]:
+    async def run(request: dict[str, Any]) -> tuple[Ran, list[dict[str, Any]]]:
         submission = parse_submission(request, sandbox_host.config.limits)
         runner = SubmissionRunner(sandbox)
         recorder = EventRecorder(SubmissionState.new("test-submission", submission.request))
         events: list[dict[str, Any]] = []
 
-        def emit(body: dict[str, Any]) -> None:
-            events.append(recorder.record(body))
+        def emit(body: Event) -> None:
+            events.append(recorder.record(body).wire())
 
-        emit({"type": "status", "status": "running", "worker": "test"})
+        emit(StatusEvent(status="running", worker="test"))
         try:
             await runner.run(submission, emit)
         finally:
             await runner.aclose()
-        emit({"type": "finished"})
-        return recorder.state, events
+        emit(FinishedEvent())
+        return Ran(**recorder.state.as_json()), events
 
     return run

@@ -20,6 +20,7 @@ from tornado.httpclient import AsyncHTTPClient
 from cellblock.cachebuilder import nix
 from cellblock.cachebuilder.environments import Channel, EnvironmentCache, environment_key
 from cellblock.executor.deps import NixDependencies
+from cellblock.service.protocol import Event, OutputEvent
 from cellblock.service.store import Store
 
 ALICE = "alice-token"
@@ -30,11 +31,11 @@ HELLO_C = '#include <stdio.h>\nint main(void) { puts("hello from gcc"); return 0
 async def provide(
     cache: EnvironmentCache, names: list[str], wall_time: float = 30
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One real deps stage: its result and the events it emitted."""
-    events: list[dict[str, Any]] = []
+    """One real deps stage: its result and the events it emitted, as their JSON."""
+    events: list[Event] = []
     outcome = await NixDependencies(cache).provide(names, wall_time, events.append)
-    assert (outcome.environment is None) == (outcome.result["status"] != "ok")
-    return outcome.result, events
+    assert (outcome.environment is None) == (outcome.result.status != "ok")
+    return outcome.result.wire(), [event.wire() for event in events]
 
 
 def relayed(events: list[dict[str, Any]]) -> list[str]:
@@ -137,12 +138,12 @@ async def test_a_newly_published_channel_is_used_by_the_very_next_stage(store: S
     deps = NixDependencies(cache)
     for _ in range(2):
         outcome = await deps.provide(["busybox"], 5, lambda e: None)
-        assert outcome.result["cache"] == "hit"
+        assert outcome.result.cache == "hit"
     # A builder with another channel (say, after apt-get upgrade) publishes it.
     upgraded = Channel(channel.path, "1" * 52, channel.system)
     await cache.publish_channel(upgraded)
     outcome = await deps.provide(["busybox"], 0.5, lambda e: None)
-    assert outcome.result["status"] == "time_limit" and outcome.result["cache"] == "miss"
+    assert outcome.result.status == "time_limit" and outcome.result.cache == "miss"
     [(_, fields)] = await cache.redis.xrange(cache.builds_key)
     assert fields["key"] == environment_key(upgraded, ["busybox"]) != env.key
 
@@ -211,7 +212,7 @@ async def test_a_c_program_compiles_and_runs_with_gcc_from_the_cache(
     assert hello == "hello from gcc"
     assert path.split(":")[0] == f"{gcc['store_path']}/bin"
     events = await store.events(state["id"])
-    deps_lines = [e["data"] for e in events if e["type"] == "output" and e["stage"] == "deps"]
+    deps_lines = [e.data for e in events if isinstance(e, OutputEvent) and e.stage == "deps"]
     assert deps_lines and deps_lines[0].startswith("building gcc (build ")
     # The same set again: a hit.
     again = await client.run({"files": [{"name": "main.c", "content": HELLO_C}],

@@ -6,24 +6,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
 
 from cellblock.executor import executor
 from cellblock.executor.executor import next_batch
+from cellblock.service.protocol import (
+    Event,
+    FinishedEvent,
+    OutputEvent,
+    SandboxResult,
+    StageFinishedEvent,
+    StageStartedEvent,
+)
 
-Pending = asyncio.Queue[dict[str, Any] | None]
-OUTPUT = {"type": "output", "stage": "run", "stream": "stdout", "data": "hi\n"}
-STARTED = {"type": "stage_started", "stage": "run"}
-ENDED = {"type": "stage_finished", "stage": "run", "result": {"status": "ok"}}
+Pending = asyncio.Queue[Event | None]
+OUTPUT = OutputEvent(stage="run", stream="stdout", data="hi\n")
+STARTED = StageStartedEvent(stage="run")
+ENDED = StageFinishedEvent(stage="run", result=SandboxResult(status="ok"))
 
 
-def kinds(batch: list[dict[str, Any]]) -> list[str]:
-    return [event["type"] for event in batch]
+def kinds(batch: list[Event]) -> list[str]:
+    return [event.type for event in batch]
 
 
 async def test_what_has_queued_up_goes_together_up_to_the_end_marker() -> None:
     pending: Pending = asyncio.Queue()
-    for body in (STARTED, OUTPUT, ENDED, {"type": "finished"}, None):
+    for body in (STARTED, OUTPUT, ENDED, FinishedEvent(), None):
         pending.put_nowait(body)
     batch, ended = await next_batch(pending)
     assert kinds(batch) == ["stage_started", "output", "stage_finished", "finished"] and ended
@@ -35,7 +42,7 @@ async def test_what_the_same_turn_adds_joins_the_batch() -> None:
     async def job_end() -> None:
         pending.put_nowait(ENDED)
         await asyncio.sleep(0)  # as the executor's job task does before it adds finished
-        pending.put_nowait({"type": "finished"})
+        pending.put_nowait(FinishedEvent())
 
     task = asyncio.create_task(job_end())
     batch, ended = await next_batch(pending)

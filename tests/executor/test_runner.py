@@ -13,9 +13,15 @@ import pytest
 from cellblock.executor import host
 from cellblock.executor.runner import SubmissionRunner, write_files
 from cellblock.executor.sandbox import Mount, Sandbox
-from cellblock.service.protocol import EventRecorder, FileSpec, SubmissionState, parse_submission
+from cellblock.service.protocol import (
+    EventRecorder,
+    FileSpec,
+    StatusEvent,
+    SubmissionState,
+    parse_submission,
+)
 
-RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[SubmissionState, list[dict[str, Any]]]]]
+RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[Any, list[dict[str, Any]]]]]
 
 
 async def test_files_in_every_encoding_with_folders_and_modes(
@@ -140,12 +146,12 @@ async def test_a_prepared_slot_runs_in_its_armed_jail_and_arms_run_during_compil
                "compile": "gcc -o a a.c", "run": "./a && pwd && ls"}  # fmt: skip
     submission = parse_submission(request, sandbox_host.config.limits)
     recorder = EventRecorder(SubmissionState.new("s", submission.request))
-    recorder.record({"type": "status", "status": "running", "worker": "test"})
+    recorder.record(StatusEvent(status="running", worker="test"))
     try:
         await runner.run(submission, recorder.record)
     finally:
         await runner.aclose()
-    run = recorder.state.stages["run"]
+    run = recorder.state.as_json()["stages"]["run"]
     assert run is not None and run["stdout"] == "/box\na\na.c\n", run
     # Compile took the prepared jail, and run the one armed while compile ran: two in all.
     assert started == [(workdir, ()), (workdir, ())]

@@ -96,9 +96,7 @@ async def test_segfault_is_signaled(run_stage: RunStage, workdir: Path) -> None:
     out = await run_stage("./segv")
     assert out.status == "signaled"
     assert out.signal == 11
-    assert (
-        out.result(parse_submission({"run": "x"}, _policy()).limits.run)["signal_name"] == "SIGSEGV"
-    )
+    assert out.result(parse_submission({"run": "x"}, _policy()).limits.run).signal_name == "SIGSEGV"
 
 
 async def test_infinite_loop_hits_the_cpu_limit(run_stage: RunStage) -> None:

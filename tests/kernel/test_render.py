@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from cellblock.kernel import render
-from cellblock.service.protocol import SubmissionState, apply_event
+from cellblock.service.protocol import SubmissionState, apply_event, decode_event, stage_result
 
 MiB = 1024**2
 
@@ -38,7 +38,7 @@ class Run:
         self.state = self.state.restarted()
 
     def event(self, type: str, **fields: Any) -> str:
-        self.state = apply_event(self.state, {"type": type, "id": "s1", **fields})
+        self.state = apply_event(self.state, decode_event({"type": type, "id": "s1", **fields}))
         return render.status_line(self.state)
 
     def started(self, stage: str) -> str:
@@ -158,8 +158,9 @@ def test_sizes_and_times() -> None:
 
 
 def finished_state(**stages: Mapping[str, Any] | None) -> SubmissionState:
-    return SubmissionState(id="s1", status="finished", stages={
-        "deps": None, "compile": None, "run": None, **stages})  # fmt: skip
+    """A finished submission with these stage results (JSON, as the protocol has them)."""
+    results = {"deps": None, "compile": None, "run": None, **stages}
+    return SubmissionState.from_record({"id": "s1", "status": "finished", "stages": results})
 
 
 def test_summary_rows_per_stage() -> None:
@@ -275,9 +276,9 @@ def test_truncated_output_is_named_in_the_status_line_and_the_failure() -> None:
         "run stage: time_limit: wall time limit of 1 s exceeded (stdout truncated at 1.0 KiB)",
     )
     both = result(stdout_truncated=True, stderr_truncated=True)  # no limits: no size
-    assert render.truncation(both) == "stdout and stderr truncated"
+    assert render.truncation(stage_result("run", both)) == "stdout and stderr truncated"
     assert "run: ok 12 ms 1.8 MiB (stdout and stderr truncated)" in render.status_line(
         finished_state(run=both)
     )
     assert render.failure(finished_state(run=both)) is None  # cut output alone is no failure
-    assert render.truncation(result()) is None
+    assert render.truncation(stage_result("run", result())) is None

@@ -23,7 +23,7 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cellblock import config as config_module
-from cellblock.service.protocol import parse_submission
+from cellblock.service.protocol import FinishedEvent, StatusEvent, parse_submission
 from cellblock.service.store import Rejected, Store
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -332,10 +332,10 @@ async def test_a_finished_event_after_a_cancel_is_refused(api: Api, store: Store
     """The race of an executor that publishes its run's end just as a cancel lands, replayed
     step by step against the store the executor writes to."""
     sid = await api.submit({"run": "true"})
-    await store.append(sid, {"type": "status", "status": "running", "worker": "w"})
+    await store.append(sid, StatusEvent(status="running", worker="w"))
     await api.call("DELETE", f"/api/v1/submissions/{sid}")
     with pytest.raises(Rejected):
-        await store.append(sid, {"type": "finished"}, attempt=1)
+        await store.append(sid, FinishedEvent(), attempt=1)
     assert [e["event"] for e in await api.events(sid)].count("finished") == 1
 
 

@@ -116,7 +116,7 @@ async def test_prefetch_builds_then_lists_then_answers_cached(
         assert package["uses"] == 0 and package["last_used"] is None
     # A deps stage uses the prefetched environment: a hit, counted.
     outcome = await NixDependencies(EnvironmentCache(store)).provide(names, 10, lambda e: None)
-    assert outcome.result["cache"] == "hit"
+    assert outcome.result.cache == "hit"
     listed = (await api.call("GET", "/api/v1/packages"))["packages"]
     assert all(p["uses"] == 1 and p["last_used"] for p in listed)
 
@@ -244,18 +244,18 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
         await nix.delete(env)
         assert not any(os.path.exists(p) for p in env.closure)
         alone = await NixDependencies(cache).provide(names, 20, lambda e: None)
-        assert alone.result["status"] == "failed"
-        assert alone.result["message"] == (
+        assert alone.result.status == "failed"
+        assert alone.result.message == (
             f"{len(env.closure)} store path(s) are missing here and no substituter is set"
         )
         # Without credentials, Nix cannot fetch from the service.
         substituter = f"{url}/nix-cache"
         refused = await NixDependencies(cache, substituter).provide(names, 20, lambda e: None)
-        assert refused.result["status"] == "failed"
-        assert refused.result["message"].startswith(
+        assert refused.result.status == "failed"
+        assert refused.result.message.startswith(
             f"cannot fetch {len(env.closure)} store path(s) from {substituter}"
         )
-        assert "does not appear to be a binary cache" in refused.result["message"]  # the 401
+        assert "does not appear to be a binary cache" in refused.result.message  # the 401
         # With a netrc (the token as password), the deps stage fetches the closure back.
         # nix.py sets NIX_CONFIG itself, so the netrc reaches Nix through a config file.
         netrc = tmp_path / "netrc"
@@ -267,7 +267,7 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
         fetched = await NixDependencies(cache, substituter).provide(
             names, 20, lambda e: lines.append(e["data"])
         )
-        assert fetched.result["status"] == "ok" and fetched.result["cache"] == "hit"
+        assert fetched.result.status == "ok" and fetched.result.cache == "hit"
         assert lines == [f"fetching {len(env.closure)} store path(s) from {substituter}\n"]
         assert all(os.path.exists(p) for p in env.closure)
         assert json.loads(Path(env.store_path, "env.json").read_text()) == dict(env.variables)

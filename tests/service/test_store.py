@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cellblock import config as config_module
-from cellblock.service.protocol import Submission, parse_submission
+from cellblock.service.protocol import Submission, decode_event, parse_submission
 from cellblock.service.store import EventLog, QueueAtCapacity, Rejected, Store, UnknownSubmission
+
+
+async def append_json(
+    store: Store, sid: str, body: dict[str, Any], attempt: int | None = None
+) -> Any:
+    """``Store.append`` fed and read as JSON, as events travel."""
+    return (await store.append(sid, decode_event(body), attempt)).wire()
+
+
+async def events_json(store: Store, sid: str, since: int = 0, block: float | None = None) -> Any:
+    return [event.wire() for event in await store.events(sid, since, block)]
+
+
+async def log_append_json(
+    log: EventLog, bodies: list[dict[str, Any]], attempt: int | None = None
+) -> Any:
+    return [event.wire() for event in await log.append([decode_event(b) for b in bodies], attempt)]
 
 
 def submission(**request: object) -> Submission:
@@ -23,7 +41,7 @@ async def test_submit_stores_queues_and_emits_the_first_event(store: Store) -> N
     assert (await store.state("s1")) == state
     assert await store.owner("s1") == "alice"
     assert (await store.job("s1")) == submission(compile="true")
-    events = await store.events("s1")
+    events = await events_json(store, "s1")
     assert [(e["seq"], e["type"], e["status"]) for e in events] == [(1, "status", "queued")]
     assert await store.queued() == 1
 
@@ -35,22 +53,22 @@ async def test_a_full_queue_refuses_and_stores_nothing(store: Store) -> None:
     with pytest.raises(QueueAtCapacity, match="queue is full"):
         await store.submit("s5", submission(), owner="a")
     assert await store.state("s5") is None
-    assert await store.events("s5") == []
+    assert await events_json(store, "s5") == []
     assert await store.redis.xlen(store.jobs_key) == 5
 
 
 async def test_events_are_numbered_without_gaps_and_replay_from_since(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
-    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
-    await store.append("s1", {"type": "stage_started", "stage": "run"})
+    await append_json(store, "s1", {"type": "status", "status": "running", "worker": "w"})
+    await append_json(store, "s1", {"type": "stage_started", "stage": "run"})
     for i in range(3):
-        await store.append(
-            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": f"{i}"}
+        await append_json(
+            store, "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": f"{i}"}
         )
-    await store.append("s1", {"type": "finished"})
-    events = await store.events("s1")
+    await append_json(store, "s1", {"type": "finished"})
+    events = await events_json(store, "s1")
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6, 7]
-    assert [e["seq"] for e in await store.events("s1", since=4)] == [5, 6, 7]
+    assert [e["seq"] for e in await events_json(store, "s1", since=4)] == [5, 6, 7]
     assert events[-1]["submission"]["status"] == "finished"
     state = await store.state("s1")
     assert state is not None and state.status == "finished" and state.picked_up
@@ -61,51 +79,56 @@ async def test_events_are_numbered_without_gaps_and_replay_from_since(store: Sto
 
 async def test_a_blocking_read_wakes_on_the_next_event(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
-    waiter = asyncio.create_task(store.events("s1", since=1, block=5))
+    waiter = asyncio.create_task(events_json(store, "s1", since=1, block=5))
     await asyncio.sleep(0.1)
-    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
+    await append_json(store, "s1", {"type": "status", "status": "running", "worker": "w"})
     events = await asyncio.wait_for(waiter, 2)
     assert [e["seq"] for e in events] == [2]
-    assert await store.events("s1", since=2, block=0.05) == []
+    assert await events_json(store, "s1", since=2, block=0.05) == []
 
 
 async def test_a_stale_attempt_is_fenced_off(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
-    await store.append("s1", {"type": "status", "status": "running", "worker": "old"})
-    await store.append("s1", {"type": "status", "status": "running", "worker": "new"})  # reclaim
+    await append_json(store, "s1", {"type": "status", "status": "running", "worker": "old"})
+    await append_json(
+        store, "s1", {"type": "status", "status": "running", "worker": "new"}
+    )  # reclaim
     with pytest.raises(Rejected, match="newer attempt"):
-        await store.append("s1", {"type": "stage_started", "stage": "run"}, attempt=1)
+        await append_json(store, "s1", {"type": "stage_started", "stage": "run"}, attempt=1)
     with pytest.raises(Rejected, match="newer attempt"):
-        await store.append(
-            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}, attempt=1
+        await append_json(
+            store,
+            "s1",
+            {"type": "output", "stage": "run", "stream": "stdout", "data": "x"},
+            attempt=1,
         )
-    await store.append("s1", {"type": "stage_started", "stage": "run"}, attempt=2)
+    await append_json(store, "s1", {"type": "stage_started", "stage": "run"}, attempt=2)
     state = await store.state("s1")
     assert state is not None and (state.worker, state.attempts, state.stage) == ("new", 2, "run")
 
 
 async def test_the_final_result_is_written_once(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
-    await store.append("s1", {"type": "status", "status": "running", "worker": "w"})
+    await append_json(store, "s1", {"type": "status", "status": "running", "worker": "w"})
     results = await asyncio.gather(
-        *(store.append("s1", {"type": "finished"}) for _ in range(5)), return_exceptions=True
+        *(append_json(store, "s1", {"type": "finished"}) for _ in range(5)), return_exceptions=True
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1
     assert all(isinstance(r, Rejected) for r in results if isinstance(r, BaseException))
-    assert [e["type"] for e in await store.events("s1")].count("finished") == 1
+    assert [e["type"] for e in await events_json(store, "s1")].count("finished") == 1
 
 
 async def test_cancel_ends_a_queued_submission_and_refuses_later_events(store: Store) -> None:
     await store.submit("s1", submission(), owner="a")
     state = await store.cancel("s1")
     assert state.status == "cancelled" and state.finished_at
-    assert [e["type"] for e in await store.events("s1")] == ["status", "status", "finished"]
+    assert [e["type"] for e in await events_json(store, "s1")] == ["status", "status", "finished"]
     assert await store.queued() == 0
     with pytest.raises(Rejected, match="cancelled"):
         await store.cancel("s1")
     with pytest.raises(Rejected, match="is cancelled; it takes no output"):
-        await store.append(
-            "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
+        await append_json(
+            store, "s1", {"type": "output", "stage": "run", "stream": "stdout", "data": "x"}
         )
 
 
@@ -117,7 +140,7 @@ async def test_an_event_log_writes_a_batch_at_once_and_notices_other_writers(
 ) -> None:
     await store.submit("s1", submission(), owner="a")
     log = EventLog(store, "s1")
-    await log.append([{"type": "status", "status": "running", "worker": "w"}])
+    await log_append_json(log, [{"type": "status", "status": "running", "worker": "w"}])
     calls: list[object] = []
     real = store.redis.execute_command
 
@@ -127,30 +150,30 @@ async def test_an_event_log_writes_a_batch_at_once_and_notices_other_writers(
 
     store.redis.execute_command = counted
     batch = [{"type": "stage_started", "stage": "run"}, OUTPUT, OUTPUT]
-    assert [e["seq"] for e in await log.append(batch, attempt=1)] == [3, 4, 5]
+    assert [e["seq"] for e in await log_append_json(log, batch, attempt=1)] == [3, 4, 5]
     assert len(calls) == 1  # one script call: the log knew the state it had written
     before = await store.redis.hget("cb:sub:s1", "state")
-    assert [e["seq"] for e in await log.append([OUTPUT], attempt=1)] == [6]
+    assert [e["seq"] for e in await log_append_json(log, [OUTPUT], attempt=1)] == [6]
     assert await store.redis.hget("cb:sub:s1", "state") == before  # output changes no state
-    await store.append("s1", OUTPUT)  # another writer: this log's version is stale now
-    assert [e["seq"] for e in await log.append([OUTPUT], attempt=1)] == [8]
+    await append_json(store, "s1", OUTPUT)  # another writer: this log's version is stale now
+    assert [e["seq"] for e in await log_append_json(log, [OUTPUT], attempt=1)] == [8]
     with pytest.raises(Rejected, match="newer attempt"):
-        await EventLog(store, "s1").append([OUTPUT], attempt=2)
+        await log_append_json(EventLog(store, "s1"), [OUTPUT], attempt=2)
     await store.cancel("s1")
     finished = {"type": "stage_finished", "stage": "run", "result": {"status": "ok"}}
     with pytest.raises(Rejected, match="cancelled"):
-        await log.append([OUTPUT, finished], attempt=1)
-    seqs = [e["seq"] for e in await store.events("s1")]
+        await log_append_json(log, [OUTPUT, finished], attempt=1)
+    seqs = [e["seq"] for e in await events_json(store, "s1")]
     assert seqs == list(range(1, 11))  # nothing of the refused batches went in
 
 
 async def test_unknown_submissions(store: Store) -> None:
     assert await store.state("nope") is None
     with pytest.raises(UnknownSubmission):
-        await store.append("nope", {"type": "finished"})
+        await append_json(store, "nope", {"type": "finished"})
     with pytest.raises(UnknownSubmission):
-        await store.append(
-            "nope", {"type": "output", "stage": "run", "stream": "stdout", "data": ""}
+        await append_json(
+            store, "nope", {"type": "output", "stage": "run", "stream": "stdout", "data": ""}
         )
 
 

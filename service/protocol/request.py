@@ -1,0 +1,267 @@
+"""The submission request as a client sends it, and its validation (``parse_submission``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
+
+from cellblock.errors import FieldProblem, InvalidRequest
+from cellblock.service.protocol.content import Encoding, decode
+from cellblock.service.protocol.limits import LimitPolicy, ResolvedLimits, resolve_limits
+
+#: One argv or environment string ("NAME=value"), which Linux caps at MAX_ARG_STRLEN (128 KiB
+#: with its NUL): a longer one can never start. A stage script travels as one argv string.
+MAX_ARG_BYTES = 128 * 1024 - 1
+MAX_SCRIPT_BYTES = MAX_ARG_BYTES
+TOO_LONG = "Linux passes no longer string to a program: send data as a file or stdin"
+DEPENDENCY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_+-]*(\.[A-Za-z_][A-Za-z0-9_+-]*){0,3}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_FILES = 1000
+MAX_DEPENDENCIES = 64
+#: Far above any nixpkgs attribute path, and short enough that a name never floods a key,
+#: a log line or nix's command line.
+MAX_DEPENDENCY_NAME = 255
+
+
+def _no_nul(value: str) -> str:
+    """Text that can become an argv string, a variable or a file name."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+def _dependency_name(name: str) -> str:
+    if len(name) > MAX_DEPENDENCY_NAME:
+        raise ValueError(f"is longer than {MAX_DEPENDENCY_NAME} characters")
+    if not DEPENDENCY_NAME.fullmatch(name):
+        raise ValueError(
+            f"{name!r} is not a package attribute name (letters, digits, _ + -, "
+            "dot-separated, like gcc or python3Packages.numpy)"
+        )
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileSpec(_Strict):
+    name: str
+    encoding: Encoding = "utf8"
+    content: str
+    executable: StrictBool = False
+
+    @field_validator("name")
+    @classmethod
+    def _relative_path(cls, name: str) -> str:
+        _no_nul(name)
+        if not name:
+            raise ValueError("must not be empty")
+        if name.startswith("/"):
+            raise ValueError(f"{name!r} is absolute; use a path relative to the working directory")
+        parts = name.split("/")
+        if ".." in parts:
+            raise ValueError(f"{name!r} contains '..'")
+        if any(part in ("", ".") for part in parts):
+            raise ValueError(f"{name!r} has an empty or '.' path component")
+        if any(len(part.encode()) > 255 for part in parts) or len(name.encode()) > 1024:
+            raise ValueError("is too long (255 bytes a component, 1024 in all)")
+        return name
+
+    @field_validator("content")
+    @classmethod
+    def _decodable(cls, content: str, info: Any) -> str:
+        decode(content, info.data.get("encoding", "utf8"))
+        return content
+
+    def data(self) -> bytes:
+        return decode(self.content, self.encoding)
+
+
+class SubmissionRequest(_Strict):
+    """A submission as a client sends it (``POST /api/v1/submissions``)."""
+
+    files: list[FileSpec] = Field(default_factory=list, max_length=MAX_FILES)
+    dependencies: list[Annotated[str, AfterValidator(_dependency_name)]] = Field(
+        default_factory=list, max_length=MAX_DEPENDENCIES
+    )
+    compile: str | None = None
+    run: str
+    env: dict[str, str] = Field(default_factory=dict, max_length=256)
+    stdin_encoding: Encoding = "utf8"
+    stdin: str = ""
+    args: list[str] = Field(default_factory=list, max_length=1024)
+    limits: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("compile", "run")
+    @classmethod
+    def _script(cls, script: str | None) -> str | None:
+        if script is None:
+            return None
+        _no_nul(script)
+        if len(script.encode()) > MAX_SCRIPT_BYTES:
+            raise ValueError(f"is longer than {MAX_SCRIPT_BYTES} bytes; put code in files")
+        return script
+
+    @field_validator("run")
+    @classmethod
+    def _run_not_blank(cls, script: str) -> str:
+        if not script.strip():
+            raise ValueError("must not be empty: it is the command that runs the program")
+        return script
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)")
+            try:
+                _no_nul(value)
+            except ValueError as exc:
+                raise ValueError(f"the value of {name} {exc}") from None
+            if len(f"{name}={value}".encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"{name}=value is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
+        return env
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, args: list[str]) -> list[str]:
+        for i, arg in enumerate(args):
+            _no_nul(arg)
+            if len(arg.encode()) > MAX_ARG_BYTES:
+                raise ValueError(f"args[{i}] is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
+        return args
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin(cls, stdin: str, info: Any) -> str:
+        decode(stdin, info.data.get("stdin_encoding", "utf8"))
+        return stdin
+
+    def stdin_data(self) -> bytes:
+        return decode(self.stdin, self.stdin_encoding)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated request with its limits resolved: what the executor runs."""
+
+    request: SubmissionRequest
+    limits: ResolvedLimits
+
+    def as_json(self) -> dict[str, Any]:
+        return {"request": self.request.model_dump(), "limits": self.limits.as_json()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Submission:
+        return cls(
+            request=SubmissionRequest.model_validate(data["request"]),
+            limits=ResolvedLimits.from_json(data["limits"]),
+        )
+
+
+class PackagesRequest(_Strict):
+    """``POST /api/v1/packages``: a package set to build into the cache ahead of use."""
+
+    names: list[Annotated[str, AfterValidator(_dependency_name)]] = Field(
+        min_length=1, max_length=MAX_DEPENDENCIES
+    )
+
+
+def parse_packages_request(raw: object) -> PackagesRequest:
+    """Validate a prefetch request; ``InvalidRequest`` names every bad field."""
+    try:
+        return PackagesRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    return InvalidRequest(
+        [
+            FieldProblem(field_path(e["loc"]), e["msg"].removeprefix("Value error, "))
+            for e in exc.errors(include_url=False)
+        ]
+    )
+
+
+def field_path(loc: Iterable[int | str]) -> str:
+    """A pydantic location as a field name: ``("files", 1, "name")`` → ``files[1].name``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
+    """Validate a decoded JSON request body and resolve its limits; ``InvalidRequest`` if bad."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest([FieldProblem("", "the submission must be a JSON object")])
+    try:
+        request = SubmissionRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+    if problems := _file_name_problems(request.files):
+        raise InvalidRequest(problems)
+    limits = resolve_limits(request.limits, policy)
+    if problems := _files_over_disk(request, limits):
+        raise InvalidRequest(problems)
+    return Submission(request=request, limits=limits)
+
+
+#: What a file takes on disk beyond its bytes, at the least: one block for its metadata.
+FILE_OVERHEAD = 4096
+
+
+def _files_over_disk(request: SubmissionRequest, limits: ResolvedLimits) -> list[FieldProblem]:
+    """The files stay in the working directory through every stage: each stage's disk cap
+    must hold them (a file's size rounded up to blocks, plus its metadata)."""
+    used = sum(-(-len(f.data()) // 4096) * 4096 + FILE_OVERHEAD for f in request.files)
+    stages = ("compile", "run") if request.compile is not None else ("run",)
+    return [
+        FieldProblem(
+            "files",
+            f"the files take about {used} bytes on disk, over limits.{stage}.disk "
+            f"({getattr(limits, stage).disk} bytes); send fewer or smaller files, or raise it",
+        )
+        for stage in stages
+        if used > getattr(limits, stage).disk
+    ]
+
+
+def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
+    """Names that repeat, or that are both a file and a folder, each named by its index."""
+    problems = []
+    first: dict[str, int] = {}
+    for i, f in enumerate(files):
+        if f.name in first:
+            again = f"{f.name!r} is given twice, also as files[{first[f.name]}]"
+            problems.append(FieldProblem(f"files[{i}].name", again))
+        first.setdefault(f.name, i)
+    for i, f in enumerate(files):
+        parts = f.name.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in first:
+                problems.append(FieldProblem(
+                    f"files[{i}].name",
+                    f"{folder!r} is both a file and a folder (the file is files[{first[folder]}])",
+                ))  # fmt: skip
+    return problems
