@@ -284,8 +284,9 @@ async def test_a_connection_whose_pongs_stop_is_dropped_and_resumed(
 ) -> None:
     """The keepalive notices a peer that has gone silent (here: this side stops reading, so
     no pong arrives), drops the connection, and the stream resumes on a new one."""
-    monkeypatch.setattr(websocket_module, "PING_INTERVAL", 0.1)
-    monkeypatch.setattr(websocket_module, "PING_TIMEOUT", 0.1)
+    # Short, but long enough for the service's pong on a busy machine.
+    monkeypatch.setattr(websocket_module, "PING_INTERVAL", 0.2)
+    monkeypatch.setattr(websocket_module, "PING_TIMEOUT", 0.5)
     monkeypatch.setattr(websocket_module, "CLOSE_GRACE", 0.1)
     alice.reconnect_delay = 0.05
     events = []
