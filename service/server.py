@@ -74,6 +74,8 @@ async def serve(config: Config, redis_url: str, host: str, port: int) -> int:
     await stop.wait()
     server.stop()
     await server.close_all_connections()
+    # The last second's request counts, which would otherwise go with this process.
+    await app.settings["services"].metrics.flush()
     await store.close()
     log.info("service stopped")
     return 0

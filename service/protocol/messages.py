@@ -26,12 +26,16 @@ _FIELD_RULES = {
 }
 
 
+def _absent_if_none(value: object) -> bool:
+    return value is None
+
+
 class _ClientMessage(BaseModel):
     # Fields a client adds beyond these are ignored, as they always were.
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     #: Any JSON value the client chose; echoed as it came.
-    request_id: Any = None
+    request_id: Any = Field(default=None, exclude_if=_absent_if_none)
 
 
 class Submit(_ClientMessage):
@@ -96,7 +100,7 @@ def request_id_of(raw: str | bytes) -> Any:
 
 
 class _Answer(WireModel):
-    request_id: Any = Field(default=None, exclude_if=lambda value: value is None)
+    request_id: Any = Field(default=None, exclude_if=_absent_if_none)
 
 
 class Accepted(_Answer):
@@ -125,17 +129,17 @@ class ErrorAnswer(_Answer):
     type: Literal["error"] = "error"
     code: str
     message: str
-    details: list[Mapping[str, str]] | None = Field(
-        default=None, exclude_if=lambda value: value is None
-    )
+    details: list[Mapping[str, str]] | None = Field(default=None, exclude_if=_absent_if_none)
 
 
 Answer = Accepted | Cancelled | SubmissionAnswer | PackagesAnswer | ErrorAnswer
 
 
-def encode_message(answer: Answer) -> str:
-    """An answer's JSON: ``type`` first, ``request_id`` last, as the protocol has always sent."""
-    data = answer.wire()
+def encode_message(message: Answer | ClientMessage) -> str:
+    """A message's JSON: ``type`` first, ``request_id`` last, as the protocol has always sent."""
+    # The request id goes in as the client sent it: it is any JSON value, however deeply
+    # nested, and only json.dumps takes as deep a value as json.loads gave.
+    data = message.model_dump(mode="json", exclude={"request_id"})
     head = {"type": data.pop("type")}
-    tail = {"request_id": data.pop("request_id")} if "request_id" in data else {}
+    tail = {} if message.request_id is None else {"request_id": message.request_id}
     return json.dumps({**head, **data, **tail})

@@ -24,6 +24,7 @@ from cellblock.cachebuilder import nix
 from cellblock.cachebuilder.environments import EnvironmentCache, environment_key
 from cellblock.executor.deps import NixDependencies
 from cellblock.service.auth import Principal, Tokens
+from cellblock.service.protocol import OutputEvent
 from cellblock.service.server import make_app
 from cellblock.service.store import Store
 
@@ -265,7 +266,7 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
         monkeypatch.setenv("NIX_USER_CONF_FILES", str(conf))
         lines: list[str] = []
         fetched = await NixDependencies(cache, substituter).provide(
-            names, 20, lambda e: lines.append(e["data"])
+            names, 20, lambda e: lines.append(e.data if isinstance(e, OutputEvent) else "")
         )
         assert fetched.result.status == "ok" and fetched.result.cache == "hit"
         assert lines == [f"fetching {len(env.closure)} store path(s) from {substituter}\n"]

@@ -78,3 +78,18 @@ def test_answers_put_type_first_and_request_id_last_and_leave_out_what_they_lack
         code="invalid_request", message="m", details=[{"field": "f", "message": "m"}]
     )
     assert list(json.loads(encode_message(detailed))) == ["type", "code", "message", "details"]
+
+
+def test_a_client_message_encodes_to_what_it_parses_from():
+    for message in (
+        Submit(type="submit", submission={"run": "true"}, request_id="r1"),
+        Watch(type="watch", id="s1", since=4),
+        PackagesQuery(type="packages"),
+    ):
+        assert parse_client_message(encode_message(message)) == message
+    assert list(json.loads(encode_message(Watch(type="watch", id="s1", request_id=2)))) == [
+        "type",
+        "id",
+        "since",
+        "request_id",
+    ]
