@@ -1,17 +1,23 @@
-"""Maps the repository's part folders onto the ``cellblock.*`` packages (see shared/DESIGN.md)."""
+"""What pyproject.toml cannot say statically: the subpackages of the part folders that its
+``[tool.setuptools.package-dir]`` maps onto ``cellblock.*``, and the data files (the kernelspec,
+the server extension's enabling config, the built JupyterLab extension) that a wheel installs
+under the environment's prefix."""
 
+import tomllib
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PARTS = {
-    "cellblock": "cellblock",
-    "cellblock.service": "service",
-    "cellblock.executor": "executor",
-    "cellblock.cachebuilder": "cachebuilder",
-    "cellblock.kernel": "kernel",
-    "cellblock.server_ext": "server_ext",
-}
+PYPROJECT = tomllib.loads(Path(__file__).with_name("pyproject.toml").read_text())
+PARTS: dict[str, str] = PYPROJECT["tool"]["setuptools"]["package-dir"]
+
+# Every package of every part folder, so that a new subpackage (service/client/) is in the
+# wheel, and in the link tree of the package that `make` lays out, without being listed.
+packages = [
+    package
+    for name, folder in PARTS.items()
+    for package in (name, *(f"{name}.{sub}" for sub in find_packages(folder)))
+]
 
 # The JupyterLab frontend extension, as `make` prebuilds it (see the Makefile), folder by
 # folder. Before that build there is nothing to ship: the wheel goes without it, not failing.
@@ -28,25 +34,11 @@ labextension_files = [
 ]
 
 setup(
-    packages=list(PARTS),
+    packages=packages,
     # `pip install` itself installs the kernelspec and enables the server extension.
     data_files=[
         ("share/jupyter/kernels/cellblock", ["kernel/kernelspec/kernel.json"]),
         ("etc/jupyter/jupyter_server_config.d", ["server_ext/jupyter-config/cellblock.json"]),
         *labextension_files,
     ],
-    package_dir=PARTS,
-    package_data={
-        "cellblock.executor": ["*.c"],
-        "cellblock.kernel": ["kernelspec/kernel.json"],
-        "cellblock.server_ext": ["templates/*.html"],
-        "cellblock.cachebuilder": [
-            "channel/*.nix",
-            "channel/*.sh",
-            "channel/builders/*",
-            "channel/shell-setup/*",
-        ],
-    },
-    # The built frontend extension goes to share/jupyter only (data_files), not into the package.
-    exclude_package_data={"cellblock.server_ext": ["labextension/*"]},
 )
