@@ -14,13 +14,17 @@ BIN := $(VENV)/bin
 # btrfs-progs makes the file system of the working directories (executor/disk.py).
 APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium \
 	btrfs-progs
-# The folders that setup.py maps onto cellblock.* (see shared/DESIGN.md).
-PARTS := service executor cachebuilder kernel server_ext
+# The package as a wheel lays it out, as a tree of links to the files here, which setuptools
+# makes under build/ (see python-packages); the checkers read the package there. SOURCES
+# lists the files of the part folders, LINKED says when that tree was last made.
+SOURCES := build/sources.txt
+LINKED := build/linked
+LINK_TREE = $$(echo build/__editable__.cellblock-*)
 STATE_DIR ?= $(CURDIR)/state
 LABEXT := server_ext/labextension
 LABEXT_INSTALLED := $(VENV)/share/jupyter/labextensions/cellblock-launcher
 
-.PHONY: run test check lint typecheck bench system-packages python-packages clean
+.PHONY: run test check lint typecheck bench system-packages python-packages clean FORCE
 
 # The classroom on this machine until Ctrl-C: JupyterLab on notebooks/, whose Cellblock
 # extension starts the whole system with it (`cellblock up`: Redis, the service, executors,
@@ -42,13 +46,11 @@ lint: python-packages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# mypy does not follow setup.py's package_dir mapping, so it checks a tree of links that
-# lays the folders out as the installed cellblock package.
+# mypy looks for cellblock in the working directory before site-packages, and there the
+# folder cellblock/ is only the top of the package: it reads the link tree, which MYPYPATH puts
+# first. Its cache is the tree's own, never mixed with that of a mypy run that saw the folder.
 typecheck: python-packages
-	@rm -rf .build/typing && mkdir -p .build/typing/cellblock
-	@ln -s $(CURDIR)/cellblock/*.py .build/typing/cellblock/
-	@for part in $(PARTS); do ln -s $(CURDIR)/$$part .build/typing/cellblock/$$part; done
-	$(BIN)/mypy .build/typing/cellblock
+	MYPYPATH=$(LINK_TREE) $(BIN)/mypy --cache-dir build/mypy -p cellblock
 
 bench: system-packages python-packages
 	$(BIN)/python bench/sandbox.py
@@ -62,11 +64,12 @@ system-packages:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-python-packages: $(VENV)/.installed $(LABEXT_INSTALLED)/package.json
+python-packages: $(VENV)/.installed $(LINKED) $(LABEXT_INSTALLED)/package.json
 
+# setuptools and wheel: the build system's requirements, for the link tree's build below.
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --upgrade pip 'setuptools>=68' wheel
 	$(BIN)/pip install -q -e '.[dev]'
 	@# An editable install skips the wheel's shared data: the kernelspec and the server
 	@# extension's enabling config, which a plain `pip install` puts in place.
@@ -74,6 +77,28 @@ $(VENV)/.installed: pyproject.toml setup.py
 	mkdir -p $(VENV)/etc/jupyter/jupyter_server_config.d
 	cp server_ext/jupyter-config/cellblock.json $(VENV)/etc/jupyter/jupyter_server_config.d/
 	@touch $@
+
+# The files of the part folders ([tool.setuptools.package-dir] in pyproject.toml) that git
+# would track (tracked or new, not ignored), one a line. Rewritten only when the list changes,
+# so its date is when a file last came or went: a new module gets into the link tree then.
+$(SOURCES): FORCE | $(VENV)/.installed
+	@mkdir -p $(@D)
+	@folders=$$($(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"].values())') && \
+	{ git ls-files --cached --others --exclude-standard -- $$folders 2>/dev/null || \
+		find $$folders -type f -not -path '*/__pycache__/*' -not -path '*/node_modules/*'; } \
+		| while read -r file; do [ -e "$$file" ] && echo "$$file"; done | LC_ALL=C sort -u > $@.new
+	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
+
+# setuptools' strict editable link tree (PEP 660's build_editable, which `pip install -e`
+# calls): every file the wheel would hold, linked one by one. It is not on the venv's path
+# (the venv keeps the lenient install, see README.md), only what the checkers read.
+$(LINKED): $(SOURCES) pyproject.toml setup.py | $(VENV)/.installed
+	@rm -rf build/__editable__.cellblock-* build/editable-wheel
+	@$(BIN)/python -c 'from setuptools import build_meta; build_meta.build_editable("build/editable-wheel", {"editable_mode": "strict"})' \
+		> build/linked.log 2>&1 || { cat build/linked.log; exit 1; }
+	@touch $@
+
+FORCE:
 
 # The JupyterLab frontend extension (server_ext/labextension: a launcher card for the status
 # page). npm fetches its build tools, jupyter-builder bundles it into $(LABEXT)/build, which
@@ -93,4 +118,4 @@ $(LABEXT_INSTALLED)/package.json: $(LABEXT)/build/package.json
 	cp -r $(LABEXT)/build $(LABEXT_INSTALLED)
 
 clean:
-	rm -rf $(VENV) .build *.egg-info $(LABEXT)/build $(LABEXT)/node_modules
+	rm -rf $(VENV) .build build *.egg-info $(LABEXT)/build $(LABEXT)/node_modules
