@@ -24,7 +24,7 @@ STATE_DIR ?= $(CURDIR)/state
 LABEXT := server_ext/labextension
 LABEXT_INSTALLED := $(VENV)/share/jupyter/labextensions/cellblock-launcher
 
-.PHONY: run test check lint typecheck bench system-packages python-packages clean FORCE
+.PHONY: run test check lint typecheck imports bench system-packages python-packages clean FORCE
 
 # The classroom on this machine until Ctrl-C: JupyterLab on notebooks/, whose Cellblock
 # extension starts the whole system with it (`cellblock up`: Redis, the service, executors,
@@ -40,7 +40,7 @@ run: system-packages python-packages
 test: system-packages python-packages check
 	HYPOTHESIS_STORAGE_DIRECTORY=.build/hypothesis $(BIN)/pytest -q
 
-check: lint typecheck
+check: lint typecheck imports
 
 lint: python-packages
 	$(BIN)/ruff check .
@@ -51,6 +51,11 @@ lint: python-packages
 # first. Its cache is the tree's own, never mixed with that of a mypy run that saw the folder.
 typecheck: python-packages
 	MYPYPATH=$(LINK_TREE) $(BIN)/mypy --cache-dir build/mypy -p cellblock
+
+# The architecture contract, [tool.importlinter] in pyproject.toml. lint-imports, too, looks
+# for cellblock in its working directory first: it runs in the link tree.
+imports: python-packages
+	cd $(LINK_TREE) && $(CURDIR)/$(BIN)/lint-imports --no-cache --no-logo $(CURDIR)/pyproject.toml
 
 bench: system-packages python-packages
 	$(BIN)/python bench/sandbox.py
