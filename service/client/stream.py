@@ -28,6 +28,7 @@ from cellblock.service.client.errors import (
     protocol_error,
 )
 from cellblock.service.client.websocket import Dropped, receive, send
+from cellblock.service.protocol.messages import Submit, Watch
 
 if TYPE_CHECKING:
     from cellblock.service.client.rest import Client
@@ -144,8 +145,7 @@ class Stream:
             self.id = await self._submit(websocket, request_id)
             self._sequence.id = self.id
         else:
-            message = {"type": "watch", "id": self.id, "since": self.last_seq}
-            await send(websocket, {**message, "request_id": request_id})
+            await send(websocket, Watch(id=self.id, since=self.last_seq, request_id=request_id))
         while True:
             message = await receive(websocket)
             if message.get("type") == "error" and message.get("request_id") in (request_id, None):
@@ -157,9 +157,7 @@ class Stream:
         """Send the submission; its id once accepted."""
         url = self.client.url
         try:
-            await send(
-                websocket, {"type": "submit", "submission": self.request, "request_id": request_id}
-            )
+            await send(websocket, Submit(submission=self.request, request_id=request_id))
             async with asyncio.timeout(self.client.timeout):
                 while True:
                     message = await receive(websocket)

@@ -25,7 +25,6 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -37,6 +36,7 @@ from cellblock.service.client.errors import (
     http_error,
     protocol_error,
 )
+from cellblock.service.protocol.messages import ClientMessage, encode_message
 
 if TYPE_CHECKING:
     from cellblock.service.client.rest import Client
@@ -152,9 +152,9 @@ class _Connect(connect):
         return exc
 
 
-async def send(websocket: ClientConnection, message: Mapping[str, Any]) -> None:
+async def send(websocket: ClientConnection, message: ClientMessage) -> None:
     try:
-        await websocket.send(json.dumps(message))
+        await websocket.send(encode_message(message))
     except ConnectionClosed as exc:
         raise Dropped(_closed(exc)) from None
 

@@ -39,28 +39,28 @@ class _ClientMessage(BaseModel):
 
 
 class Submit(_ClientMessage):
-    type: Literal["submit"]
+    type: Literal["submit"] = "submit"
     submission: dict[str, Any]
 
 
 class Watch(_ClientMessage):
-    type: Literal["watch"]
+    type: Literal["watch"] = "watch"
     id: Annotated[str, Field(min_length=1)]
     since: Annotated[StrictInt, Field(ge=0)] = 0
 
 
 class StatusQuery(_ClientMessage):
-    type: Literal["status"]
+    type: Literal["status"] = "status"
     id: Annotated[str, Field(min_length=1)]
 
 
 class Cancel(_ClientMessage):
-    type: Literal["cancel"]
+    type: Literal["cancel"] = "cancel"
     id: Annotated[str, Field(min_length=1)]
 
 
 class PackagesQuery(_ClientMessage):
-    type: Literal["packages"]
+    type: Literal["packages"] = "packages"
 
 
 ClientMessage = Submit | Watch | StatusQuery | Cancel | PackagesQuery
