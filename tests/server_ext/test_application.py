@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,18 @@ REPO = Path(__file__).resolve().parents[2]
 API = ("api", "v1")
 ConfigOf = Callable[[Any], dict[str, Any]]  # c.Cellblock of a test, from the service
 PROPAGATE = {"propagate": True}
+
+
+@pytest.fixture(autouse=True)
+def no_setting_left_behind() -> Iterator[None]:
+    """The extension writes CELLBLOCK_URL, CELLBLOCK_TOKEN and CELLBLOCK_STATE_DIR into the
+    environment. conftest.py's cellblock_environ does not take them out again: monkeypatch
+    restores a variable it deleted, and there was none to delete. Here, they go."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("CELLBLOCK_")}
+    yield
+    for name in [k for k in os.environ if k.startswith("CELLBLOCK_")]:
+        del os.environ[name]
+    os.environ.update(before)
 
 
 @pytest.fixture
