@@ -14,12 +14,14 @@ BIN := $(VENV)/bin
 # btrfs-progs makes the file system of the working directories (executor/disk.py).
 APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium \
 	btrfs-progs
-# The package as a wheel lays it out, as a tree of links to the files here, which setuptools
-# makes under build/ (see python-packages); the checkers read the package there. SOURCES
-# lists the files of the part folders, LINKED says when that tree was last made.
+# The development install is setuptools' strict editable one: the package as a wheel lays it
+# out, as a tree of links to the files here under build/, which the venv's .pth puts on the
+# path (see python-packages). SOURCES lists the files of the part folders, LINKED says when
+# the tree was last made; LINK_TREE is the tree the .pth names.
+STRICT := --config-settings editable_mode=strict
 SOURCES := build/sources.txt
 LINKED := build/linked
-LINK_TREE = $$(echo build/__editable__.cellblock-*)
+LINK_TREE = $$(cat $(VENV)/lib/python3*/site-packages/__editable__.cellblock-*.pth)
 STATE_DIR ?= $(CURDIR)/state
 LABEXT := server_ext/labextension
 LABEXT_INSTALLED := $(VENV)/share/jupyter/labextensions/cellblock-launcher
@@ -47,8 +49,8 @@ lint: python-packages
 	$(BIN)/ruff format --check .
 
 # mypy looks for cellblock in the working directory before site-packages, and there the
-# folder cellblock/ is only the top of the package: it reads the link tree, which MYPYPATH puts
-# first. Its cache is the tree's own, never mixed with that of a mypy run that saw the folder.
+# folder cellblock/ is only the top of the package: it reads the venv's link tree, which
+# MYPYPATH puts first. Its cache is the tree's own, never mixed with that of a mypy run that saw the folder.
 typecheck: python-packages
 	MYPYPATH=$(LINK_TREE) $(BIN)/mypy --cache-dir build/mypy -p cellblock
 
@@ -71,11 +73,12 @@ system-packages:
 
 python-packages: $(VENV)/.installed $(LINKED) $(LABEXT_INSTALLED)/package.json
 
-# setuptools and wheel: the build system's requirements, for the link tree's build below.
+# setuptools and wheel: the build system's requirements, for the reinstalls below, which
+# build without isolation (nothing to fetch).
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 'setuptools>=68' wheel
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' $(STRICT)
 	@# An editable install skips the wheel's shared data: the kernelspec and the server
 	@# extension's enabling config, which a plain `pip install` puts in place.
 	$(BIN)/cellblock kernel install --sys-prefix
@@ -94,13 +97,10 @@ $(SOURCES): FORCE | $(VENV)/.installed
 		| while read -r file; do [ -e "$$file" ] && echo "$$file"; done | LC_ALL=C sort -u > $@.new
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 
-# setuptools' strict editable link tree (PEP 660's build_editable, which `pip install -e`
-# calls): every file the wheel would hold, linked one by one. It is not on the venv's path
-# (the venv keeps the lenient install, see README.md), only what the checkers read.
-$(LINKED): $(SOURCES) pyproject.toml setup.py | $(VENV)/.installed
-	@rm -rf build/__editable__.cellblock-* build/editable-wheel
-	@$(BIN)/python -c 'from setuptools import build_meta; build_meta.build_editable("build/editable-wheel", {"editable_mode": "strict"})' \
-		> build/linked.log 2>&1 || { cat build/linked.log; exit 1; }
+# The strict install links the files it found one by one: a new file is in the package only
+# once it is installed again. Cheaply: the package alone, no dependency, no build isolation.
+$(LINKED): $(SOURCES) $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . $(STRICT)
 	@touch $@
 
 FORCE:
