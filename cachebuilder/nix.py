@@ -25,7 +25,10 @@ from pathlib import Path
 from cellblock.cachebuilder.environments import Channel, Environment, Package
 from cellblock.errors import CellblockError, ErrorCode
 
-BUNDLED_CHANNEL = Path(__file__).with_name("channel")
+# The channel's real files, which Nix hashes into its identity and copies into the store: a
+# strict editable install links each file into a tree of its own, and Nix hashes a link as a
+# link, not as the file it names.
+BUNDLED_CHANNEL = Path(__file__).resolve().with_name("channel")
 GCROOTS = Path("/nix/var/nix/gcroots/cellblock")
 #: A build failure's message names unknown attributes in JSON after this marker (env.nix).
 _UNKNOWN = re.compile(r"cellblock-env: (.*?) \(channel [^)]*\) (\{.*\})")
