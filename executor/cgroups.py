@@ -230,7 +230,7 @@ class StageCgroupV1(StageCgroup):
         return int((self.memory_dir / "memory.max_usage_in_bytes").read_text())
 
     def out_of_memory(self) -> bool:
-        if not self._oom_seen:
+        if not self._oom_seen and self._oom_event >= 0:
             with contextlib.suppress(BlockingIOError):
                 self._oom_seen = os.eventfd_read(self._oom_event) > 0
         return self._oom_seen
@@ -239,10 +239,13 @@ class StageCgroupV1(StageCgroup):
         return _read_procs(self.memory_dir) + _read_procs(self.pids_dir)
 
     def close(self) -> None:
+        """Idempotent: a descriptor closed twice could be another file's by then."""
         self.out_of_memory()
         for fd in (self._oom_event, self._oom_control):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._oom_event = self._oom_control = -1
 
 
 class CgroupsV2(Cgroups):

@@ -64,6 +64,7 @@ class Jail:
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self.status, self.control, self.log = status, control, log
         self._exit: asyncio.Task[float] | None = None
+        self._released = False
 
     @classmethod
     def start(cls, command: Callable[[JailFds], list[str]], cgroup: StageCgroup) -> Jail:
@@ -183,9 +184,24 @@ class Jail:
         try:
             await asyncio.wait_for(asyncio.shield(self.exited()), timeout=END_TIMEOUT)
         except TimeoutError:
-            self.kill()
+            self.kill()  # which releases it
         finally:
             self.release()
+
+    def release(self) -> None:
+        """Close every descriptor of the jail and remove its cgroup; once, however often it is
+        called (``end`` and ``kill`` both release)."""
+        if self._released:
+            return
+        self._released = True
+        for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, -1)
+        self.cgroup.close()
+        self.cgroup.remove()
 
     def kill(self) -> None:
         """Kill the jail now, and nsjail after it; release everything."""
@@ -201,16 +217,6 @@ class Jail:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.release()
-
-    def release(self) -> None:
-        for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, name, -1)
-        self.cgroup.close()
-        self.cgroup.remove()
 
 
 class Reader:

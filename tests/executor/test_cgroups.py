@@ -50,6 +50,22 @@ def test_v1_stage_cgroup_limits_measurement_and_removal() -> None:
     assert not (detected.memory_base / "test-v1-stage").exists()
 
 
+@pytest.mark.skipif(not V1_HOST or os.geteuid() != 0, reason="needs root on a cgroup v1 host")
+def test_closing_a_v1_stage_twice_leaves_a_file_given_its_numbers_alone(tmp_path: Path) -> None:
+    """A stage's descriptors go once: closed again, a number the kernel has handed to another
+    file since (another jail's pipe) would close that file."""
+    stage = cgroups.detect().create("test-v1-twice")
+    try:
+        stage.close()
+        others = [os.open(tmp_path, os.O_RDONLY) for _ in range(4)]  # take the freed numbers
+        stage.close()
+        for fd in others:
+            os.fstat(fd)  # still open
+            os.close(fd)
+    finally:
+        stage.remove()
+
+
 def fake_v2(root: Path) -> Path:
     """A v2 root as the kernel shows it, with this process's cgroup at the root ("0::/")."""
     (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")

@@ -26,7 +26,6 @@ import pytest
 from cellblock import config
 from cellblock.executor import host
 from cellblock.executor import jail as jail_module
-from cellblock.executor.cgroups import CgroupsV1
 from cellblock.executor.jail import Jail, JailFds, Seen, feed, wait_exit
 from cellblock.executor.sandbox import Mount, Sandbox, StageSpec
 from cellblock.executor.sandbox import request as control_request
@@ -313,14 +312,7 @@ async def test_end_kills_a_jail_that_does_not_end_in_time(
     box_dir: Path,
     until: Until,
     monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if isinstance(box.cgroups, CgroupsV1):
-        # end() kills it, and kill() releases it; then end()'s `finally` releases it again,
-        # and a v1 cgroup's close() reads and closes its descriptors a second time: EBADF,
-        # or, had another file been given their numbers meanwhile, that file read and closed.
-        reason = "jail.py: end() releases a jail that kill() has released; v1 close() twice"
-        request.applymarker(pytest.mark.xfail(raises=OSError, strict=True, reason=reason))
     jail = jails.start(box_dir)
     hand_over(jail, stage(box_dir, "sleep 60", wall_time=30))
     await until(lambda: len(processes_of(box.uid)) > 1, "the stage to start")

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -46,12 +47,17 @@ async def jp_asyncio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture(autouse=True)
-def cellblock_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+def cellblock_environ() -> Iterator[None]:
     """No ``CELLBLOCK_*`` settings from outside, and none left behind: the extension writes
     the service's URL and tokens into ``os.environ`` for the kernels, and that must not leak
-    into later tests (monkeypatch restores what it deleted, absent or not)."""
-    for name in ("URL", "TOKEN", "ADMIN_TOKEN", "STATE_DIR"):
-        monkeypatch.delenv(f"CELLBLOCK_{name}", raising=False)
+    into later tests. (monkeypatch.delenv of an unset variable records nothing to undo, so a
+    variable the extension sets later would stay.)"""
+    names = [f"CELLBLOCK_{name}" for name in ("URL", "TOKEN", "ADMIN_TOKEN", "STATE_DIR")]
+    before = {name: os.environ.pop(name) for name in names if name in os.environ}
+    yield
+    for name in names:
+        os.environ.pop(name, None)
+    os.environ.update(before)
 
 
 @pytest.fixture
