@@ -64,7 +64,7 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
             else:
                 self.log.warning("Cellblock: no service configured (c.Cellblock.url / token)")
             return
-        state = Path(self.state_dir)
+        state = Path(self.state_dir).expanduser()  # ~/… from a config file, too
         self.deployment = LocalDeployment(
             state,
             executors=self.executors,

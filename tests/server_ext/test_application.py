@@ -228,15 +228,22 @@ def blocked(jp_home_dir: Path) -> Path:
 
 
 @pytest.fixture
-def state_dir_from_environment(monkeypatch: pytest.MonkeyPatch, blocked: Path) -> None:
-    monkeypatch.setenv("CELLBLOCK_STATE_DIR", "~/blocked")
+def state_dir_from_environment(
+    monkeypatch: pytest.MonkeyPatch, blocked: Path, cellblock_config: dict[str, Any]
+) -> None:
+    """``~/blocked`` as the state directory: from the environment unless configured."""
+    if "state_dir" not in cellblock_config:
+        monkeypatch.setenv("CELLBLOCK_STATE_DIR", "~/blocked")
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "cellblock_config",
-    [lambda svc: {"start_local": True, "executors": 3, "builders": 0}],
-    ids=["state-dir-from-CELLBLOCK_STATE_DIR"],
+    [
+        lambda svc: {"start_local": True, "executors": 3, "builders": 0},
+        lambda svc: {"start_local": True, "executors": 3, "builders": 0, "state_dir": "~/blocked"},
+    ],
+    ids=["state-dir-from-CELLBLOCK_STATE_DIR", "state-dir-from-c.Cellblock.state_dir"],
     indirect=True,
 )
 async def test_a_deployment_that_cannot_start_is_logged_and_the_server_serves_on(
@@ -248,7 +255,7 @@ async def test_a_deployment_that_cannot_start_is_logged_and_the_server_serves_on
     until: Any,
 ) -> None:
     app = extension(jp_serverapp)
-    assert Path(app.state_dir) == blocked  # $CELLBLOCK_STATE_DIR, ~ expanded
+    assert Path(app.state_dir).expanduser() == blocked  # ~ expanded, however it was given
     deployment = app.deployment
     assert deployment is not None
     assert (deployment.state_dir, deployment.executors, deployment.builders) == (blocked, 3, 0)
