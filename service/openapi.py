@@ -6,7 +6,7 @@ from functools import cache
 from importlib import metadata
 from typing import Any, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from cellblock.service.api import MAX_WAIT
 from cellblock.service.protocol import (
@@ -15,6 +15,7 @@ from cellblock.service.protocol import (
     LIMITS,
     STAGES,
     DepsResult,
+    Event,
     Limit,
     PackagesRequest,
     SandboxResult,
@@ -22,6 +23,7 @@ from cellblock.service.protocol import (
     SubmissionRequest,
     SubmissionState,
 )
+from cellblock.service.protocol.messages import Answer, ClientMessage
 
 REF = "#/components/schemas/{model}"
 
@@ -191,7 +193,10 @@ def document() -> dict[str, Any]:
         "required": True,
         "content": {"application/json": {"schema": _ref("SubmissionRequest")}},
     }
-    sse = {"description": "Server-sent events.", "content": {"text/event-stream": {}}}
+    sse = {
+        "description": "Server-sent events: each one's data is an Event (components.schemas).",
+        "content": {"text/event-stream": {}},
+    }
     packages_body = {
         "required": True,
         "content": {"application/json": {"schema": _ref("PackagesRequest")}},
@@ -302,21 +307,29 @@ def document() -> dict[str, Any]:
             )
         },
     }
+    # Each model's nested models land in definitions as its schema is made: all of them first.
+    models = {
+        "PackagesRequest": _model_schema(PackagesRequest, definitions),
+        "SandboxResult": _model_schema(SandboxResult, definitions),
+        "DepsResult": _model_schema(DepsResult, definitions),
+        "Event": _adapter_schema(TypeAdapter(Event), definitions),
+        "ClientMessage": _adapter_schema(TypeAdapter(ClientMessage), definitions),
+        "Answer": _adapter_schema(TypeAdapter(Answer), definitions),
+    }
+    schemas = {
+        **definitions,
+        "SubmissionRequest": request,
+        **models,
+        "StageLimits": stage_limits,
+        "Submission": submission,
+        "Error": error,
+    }
     return {
         "openapi": "3.1.0",
         "info": {"title": "Cellblock", "version": _version()},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                **definitions,
-                "SubmissionRequest": request,
-                "PackagesRequest": _model_schema(PackagesRequest, definitions),
-                "SandboxResult": _model_schema(SandboxResult, definitions),
-                "DepsResult": _model_schema(DepsResult, definitions),
-                "StageLimits": stage_limits,
-                "Submission": submission,
-                "Error": error,
-            },
+            "schemas": schemas,
         },
         "security": [{"bearer": []}],
         "paths": paths,
@@ -326,6 +339,14 @@ def document() -> dict[str, Any]:
 def _model_schema(model: type[BaseModel], definitions: dict[str, Any]) -> dict[str, Any]:
     """A model's JSON Schema, its nested models gathered into ``definitions``."""
     schema = model.model_json_schema(ref_template=REF)
+    definitions.update(schema.pop("$defs", {}))
+    return schema
+
+
+def _adapter_schema(adapter: TypeAdapter[Any], definitions: dict[str, Any]) -> dict[str, Any]:
+    """A union's JSON Schema (the events, the WebSocket's messages), its models gathered into
+    ``definitions``."""
+    schema = adapter.json_schema(ref_template=REF)
     definitions.update(schema.pop("$defs", {}))
     return schema
 

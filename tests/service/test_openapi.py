@@ -231,3 +231,20 @@ async def test_every_refusal_the_service_answers_is_documented(document: dict[st
                 assert responses[code]["headers"]["Retry-After"]["required"] is True
     for path in ("/api/v1/submissions", "/api/v1/submissions/{id}/events"):
         assert "422" in document["paths"][path]["get"]["responses"], path
+
+
+async def test_events_and_websocket_messages_are_described_from_the_protocols_models(
+    document: dict[str, Any],
+) -> None:
+    def types_of(union: str) -> set[str]:
+        schema = document["components"]["schemas"][union]
+        members = [resolve(document, member["$ref"]) for member in schema["anyOf"]]
+        return {member["properties"]["type"]["const"] for member in members}
+
+    assert types_of("Event") == {
+        "status", "stage_started", "output", "stage_finished", "finished"}  # fmt: skip
+    assert types_of("ClientMessage") == {"submit", "watch", "status", "cancel", "packages"}
+    assert types_of("Answer") == {"accepted", "cancelled", "submission", "packages", "error"}
+    finished = document["components"]["schemas"]["StageFinishedEvent"]["properties"]["result"]
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in finished["anyOf"]} == {
+        "SandboxResult", "DepsResult"}  # fmt: skip
