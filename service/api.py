@@ -78,21 +78,19 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        # Tornado answers every exception but its own HTTPError with 500: the protocol's
-        # errors carry their status, set here before anything is written.
-        if isinstance(exc, ErrorResponse):
-            self.set_status(exc.status)
-        elif isinstance(exc, InvalidRequest):
-            self.set_status(422)
         # Set here, not only in set_default_headers: a handler with other defaults (the event
         # stream) still answers its errors as JSON.
         self.set_header("Content-Type", "application/json; charset=utf-8")
         body: dict[str, Any]
+        # Tornado answers every exception but its own HTTPError with 500: the protocol's
+        # errors carry their status, set here before anything is written.
         if isinstance(exc, ErrorResponse):
+            self.set_status(exc.status)
             for name, value in exc.headers.items():
                 self.set_header(name, value)
-            body = {"error": {"code": exc.code, "message": exc.message, "details": []}}
+            body = exc.as_json()
         elif isinstance(exc, InvalidRequest):
+            self.set_status(422)
             body = exc.as_json()
         elif isinstance(exc, tornado.web.HTTPError):
             reason = exc.log_message or self._reason

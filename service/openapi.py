@@ -6,7 +6,7 @@ from functools import cache
 from importlib import metadata
 from typing import Any, get_args
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import TypeAdapter
 
 from cellblock.service.api import MAX_WAIT
 from cellblock.service.protocol import (
@@ -50,7 +50,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 @cache
 def document() -> dict[str, Any]:
     definitions: dict[str, Any] = {}
-    request = _model_schema(SubmissionRequest, definitions)
+    request = _schema(SubmissionRequest, definitions)
     stage_limits = {
         "type": "object",
         "additionalProperties": False,
@@ -309,12 +309,12 @@ def document() -> dict[str, Any]:
     }
     # Each model's nested models land in definitions as its schema is made: all of them first.
     models = {
-        "PackagesRequest": _model_schema(PackagesRequest, definitions),
-        "SandboxResult": _model_schema(SandboxResult, definitions),
-        "DepsResult": _model_schema(DepsResult, definitions),
-        "Event": _adapter_schema(TypeAdapter(Event), definitions),
-        "ClientMessage": _adapter_schema(TypeAdapter(ClientMessage), definitions),
-        "Answer": _adapter_schema(TypeAdapter(Answer), definitions),
+        "PackagesRequest": _schema(PackagesRequest, definitions),
+        "SandboxResult": _schema(SandboxResult, definitions),
+        "DepsResult": _schema(DepsResult, definitions),
+        "Event": _schema(Event, definitions),
+        "ClientMessage": _schema(ClientMessage, definitions),
+        "Answer": _schema(Answer, definitions),
     }
     schemas = {
         **definitions,
@@ -336,17 +336,10 @@ def document() -> dict[str, Any]:
     }
 
 
-def _model_schema(model: type[BaseModel], definitions: dict[str, Any]) -> dict[str, Any]:
-    """A model's JSON Schema, its nested models gathered into ``definitions``."""
-    schema = model.model_json_schema(ref_template=REF)
-    definitions.update(schema.pop("$defs", {}))
-    return schema
-
-
-def _adapter_schema(adapter: TypeAdapter[Any], definitions: dict[str, Any]) -> dict[str, Any]:
-    """A union's JSON Schema (the events, the WebSocket's messages), its models gathered into
-    ``definitions``."""
-    schema = adapter.json_schema(ref_template=REF)
+def _schema(kind: Any, definitions: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema of a model or a union of them (the events, the WebSocket's messages),
+    the models it nests gathered into ``definitions``."""
+    schema = TypeAdapter(kind).json_schema(ref_template=REF)
     definitions.update(schema.pop("$defs", {}))
     return schema
 

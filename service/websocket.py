@@ -76,13 +76,16 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
     async def on_message(self, message: str | bytes) -> None:
         try:
             await self._dispatch(parse_client_message(message))
-        except InvalidRequest as exc:
-            details = [p.as_json() for p in exc.problems]
-            answer = ErrorAnswer(code=exc.code, message=exc.message, details=details)
-            self._send(answer.model_copy(update={"request_id": request_id_of(message)}))
-        except CellblockError as exc:  # ErrorResponse and the store's errors: no details
-            answer = ErrorAnswer(code=exc.code, message=exc.message)
-            self._send(answer.model_copy(update={"request_id": request_id_of(message)}))
+        except CellblockError as exc:
+            # Input errors name their fields; ErrorResponse and the store's errors have none.
+            problems = exc.problems if isinstance(exc, InvalidRequest) else None
+            details = None if problems is None else [p.as_json() for p in problems]
+            request_id = request_id_of(message)
+            self._send(
+                ErrorAnswer(
+                    code=exc.code, message=exc.message, details=details, request_id=request_id
+                )
+            )
 
     async def _dispatch(self, msg: ClientMessage) -> None:
         submissions = self.services.submissions

@@ -19,6 +19,7 @@ from pydantic import Field, TypeAdapter, model_validator
 from cellblock.service.protocol.results import (
     StageResult,
     WireModel,
+    absent_if_none,
     stage_result,
 )
 
@@ -28,10 +29,6 @@ Stream = Literal["stdout", "stderr"]
 STREAMS: tuple[Stream, ...] = ("stdout", "stderr")
 #: The fields every event has, which go last on the wire, in this order.
 _ENVELOPE = ("id", "time")
-
-
-def _absent_if_none(value: object) -> bool:
-    return value is None
 
 
 class EventBase(WireModel):
@@ -60,9 +57,9 @@ class StatusEvent(EventBase):
     type: Literal["status"] = "status"
     status: Status
     #: The executor that picked it up (``running`` only).
-    worker: str | None = Field(default=None, exclude_if=_absent_if_none)
+    worker: str | None = Field(default=None, exclude_if=absent_if_none)
     #: What went wrong (``error`` only).
-    error: str | None = Field(default=None, exclude_if=_absent_if_none)
+    error: str | None = Field(default=None, exclude_if=absent_if_none)
 
 
 class StageStartedEvent(EventBase):
@@ -98,7 +95,7 @@ class FinishedEvent(EventBase):
     """The last event of every submission; once recorded it holds the submission document."""
 
     type: Literal["finished"] = "finished"
-    submission: dict[str, Any] | None = Field(default=None, exclude_if=_absent_if_none)
+    submission: dict[str, Any] | None = Field(default=None, exclude_if=absent_if_none)
 
 
 Event = StatusEvent | StageStartedEvent | OutputEvent | StageFinishedEvent | FinishedEvent

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
 
 from cellblock.errors import FieldProblem, InvalidRequest
-from cellblock.service.protocol.results import WireModel
+from cellblock.service.protocol.results import WireModel, absent_if_none
 
 CLIENT_TYPES = ("submit", "watch", "status", "cancel", "packages")
 #: What each field must be, in the words an ``error`` answer uses.
@@ -26,16 +26,12 @@ _FIELD_RULES = {
 }
 
 
-def _absent_if_none(value: object) -> bool:
-    return value is None
-
-
 class _ClientMessage(BaseModel):
     # Fields a client adds beyond these are ignored, as they always were.
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     #: Any JSON value the client chose; echoed as it came.
-    request_id: Any = Field(default=None, exclude_if=_absent_if_none)
+    request_id: Any = Field(default=None, exclude_if=absent_if_none)
 
 
 class Submit(_ClientMessage):
@@ -100,7 +96,7 @@ def request_id_of(raw: str | bytes) -> Any:
 
 
 class _Answer(WireModel):
-    request_id: Any = Field(default=None, exclude_if=_absent_if_none)
+    request_id: Any = Field(default=None, exclude_if=absent_if_none)
 
 
 class Accepted(_Answer):
@@ -129,7 +125,7 @@ class ErrorAnswer(_Answer):
     type: Literal["error"] = "error"
     code: str
     message: str
-    details: list[Mapping[str, str]] | None = Field(default=None, exclude_if=_absent_if_none)
+    details: list[Mapping[str, str]] | None = Field(default=None, exclude_if=absent_if_none)
 
 
 Answer = Accepted | Cancelled | SubmissionAnswer | PackagesAnswer | ErrorAnswer

@@ -34,7 +34,8 @@ CacheOutcome = Literal["hit", "miss"]
 SKIPPED_MESSAGE = "skipped: an earlier stage did not succeed"
 
 
-def _absent_if_none(value: object) -> bool:
+def absent_if_none(value: object) -> bool:
+    """For ``Field(exclude_if=...)``: a field the protocol leaves out rather than sends null."""
     return value is None
 
 
@@ -93,7 +94,7 @@ class DepsResult(WireModel):
     cache: CacheOutcome | None = None
     packages: list[dict[str, Any]] = Field(default_factory=list)
     log: str = ""
-    message: str | None = Field(default=None, exclude_if=_absent_if_none)
+    message: str | None = Field(default=None, exclude_if=absent_if_none)
     wall_time: float = 0.0
 
 
