@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, TypeAdapter, model_validator
 
 from cellblock.service.protocol.results import (
     StageResult,
+    TestResult,
     WireModel,
     absent_if_none,
     stage_result,
@@ -74,6 +75,8 @@ class OutputEvent(EventBase):
     stage: StageName
     stream: Stream
     data: str
+    #: The test that wrote it, by index (a submission with tests only).
+    test: int | None = Field(default=None, exclude_if=absent_if_none)
 
 
 class StageFinishedEvent(EventBase):
@@ -91,6 +94,26 @@ class StageFinishedEvent(EventBase):
         return data
 
 
+class TestStartedEvent(EventBase):
+    """One test of a submission with tests starts (inside the run stage)."""
+
+    __test__: ClassVar[bool] = False
+    type: Literal["test_started"] = "test_started"
+    stage: Literal["run"] = "run"
+    test: int
+    name: str
+
+
+class TestFinishedEvent(EventBase):
+    """One test ended and was judged."""
+
+    __test__: ClassVar[bool] = False
+    type: Literal["test_finished"] = "test_finished"
+    stage: Literal["run"] = "run"
+    test: int
+    result: TestResult
+
+
 class FinishedEvent(EventBase):
     """The last event of every submission; once recorded it holds the submission document."""
 
@@ -98,7 +121,15 @@ class FinishedEvent(EventBase):
     submission: dict[str, Any] | None = Field(default=None, exclude_if=absent_if_none)
 
 
-Event = StatusEvent | StageStartedEvent | OutputEvent | StageFinishedEvent | FinishedEvent
+Event = (
+    StatusEvent
+    | StageStartedEvent
+    | OutputEvent
+    | StageFinishedEvent
+    | TestStartedEvent
+    | TestFinishedEvent
+    | FinishedEvent
+)
 _EVENT: TypeAdapter[Event] = TypeAdapter(Annotated[Event, Field(discriminator="type")])
 
 

@@ -8,7 +8,7 @@ all read it, so a new limit is one line of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -126,12 +126,28 @@ class StagePolicy:
     maxima: StageLimits
 
 
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GradingPolicy:
+    """The administrator's caps on a submission's tests and on the output files it brings back."""
+
+    #: Tests in one submission, and the sum of their wall-time limits.
+    max_tests: int = 200
+    max_tests_wall_time: float = 600.0
+    #: Bytes of output files returned, each and all of a result's files together.
+    output_file_size: int = 4 * MiB
+    output_total_size: int = 16 * MiB
+
+
 @dataclass(frozen=True)
 class LimitPolicy:
     compile: StagePolicy
     run: StagePolicy
     deps_wall_time: float
     deps_max_wall_time: float
+    grading: GradingPolicy = GradingPolicy()
 
     def stage(self, name: str) -> StagePolicy:
         policy: StagePolicy = getattr(self, name)
@@ -143,20 +159,32 @@ class ResolvedLimits:
     compile: StageLimits
     run: StageLimits
     deps_wall_time: float
+    #: Each test's run-stage limits, in the order of the request's ``tests``.
+    tests: tuple[StageLimits, ...] = ()
+    #: Caps on the output files brought back (each file, all of one result's files).
+    output_file_size: int = GradingPolicy.output_file_size
+    output_total_size: int = GradingPolicy.output_total_size
 
     def as_json(self) -> dict[str, Any]:
         return {
             "deps": {"wall_time": self.deps_wall_time},
             "compile": self.compile.as_json(),
             "run": self.run.as_json(),
+            "tests": [limits.as_json() for limits in self.tests],
+            "outputs": {"file_size": self.output_file_size, "total_size": self.output_total_size},
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResolvedLimits:
+        # A job stored before tests and output files existed has neither key.
+        outputs = data.get("outputs", {})
         return cls(
             compile=StageLimits.from_json(data["compile"]),
             run=StageLimits.from_json(data["run"]),
             deps_wall_time=float(data["deps"]["wall_time"]),
+            tests=tuple(StageLimits.from_json(t) for t in data.get("tests", ())),
+            output_file_size=int(outputs.get("file_size", GradingPolicy.output_file_size)),
+            output_total_size=int(outputs.get("total_size", GradingPolicy.output_total_size)),
         )
 
 
@@ -186,8 +214,13 @@ def _limit_number(value: Any, *, allow_unlimited: bool) -> int | None:
     return value
 
 
-def resolve_limits(requested: Mapping[str, Any], policy: LimitPolicy) -> ResolvedLimits:
-    """Merge a request's ``limits`` over the policy's defaults, refusing anything above a maximum.
+def resolve_limits(
+    requested: Mapping[str, Any],
+    policy: LimitPolicy,
+    tests_requested: Sequence[Mapping[str, Any]] = (),
+) -> ResolvedLimits:
+    """Merge a request's ``limits`` over the policy's defaults, refusing anything above a maximum;
+    then each test's ``limits`` (``tests_requested``, in order) over the run stage's.
 
     Raises ``InvalidRequest`` for a malformed limit and ``LimitExceeded`` (a subclass) when every
     problem is a value above its maximum; either way each problem names its field.
@@ -215,46 +248,68 @@ def resolve_limits(requested: Mapping[str, Any], policy: LimitPolicy) -> Resolve
             too_high.append(_above(where, value, policy.deps_max_wall_time))
     stages = {
         stage: _resolve_stage(
-            stage, requested.get(stage) or {}, policy.stage(stage), malformed, too_high
+            f"limits.{stage}",
+            requested.get(stage) or {},
+            policy.stage(stage).defaults,
+            policy.stage(stage).maxima,
+            malformed,
+            too_high,
         )
         for stage in SANDBOXED_STAGES
     }
+    # A test's own limits go over the submission's run limits, under the same maxima.
+    tests = tuple(
+        _resolve_stage(
+            f"tests[{i}].limits", test, stages["run"], policy.run.maxima, malformed, too_high
+        )
+        for i, test in enumerate(tests_requested)
+    )
     if malformed:
         raise InvalidRequest(malformed + too_high)
     if too_high:
         raise LimitExceeded(too_high)
-    return ResolvedLimits(compile=stages["compile"], run=stages["run"], deps_wall_time=deps_wall)
+    grading = policy.grading
+    return ResolvedLimits(
+        compile=stages["compile"],
+        run=stages["run"],
+        deps_wall_time=deps_wall,
+        tests=tests,
+        output_file_size=grading.output_file_size,
+        output_total_size=grading.output_total_size,
+    )
 
 
 def _resolve_stage(
-    stage: str,
+    prefix: str,
     requested: Mapping[str, Any],
-    policy: StagePolicy,
+    base: StageLimits,
+    maxima: StageLimits,
     malformed: list[FieldProblem],
     too_high: list[FieldProblem],
 ) -> StageLimits:
-    rlimits = dict(policy.defaults.rlimits)
-    scalars: dict[str, Any] = {name: getattr(policy.defaults, name) for name in SANDBOX_LIMITS}
+    """``requested`` over ``base``; each problem is named ``prefix.<limit>``."""
+    rlimits = dict(base.rlimits)
+    scalars: dict[str, Any] = {name: getattr(base, name) for name in SANDBOX_LIMITS}
     for name, value in requested.items():
-        where = f"limits.{stage}.{name}"
+        where = f"{prefix}.{name}"
         try:
             if name in RLIMITS:
                 soft, hard = _requested_rlimit(value)
-                ceiling = policy.maxima.rlimits[name][1]
+                ceiling = maxima.rlimits[name][1]
                 if ceiling is not None and hard > ceiling:
                     too_high.append(_above(where, value, ceiling))
                 rlimits[name] = (soft, hard)
             elif name == "wall_time":
                 scalars[name] = parse_seconds(value)
-                if scalars[name] > policy.maxima.wall_time:
-                    too_high.append(_above(where, value, policy.maxima.wall_time))
+                if scalars[name] > maxima.wall_time:
+                    too_high.append(_above(where, value, maxima.wall_time))
             elif name in SANDBOX_LIMITS:
                 number = _limit_number(value, allow_unlimited=False)
                 assert number is not None
                 if number < LIMIT_BY_NAME[name].minimum:
                     raise ValueError(f"{name} must be at least {LIMIT_BY_NAME[name].minimum}")
                 scalars[name] = number
-                ceiling_n: int = getattr(policy.maxima, name)
+                ceiling_n: int = getattr(maxima, name)
                 if number > ceiling_n:
                     too_high.append(_above(where, value, ceiling_n))
             else:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     AfterValidator,
@@ -19,6 +20,7 @@ from pydantic import (
 
 from cellblock.errors import FieldProblem, InvalidRequest
 from cellblock.service.protocol.content import Encoding, decode
+from cellblock.service.protocol.grading import Compare, pattern_problem
 from cellblock.service.protocol.limits import LimitPolicy, ResolvedLimits, resolve_limits
 
 #: One argv or environment string ("NAME=value"), which Linux caps at MAX_ARG_STRLEN (128 KiB
@@ -30,6 +32,7 @@ DEPENDENCY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_+-]*(\.[A-Za-z_][A-Za-z0-9_+-
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_FILES = 1000
 MAX_DEPENDENCIES = 64
+MAX_OUTPUT_PATTERNS = 64
 #: Far above any nixpkgs attribute path, and short enough that a name never floods a key,
 #: a log line or nix's command line.
 MAX_DEPENDENCY_NAME = 255
@@ -94,6 +97,70 @@ class FileSpec(_Strict):
         return decode(self.content, self.encoding)
 
 
+def _args(args: list[str]) -> list[str]:
+    for i, arg in enumerate(args):
+        _no_nul(arg)
+        if len(arg.encode()) > MAX_ARG_BYTES:
+            raise ValueError(f"args[{i}] is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
+    return args
+
+
+def _script_text(script: str | None) -> str | None:
+    if script is None:
+        return None
+    _no_nul(script)
+    if len(script.encode()) > MAX_SCRIPT_BYTES:
+        raise ValueError(f"is longer than {MAX_SCRIPT_BYTES} bytes; put code in files")
+    return script
+
+
+def _compare(text: str) -> str:
+    Compare.parse(text)
+    return text
+
+
+def _output_pattern(pattern: str) -> str:
+    if problem := pattern_problem(pattern):
+        raise ValueError(problem)
+    return pattern
+
+
+Args = Annotated[list[str], AfterValidator(_args), Field(max_length=1024)]
+
+
+class TestSpec(_Strict):
+    """One test of a submission (PROTOCOL.md, "Tests"): the run script's stdin and args."""
+
+    __test__: ClassVar[bool] = False  # not a test case, whatever pytest guesses from the name
+    name: Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_no_nul)]
+    stdin_encoding: Encoding = "utf8"
+    stdin: str = ""
+    args: Args = Field(default_factory=list)
+    expected_output: Annotated[str, AfterValidator(_no_nul)] | None = None
+    compare: Annotated[str, AfterValidator(_compare)] = "lines"
+    points: float = Field(default=1.0, strict=True)
+    limits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("stdin")
+    @classmethod
+    def _stdin(cls, stdin: str, info: Any) -> str:
+        decode(stdin, info.data.get("stdin_encoding", "utf8"))
+        return stdin
+
+    @field_validator("points")
+    @classmethod
+    def _not_negative(cls, points: float) -> float:
+        if not math.isfinite(points) or points < 0:
+            raise ValueError(f"{points} is not a number of points: give a finite number, 0 or more")
+        return float(points)
+
+    def stdin_data(self) -> bytes:
+        return decode(self.stdin, self.stdin_encoding)
+
+    def comparison(self) -> Compare:
+        return Compare.parse(self.compare)
+
+
 class SubmissionRequest(_Strict):
     """A submission as a client sends it (``POST /api/v1/submissions``)."""
 
@@ -106,18 +173,19 @@ class SubmissionRequest(_Strict):
     env: dict[str, str] = Field(default_factory=dict, max_length=256)
     stdin_encoding: Encoding = "utf8"
     stdin: str = ""
-    args: list[str] = Field(default_factory=list, max_length=1024)
+    args: Args = Field(default_factory=list)
     limits: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Tests: the run script runs once per test instead of once (``None``: no tests).
+    tests: list[TestSpec] | None = Field(default=None, min_length=1)
+    checker: str | None = None
+    outputs: list[Annotated[str, AfterValidator(_output_pattern)]] = Field(
+        default_factory=list, max_length=MAX_OUTPUT_PATTERNS
+    )
 
-    @field_validator("compile", "run")
+    @field_validator("compile", "run", "checker")
     @classmethod
     def _script(cls, script: str | None) -> str | None:
-        if script is None:
-            return None
-        _no_nul(script)
-        if len(script.encode()) > MAX_SCRIPT_BYTES:
-            raise ValueError(f"is longer than {MAX_SCRIPT_BYTES} bytes; put code in files")
-        return script
+        return _script_text(script)
 
     @field_validator("run")
     @classmethod
@@ -139,15 +207,6 @@ class SubmissionRequest(_Strict):
             if len(f"{name}={value}".encode()) > MAX_ARG_BYTES:
                 raise ValueError(f"{name}=value is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
         return env
-
-    @field_validator("args")
-    @classmethod
-    def _args(cls, args: list[str]) -> list[str]:
-        for i, arg in enumerate(args):
-            _no_nul(arg)
-            if len(arg.encode()) > MAX_ARG_BYTES:
-                raise ValueError(f"args[{i}] is longer than {MAX_ARG_BYTES} bytes; {TOO_LONG}")
-        return args
 
     @field_validator("stdin")
     @classmethod
@@ -193,13 +252,25 @@ def parse_packages_request(raw: object) -> PackagesRequest:
         raise _invalid(exc) from None
 
 
+#: What a missing required field is for, instead of pydantic's bare "Field required".
+REQUIRED: dict[tuple[int | str, ...], str] = {
+    ("run",): "is required: the script that runs the program (with tests, once per test)",
+}
+
+
 def _invalid(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(
         [
-            FieldProblem(field_path(e["loc"]), e["msg"].removeprefix("Value error, "))
+            FieldProblem(field_path(e["loc"]), _message(e["loc"], e["type"], e["msg"]))
             for e in exc.errors(include_url=False)
         ]
     )
+
+
+def _message(loc: tuple[int | str, ...], kind: str, message: str) -> str:
+    if kind == "missing" and (why := REQUIRED.get(tuple(loc))):
+        return why
+    return message.removeprefix("Value error, ")
 
 
 def field_path(loc: Iterable[int | str]) -> str:
@@ -218,12 +289,43 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
         request = SubmissionRequest.model_validate(raw)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    if problems := _file_name_problems(request.files):
+    if problems := _file_name_problems(request.files) + _test_problems(request, policy):
         raise InvalidRequest(problems)
-    limits = resolve_limits(request.limits, policy)
-    if problems := _files_over_disk(request, limits):
+    limits = resolve_limits(request.limits, policy, [t.limits for t in request.tests or ()])
+    if problems := _files_over_disk(request, limits) + _tests_over_time(limits, policy):
         raise InvalidRequest(problems)
     return Submission(request=request, limits=limits)
+
+
+def _test_problems(request: SubmissionRequest, policy: LimitPolicy) -> list[FieldProblem]:
+    """A checker without tests, more tests than the cap, and test names given twice."""
+    tests = request.tests or []
+    problems = []
+    if request.checker is not None and not tests:
+        problems.append(FieldProblem("checker", "a checker judges tests: give tests with it"))
+    cap = policy.grading.max_tests
+    if len(tests) > cap:
+        problems.append(FieldProblem(
+            "tests", f"{len(tests)} tests are more than the {cap} this service runs at once"
+        ))  # fmt: skip
+    first: dict[str, int] = {}
+    for i, test in enumerate(tests):
+        if test.name in first:
+            again = f"{test.name!r} is given twice, also as tests[{first[test.name]}]"
+            problems.append(FieldProblem(f"tests[{i}].name", again))
+        first.setdefault(test.name, i)
+    return problems
+
+
+def _tests_over_time(limits: ResolvedLimits, policy: LimitPolicy) -> list[FieldProblem]:
+    """The tests' wall-time limits together must fit the configured cap."""
+    total, cap = sum(t.wall_time for t in limits.tests), policy.grading.max_tests_wall_time
+    if total <= cap:
+        return []
+    return [FieldProblem(
+        "tests", f"the tests' wall_time limits add up to {total:g} s, over the {cap:g} s this "
+        "service allows one submission's tests; run fewer tests or lower their wall_time",
+    )]  # fmt: skip
 
 
 #: What a file takes on disk beyond its bytes, at the least: one block for its metadata.

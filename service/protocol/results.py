@@ -49,6 +49,18 @@ class WireModel(BaseModel):
         return self.model_dump(mode="json")
 
 
+class OutputFile(WireModel):
+    """A file the run stage left in the working directory, brought back (``outputs``)."""
+
+    name: str
+    content: str
+    encoding: Encoding = "base64"
+    #: The file's whole size; ``content`` holds less when ``truncated``.
+    size: int
+    media_type: str
+    truncated: bool = False
+
+
 class SandboxResult(WireModel):
     """The result of a compile or run stage (or of one that did not run: ``skipped``)."""
 
@@ -72,6 +84,9 @@ class SandboxResult(WireModel):
     message: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    #: The output files brought back, and the patterns that matched none (``outputs`` only).
+    files: list[OutputFile] | None = Field(default=None, exclude_if=absent_if_none)
+    missing: list[str] | None = Field(default=None, exclude_if=absent_if_none)
 
     @classmethod
     def skipped(cls) -> SandboxResult:
@@ -123,6 +138,15 @@ class TestResult(SandboxResult):
     max_points: float = 1.0
     #: The expected stdout as the test gave it (``None``: the test had none).
     expected_output: str | None = None
+
+
+class Score(WireModel):
+    """A submission's score over its tests."""
+
+    passed: int
+    total: int
+    points: float
+    max_points: float
 
 
 StageResult = SandboxResult | DepsResult

@@ -15,10 +15,19 @@ from cellblock.service.protocol.events import (
     StageStartedEvent,
     Status,
     StatusEvent,
+    TestFinishedEvent,
+    TestStartedEvent,
 )
+from cellblock.service.protocol.grading import score, skipped_test
 from cellblock.service.protocol.limits import STAGES
 from cellblock.service.protocol.request import SubmissionRequest
-from cellblock.service.protocol.results import StageResult, stage_result
+from cellblock.service.protocol.results import (
+    SKIPPED_MESSAGE,
+    Score,
+    StageResult,
+    TestResult,
+    stage_result,
+)
 
 TERMINAL: frozenset[str] = frozenset({"finished", "cancelled", "error"})
 #: Which status may follow which; ``running`` → ``running`` is a reclaim by another executor.
@@ -39,6 +48,26 @@ def now() -> str:
 
 class InvalidTransition(ValueError):
     """An event that cannot follow the submission's current state (a bug or a stale writer)."""
+
+
+CANCELLED_MESSAGE = "skipped: the submission was cancelled"
+
+
+@dataclass(frozen=True)
+class PlannedTest:
+    """What the document knows of a test before it runs, so that one that never runs still
+    has its result (``skipped``, or ``error`` when the system failed the submission)."""
+
+    __test__ = False
+    name: str
+    max_points: float = 1.0
+    expected_output: str | None = None
+
+    def unrun(self, message: str, verdict_error: bool = False) -> TestResult:
+        result = skipped_test(self.name, self.max_points, self.expected_output, message)
+        if verdict_error:
+            return result.model_copy(update={"status": "error", "verdict": "error"})
+        return result
 
 
 @dataclass(frozen=True)
@@ -64,6 +93,9 @@ class SubmissionState:
     has_compile: bool = True
     #: The closing ``finished`` event came: nothing more is taken.
     closed: bool = False
+    #: The request's tests, and each one's result once it has one (a submission with tests).
+    test_plan: tuple[PlannedTest, ...] = ()
+    tests: tuple[TestResult | None, ...] = ()
 
     @classmethod
     def new(
@@ -75,6 +107,9 @@ class SubmissionState:
             created_at=created_at or now(),
             has_dependencies=bool(request.dependencies),
             has_compile=request.compile is not None,
+            test_plan=tuple(
+                PlannedTest(t.name, t.points, t.expected_output) for t in request.tests or ()
+            ),
         ).restarted()
 
     def restarted(self) -> SubmissionState:
@@ -86,9 +121,32 @@ class SubmissionState:
             ran=None,
             dependencies_installed=None if self.has_dependencies else True,
             compiled=None if self.has_compile else True,
+            tests=(None,) * len(self.test_plan),
         )
 
+    @property
+    def score(self) -> Score | None:
+        """The score over the tests so far; ``None`` without tests."""
+        if not self.test_plan:
+            return None
+        return score(self.tests, [t.max_points for t in self.test_plan])
+
+    def with_unrun_tests(self, message: str, verdict_error: bool = False) -> SubmissionState:
+        """Every test without a result given one: it did not run, and ``message`` says why."""
+        tests = tuple(
+            result if result is not None else plan.unrun(message, verdict_error)
+            for plan, result in zip(self.test_plan, self.tests, strict=True)
+        )
+        return replace(self, tests=tests)
+
     def as_json(self) -> dict[str, Any]:
+        stages: dict[str, Any] = {
+            s: (r.wire() if r is not None else None) for s, r in self.stages.items()
+        }
+        document: dict[str, Any] = {}
+        if self.test_plan:
+            stages["tests"] = [r.wire() if r is not None else None for r in self.tests]
+            document["score"] = self.score.wire() if self.score else None
         return {
             "id": self.id,
             "status": self.status,
@@ -101,9 +159,10 @@ class SubmissionState:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
-            "stages": {s: (r.wire() if r is not None else None) for s, r in self.stages.items()},
+            "stages": stages,
             "error": self.error,
             "attempts": self.attempts,
+            **document,
         }
 
     def as_record(self) -> dict[str, Any]:
@@ -113,17 +172,30 @@ class SubmissionState:
             "has_dependencies": self.has_dependencies,
             "has_compile": self.has_compile,
             "closed": self.closed,
+            "test_plan": [
+                {"name": t.name, "max_points": t.max_points, "expected_output": t.expected_output}
+                for t in self.test_plan
+            ],
         }
 
     @classmethod
     def from_record(cls, data: Mapping[str, Any]) -> SubmissionState:
         """The state from ``as_record`` (or the client's ``as_json``) data."""
         fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        stages = dict(fields.get("stages") or {})
+        tests = stages.pop("tests", None) or []
         if "stages" in fields:
             fields["stages"] = {
                 stage: None if result is None else stage_result(stage, result)
-                for stage, result in fields["stages"].items()
+                for stage, result in stages.items()
             }
+        fields["tests"] = tuple(None if t is None else TestResult.model_validate(t) for t in tests)
+        plan = data.get("test_plan")
+        if plan is None:  # the client's view: what it knows of the plan is in the results
+            plan = [t or {"name": f"tests[{i}]"} for i, t in enumerate(tests)]
+        fields["test_plan"] = tuple(
+            PlannedTest(p["name"], p.get("max_points", 1.0), p.get("expected_output")) for p in plan
+        )
         return cls(**fields)
 
     @property
@@ -155,7 +227,20 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
                 attempts=state.attempts + 1,
             )
         finished_at = event.time or now()
+        if new == "cancelled":
+            state = state.with_unrun_tests(CANCELLED_MESSAGE)
+        elif new == "error":
+            state = state.with_unrun_tests(f"the system failed the submission: {event.error}", True)
         return replace(state, status=new, stage=None, finished_at=finished_at, error=event.error)
+    if isinstance(event, TestStartedEvent | TestFinishedEvent):
+        if state.status != "running" or state.stage != "run":
+            raise InvalidTransition(f"{state.id}: a test runs inside the run stage only")
+        if not 0 <= event.test < len(state.tests):
+            raise InvalidTransition(f"{state.id} has no test {event.test}")
+        if isinstance(event, TestStartedEvent):
+            return state
+        tests = (*state.tests[: event.test], event.result, *state.tests[event.test + 1 :])
+        return replace(state, tests=tests)
     if isinstance(event, StageStartedEvent):
         if state.status != "running":
             raise InvalidTransition(f"{state.id}: a stage cannot start while {state.status}")
@@ -173,6 +258,7 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
             changes["compiled"] = ok
         else:
             changes["ran"] = result.status not in ("skipped", "error")
+            state = state.with_unrun_tests(SKIPPED_MESSAGE)
         return replace(state, **changes)
     assert isinstance(event, FinishedEvent)
     if state.status == "queued":
@@ -181,7 +267,7 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
         # The closing event after a cancellation or a system error: it only closes.
         return replace(state, closed=True)
     return replace(
-        state,
+        state.with_unrun_tests(SKIPPED_MESSAGE),
         status="finished",
         stage=None,
         finished_at=event.time or now(),

@@ -89,7 +89,7 @@ def test_not_json_on_standard_input_exits_2(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("body", "field", "fragment"),
     [
-        ({}, "run", "Field required"),
+        ({}, "run", "is required"),
         ({"run": " "}, "run", "must not be empty"),
         ({"run": "true", "limts": {}}, "limts", "Extra inputs are not permitted"),
         (

@@ -215,7 +215,7 @@ def test_omitted_limits_take_the_stage_defaults(policy):
     assert limits.run == policy.run.defaults
     assert limits.deps_wall_time == policy.deps_wall_time == 600.0
     as_json = limits.as_json()
-    assert as_json.keys() == {"deps", "compile", "run"}
+    assert as_json.keys() == {"deps", "compile", "run", "tests", "outputs"}
     assert as_json["deps"] == {"wall_time": 600.0}
     for stage in ("compile", "run"):
         assert set(as_json[stage]) == {*RLIMITS, *SANDBOX_LIMITS}

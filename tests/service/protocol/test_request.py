@@ -211,7 +211,7 @@ def test_an_unknown_file_field_is_refused(policy):
 
 def test_a_missing_run_is_refused(policy):
     exc = rejected({"compile": "make"}, policy)
-    assert_only_problem(exc, "run", "Field required")
+    assert_only_problem(exc, "run", "is required")
 
 
 @pytest.mark.parametrize("run", ["", " ", "\n\t  \n"])
