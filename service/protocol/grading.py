@@ -128,7 +128,11 @@ def judge(
             return Judgement("wrong_answer", checker_says or "the checker rejected the output")
         why = checker.message or checker.status
         return Judgement("error", f"the checker did not finish: {why}")
-    if expected is None or compare.matches(expected, stdout):
+    if expected is None:
+        return Judgement("passed")
+    if run.stdout_truncated:  # what was kept may equal it, but the program wrote more
+        return Judgement("wrong_answer", "the output is longer than limits.output keeps")
+    if compare.matches(expected, stdout):
         return Judgement("passed")
     return Judgement("wrong_answer", f"the output differs from the expected output ({compare})")
 
@@ -224,12 +228,15 @@ def media_type(name: str, head: bytes) -> str:
             return kind
     dot = name.rfind(".")
     extension = name[dot:].lower() if dot > name.rfind("/") else ""
-    if head.startswith((b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")) and extension in TEXT_TYPES:
+    netpbm = extension in (".ppm", ".pgm", ".pbm")
+    if head.startswith((b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")) and netpbm:
         return TEXT_TYPES[extension]  # netpbm: binary after its header, named by extension
+    if b"\x00" in head:  # valid UTF-8, but no text holds NUL bytes
+        return "application/octet-stream"
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if exc.start < len(head) - 3:  # not merely a character cut at the end of the head
+        if exc.reason != "unexpected end of data":  # not merely a character cut at the end
             return "application/octet-stream"
     if extension == ".svg" and b"<svg" not in head:
         return "text/plain"
