@@ -6,7 +6,8 @@ it, uploaded files included, and that can change between stages. This kernel has
 XFS quota formats and no tmpfs quotas, and a size-capped tmpfs would count files against the
 stage's memory; a btrfs subvolume's quota group is made, limited and dropped with one ioctl
 each. The image itself is all of the host's disk that sandboxes can ever fill, whatever the
-caps add up to. (Subvolumes also snapshot in O(1), which the tests of a submission will use.)
+caps add up to. Subvolumes also snapshot in O(1): each test of a submission starts from a
+snapshot of the working directory as its compile stage left it (``snapshot``).
 
 Inside the sandbox, btrfs's own ioctls are refused by the seccomp policy (see seccomp.py): a
 program could otherwise make a subvolume of its own, which no quota group would cap. So are
@@ -36,6 +37,7 @@ from pathlib import Path
 from cellblock.errors import SandboxError
 
 #: The ioctls, from linux/btrfs.h (type 0x94).
+SNAP_CREATE = 0x50009401  # _IOW(0x94, 1, struct btrfs_ioctl_vol_args)
 SUBVOL_CREATE = 0x5000940E  # _IOW(0x94, 14, struct btrfs_ioctl_vol_args)
 SNAP_DESTROY = 0x5000940F  # _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
 QUOTA_CTL = 0xC0109428  # _IOWR(0x94, 40, struct btrfs_ioctl_quota_ctl_args)
@@ -79,6 +81,18 @@ class WorkDisk:
             self.remove(path)
             raise
         return path
+
+    def snapshot(self, source: Path, name: str) -> Path:
+        """A new working directory ``name`` holding what ``source`` holds now, sharing its
+        extents until either is written (copy on write), with its own quota group.
+
+        Nothing in ``source`` is opened or followed: the snapshot is of the subvolume as a
+        whole, so a symlink or a FIFO the sandbox planted there is copied as what it is.
+        """
+        with _directory(source) as fd, _directory(self.root) as parent:
+            args = bytearray(VOL_ARGS.pack(fd, os.fsencode(_vol_name(name))))
+            fcntl.ioctl(parent, SNAP_CREATE, args)
+        return self.root / name
 
     def limit(self, path: Path, size: int) -> None:
         """Cap what the working directory ``path`` holds at ``size`` bytes from now on."""
@@ -127,12 +141,16 @@ class WorkDisk:
         return sorted(self.root.glob(f"{prefix}*"))
 
 
-def _vol_args(name: str) -> bytearray:
+def _vol_name(name: str) -> str:
     encoded = os.fsencode(name)
-    if b"/" in encoded or len(encoded) >= 4088:
+    if b"/" in encoded or len(encoded) >= 4088 or name in ("", ".", ".."):
         raise ValueError(f"not a working directory name: {name!r}")
+    return name
+
+
+def _vol_args(name: str) -> bytearray:
     # Mutable: fcntl.ioctl copies an immutable argument into a buffer of only 1024 bytes.
-    return bytearray(VOL_ARGS.pack(0, encoded))
+    return bytearray(VOL_ARGS.pack(0, os.fsencode(_vol_name(name))))
 
 
 @contextlib.contextmanager

@@ -15,17 +15,20 @@ runs, the jail of the run stage is armed. ``aclose`` gives up what is armed.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import errno
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageSpec
+from cellblock.executor.outputs import collect
+from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageOutcome, StageSpec
 from cellblock.service.protocol import (
     STREAMS,
     DepsResult,
@@ -39,11 +42,22 @@ from cellblock.service.protocol import (
     StageStartedEvent,
     Stream,
     Submission,
+    TestFinishedEvent,
+    TestResult,
+    TestSpec,
+    TestStartedEvent,
+    aggregate,
+    judge,
     now,
+    test_result,
 )
 
 Emit = Callable[[Event], None]
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Where a checker finds its test's input, expected and actual output (read-only).
+CHECK_FILES = "/.cellblock/check"
+#: Bytes of a checker's stdout kept as the test's message.
+CHECKER_MESSAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -215,42 +229,157 @@ class SubmissionRunner:
                     return
                 env = outcome.environment
             pure = self.sandbox.base == "pure"
-            stage_env = stage_environment(env, request.env, pure)
-            mounts = [Mount(Path(p), p) for p in env.paths]
             shell = find_shell(env, pure)
-            common = {"workdir": workdir, "env": stage_env, "mounts": mounts}
+            first_spec = StageSpec(
+                script=request.compile if request.compile is not None else request.run,
+                limits=first_limits,
+                workdir=workdir,
+                env=stage_environment(env, request.env, pure),
+                mounts=[Mount(Path(p), p) for p in env.paths],
+                shell=shell or "",
+            )
+            if shell is None:
+                emit(_no_shell(first, first_limits))
+                if first == "compile":
+                    emit(_skipped("run"))
+                return
             if request.compile is not None:
-                ok = await self._stage(
-                    "compile", request.compile, limits.compile, shell, emit, common, (), b""
+                emit(StageStartedEvent(stage="compile"))
+                # While the compile stage runs, the run stage's jail starts (a test's cannot:
+                # its working directory is a snapshot of what compile leaves).
+                compiled = await self._execute(
+                    "compile", first_spec, emit, arm_next=None if request.tests else workdir
                 )
-                if not ok:
+                emit(StageFinishedEvent(stage="compile", result=compiled.result(limits.compile)))
+                if compiled.status != "ok":
                     emit(_skipped("run"))
                     return
-            await self._stage(
-                "run", request.run, limits.run, shell, emit, common,
-                request.args, request.stdin_data(),
-            )  # fmt: skip
+            run_spec = replace(first_spec, script=request.run, limits=limits.run)
+            if request.tests is None:
+                await self._run(submission, run_spec, emit)
+            else:
+                await self._tests(submission, run_spec, emit)
         finally:
             self.sandbox.retire(workdir)
 
-    async def _stage(
+    async def _run(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
+        """The run stage, once, with the request's stdin and args."""
+        request = submission.request
+        emit(StageStartedEvent(stage="run"))
+        spec = replace(spec, args=request.args, stdin=request.stdin_data())
+        result = (await self._execute("run", spec, emit)).result(spec.limits)
+        result = await self._with_outputs(result, submission, spec.workdir)
+        emit(StageFinishedEvent(stage="run", result=result))
+
+    async def _tests(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
+        """The run stage as one sandboxed run per test, each in a fresh snapshot of the working
+        directory as compile left it (so that what one test writes, the next does not see),
+        judged as it ends; the next test's snapshot and jail are made while one runs."""
+        request, limits = submission.request, submission.limits
+        tests = request.tests or []
+        workdir = spec.workdir
+        emit(StageStartedEvent(stage="run"))
+        started = now()
+        results: list[TestResult] = []
+        upcoming: Path | None = self._snapshot(workdir)
+        try:
+            for i, test in enumerate(tests):
+                assert upcoming is not None
+                current, upcoming = (
+                    upcoming,
+                    (self._snapshot(workdir) if i + 1 < len(tests) else None),
+                )
+                emit(TestStartedEvent(test=i, name=test.name))
+                test_spec = replace(
+                    spec, workdir=current, limits=limits.tests[i], args=test.args,
+                    stdin=test.stdin_data(),
+                )  # fmt: skip
+                try:
+                    outcome = await self._execute("run", test_spec, emit, test=i, arm_next=upcoming)
+                    run = await self._with_outputs(
+                        outcome.result(test_spec.limits), submission, current
+                    )
+                finally:
+                    self.sandbox.retire(current)
+                checker = None
+                if request.checker is not None and run.status == "ok":
+                    checker = await self._check(spec, request.checker, test, outcome.stdout)
+                judgement = judge(
+                    run, outcome.stdout, test.expected_output, test.comparison(), *checker or ()
+                )
+                result = test_result(test.name, run, judgement, test.points, test.expected_output)
+                emit(TestFinishedEvent(test=i, result=result))
+                results.append(result)
+        finally:
+            if upcoming is not None:
+                self.sandbox.retire(upcoming)
+        emit(StageFinishedEvent(stage="run", result=aggregate(results, started, now())))
+
+    async def _check(
+        self, spec: StageSpec, checker: str, test: TestSpec, actual: bytes
+    ) -> tuple[SandboxResult, str]:
+        """Run the checker on one test's output, in the sandbox, in its own snapshot of the
+        working directory as compile left it: never where the test ran, whose program could
+        have rewritten the checker's files. It reads the test's input, the expected output and
+        the program's stdout as read-only files; its result and what it said (its stdout)."""
+        files = {
+            "input": test.stdin_data(),
+            "expected": (test.expected_output or "").encode(),
+            "actual": actual,
+        }
+        folder = self._check_files(files)
+        workdir = self._snapshot(spec.workdir)
+        try:
+            check_spec = replace(
+                spec,
+                script=checker,
+                workdir=workdir,
+                env={**spec.env, **{f"CB_{n.upper()}": f"{CHECK_FILES}/{n}" for n in files}},
+                mounts=[*spec.mounts, Mount(folder, CHECK_FILES)],
+            )
+            outcome = await self.sandbox.run(check_spec)
+        finally:
+            self.sandbox.retire(workdir)
+            shutil.rmtree(folder, ignore_errors=True)
+        said = outcome.stdout[:CHECKER_MESSAGE].decode("utf-8", "replace").strip()
+        return outcome.result(check_spec.limits), said
+
+    def _check_files(self, files: Mapping[str, bytes]) -> Path:
+        """A folder of the host holding ``files``, readable (only) by the sandbox."""
+        folder = self.sandbox.disk.root / f"{self.sandbox.uid}-{secrets.token_hex(8)}-check"
+        folder.mkdir()
+        folder.chmod(0o755)
+        for name, data in files.items():
+            path = folder / name
+            path.write_bytes(data)
+            path.chmod(0o444)
+        return folder
+
+    def _snapshot(self, workdir: Path) -> Path:
+        return self.sandbox.disk.snapshot(workdir, f"{workdir.name}-{secrets.token_hex(4)}")
+
+    async def _with_outputs(
+        self, result: SandboxResult, submission: Submission, workdir: Path
+    ) -> SandboxResult:
+        """``result`` with the output files the request names, read from ``workdir``."""
+        patterns, limits = submission.request.outputs, submission.limits
+        if not patterns:
+            return result
+        collected = await asyncio.to_thread(
+            collect, workdir, patterns, limits.output_file_size, limits.output_total_size
+        )
+        return result.model_copy(update={"files": collected.files, "missing": collected.missing})
+
+    async def _execute(
         self,
         stage: StageName,
-        script: str,
-        limits: StageLimits,
-        shell: str | None,
+        spec: StageSpec,
         emit: Emit,
-        common: dict[str, Any],
-        args: Sequence[str],
-        stdin: bytes,
-    ) -> bool:
-        emit(StageStartedEvent(stage=stage))
-        if shell is None:
-            message = "no shell in this pure sandbox: add bash or busybox to dependencies"
-            result = SandboxResult.refused("error", limits, message)
-            emit(StageFinishedEvent(stage=stage, result=result))
-            return False
-
+        *,
+        test: int | None = None,
+        arm_next: Path | None = None,
+    ) -> StageOutcome:
+        """Run one stage (or one test) in the sandbox, its output streaming live."""
         # Live output is text; a character split across two reads is decoded whole. (The final
         # result carries the exact bytes, base64 when they are not UTF-8.)
         decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
@@ -258,15 +387,15 @@ class SubmissionRunner:
         def output(stream: Stream, data: bytes) -> None:
             text = decoders[stream].decode(data)
             if text:
-                emit(OutputEvent(stage=stage, stream=stream, data=text))
+                emit(OutputEvent(stage=stage, stream=stream, data=text, test=test))
 
-        spec = StageSpec(
-            script=script, limits=limits, args=args, stdin=stdin, shell=shell, **common
-        )
-        # While the compile stage runs, the run stage's jail starts.
-        outcome = await self.sandbox.run(spec, output, arm_next=stage == "compile")
-        emit(StageFinishedEvent(stage=stage, result=outcome.result(limits)))
-        return outcome.status == "ok"
+        return await self.sandbox.run(spec, output, arm_next=arm_next)
+
+
+def _no_shell(stage: StageName, limits: StageLimits) -> Event:
+    message = "no shell in this pure sandbox: add bash or busybox to dependencies"
+    result = SandboxResult.refused("error", limits, message)
+    return StageFinishedEvent(stage=stage, result=result)
 
 
 def _files_over_disk(stage: StageName, limits: StageLimits) -> Event:

@@ -114,3 +114,36 @@ def test_a_non_empty_folder_is_never_mounted_over(tmp_path: Path) -> None:
     with pytest.raises(SandboxError, match="not empty"):
         WorkDisk.attach(root, 256 * MiB)
     assert not (root / "disk.img").exists()
+
+
+def test_a_snapshot_starts_as_the_source_and_then_goes_its_own_way(
+    disk: WorkDisk, directory: Path
+) -> None:
+    (directory / "kept.txt").write_text("compiled")
+    os.symlink("/etc/passwd", directory / "trap")
+    os.mkfifo(directory / "fifo")
+    copy = disk.snapshot(directory, f"disk-test-{secrets.token_hex(4)}")
+    try:
+        info = copy.stat()
+        assert info.st_ino == 256  # a subvolume of its own, with its own quota group
+        assert (info.st_uid, info.st_mode & 0o777) == (4242, 0o700)
+        assert (copy / "kept.txt").read_text() == "compiled"
+        # Copied as what they are, never followed or opened.
+        assert os.readlink(copy / "trap") == "/etc/passwd"
+        assert (copy / "fifo").is_fifo()
+        (copy / "kept.txt").write_text("changed by a test")
+        (copy / "new.txt").write_text("new")
+        assert (directory / "kept.txt").read_text() == "compiled"
+        assert not (directory / "new.txt").exists()
+        disk.limit(copy, 2 * MiB)
+        assert 0 < fill(copy, 8 * MiB) <= 2 * MiB
+        assert fill(directory, 3 * MiB) == 3 * MiB  # the source's cap is its own
+    finally:
+        disk.remove(copy)
+    assert not copy.exists()
+
+
+def test_a_snapshot_name_must_be_one_component(disk: WorkDisk, directory: Path) -> None:
+    for name in ("a/b", "..", ""):
+        with pytest.raises(ValueError):
+            disk.snapshot(directory, name)
