@@ -337,14 +337,16 @@ def _files_over_disk(request: SubmissionRequest, limits: ResolvedLimits) -> list
     must hold them (a file's size rounded up to blocks, plus its metadata)."""
     used = sum(-(-len(f.data()) // 4096) * 4096 + FILE_OVERHEAD for f in request.files)
     stages = ("compile", "run") if request.compile is not None else ("run",)
+    caps = [(f"limits.{stage}", getattr(limits, stage)) for stage in stages]
+    caps += [(f"tests[{i}].limits", test) for i, test in enumerate(limits.tests)]
     return [
         FieldProblem(
             "files",
-            f"the files take about {used} bytes on disk, over limits.{stage}.disk "
-            f"({getattr(limits, stage).disk} bytes); send fewer or smaller files, or raise it",
+            f"the files take about {used} bytes on disk, over {where}.disk "
+            f"({stage.disk} bytes); send fewer or smaller files, or raise it",
         )
-        for stage in stages
-        if used > getattr(limits, stage).disk
+        for where, stage in caps
+        if used > stage.disk
     ]
 
 

@@ -4,8 +4,10 @@ is reported under and a fragment of the sentence that explains it, since clients
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from protocolio import (
     PROPERTY,
     PROTOCOL_EXAMPLE,
+    MiB,
     assert_only_problem,
     limit_problems,
     only_problem,
@@ -23,10 +26,12 @@ from protocolio import (
 
 from cellblock.errors import InvalidRequest, LimitExceeded
 from cellblock.service.protocol import (
+    MAX_OUTPUT_PATTERNS,
     MAX_SCRIPT_BYTES,
     RLIMITS,
     SANDBOX_LIMITS,
     FileSpec,
+    LimitPolicy,
     ResolvedLimits,
     Submission,
     decode,
@@ -620,3 +625,337 @@ def test_file_spec_data_decodes_its_content():
     spec = FileSpec(name="x", content="AAE=", encoding="base64")
     assert spec.data() == b"\x00\x01"
     assert spec.executable is False
+
+
+# -- tests, checker and outputs (v1.1) ------------------------------------------------------
+
+
+def with_tests(*tests: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"run": './sum "$@"', "tests": list(tests), **fields}
+
+
+def a_test(name: str = "small", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "stdin": "3\n1 2 3\n", "expected_output": "6\n", **fields}
+
+
+def capped(policy: LimitPolicy, **caps: Any) -> LimitPolicy:
+    return dataclasses.replace(policy, grading=dataclasses.replace(policy.grading, **caps))
+
+
+def test_the_protocols_example_with_tests_is_accepted(policy):
+    raw = {
+        "files": [{"name": "sum.c", "content": "int main(void){return 0;}"}],
+        "compile": "gcc -O2 -o sum sum.c",
+        "run": './sum "$@"',
+        "tests": [
+            {"name": "small", "stdin": "3\n1 2 3\n", "expected_output": "6\n", "points": 1},
+            {"name": "mean", "stdin": "2\n1 2\n", "args": ["--mean"], "expected_output": "1.50",
+             "compare": "tokens"},
+            {"name": "big", "stdin": "...", "expected_output": "...",
+             "limits": {"cpu": 1, "wall_time": 2}},
+        ],
+        "checker": 'python3 check.py "$CB_INPUT" "$CB_EXPECTED" "$CB_ACTUAL"',
+        "outputs": ["plot.png", "results/*.csv"],
+    }  # fmt: skip
+    submission = parse_submission(raw, policy)
+    tests = submission.request.tests
+    assert tests is not None
+    assert [t.name for t in tests] == ["small", "mean", "big"]
+    assert [t.stdin_data() for t in tests] == [b"3\n1 2 3\n", b"2\n1 2\n", b"..."]
+    assert [t.args for t in tests] == [[], ["--mean"], []]
+    assert [str(t.comparison()) for t in tests] == ["lines", "tokens", "lines"]
+    assert [t.points for t in tests] == [1.0, 1.0, 1.0]
+    assert isinstance(tests[0].points, float)
+    assert submission.request.checker is not None
+    assert submission.request.outputs == ["plot.png", "results/*.csv"]
+    assert len(submission.limits.tests) == 3
+    assert submission.limits.output_file_size == policy.grading.output_file_size
+    assert submission.limits.output_total_size == policy.grading.output_total_size
+
+
+def test_a_submission_with_tests_round_trips_through_its_stored_json(policy):
+    raw = with_tests(
+        a_test("a", stdin="AAE=", stdin_encoding="base64", points=2.5, compare="number:1e-3"),
+        a_test("b", limits={"cpu": 1, "wall_time": 2.5, "nofile": [10, 20]}),
+        checker="./check",
+        outputs=["out/*.txt"],
+    )
+    submission = parse_submission(raw, policy)
+    again = Submission.from_json(json.loads(json.dumps(submission.as_json())))
+    assert again == submission
+    assert again.request.tests is not None and again.request.tests[0].stdin_data() == b"\x00\x01"
+    assert again.limits.tests[1].rlimits["nofile"] == (10, 20)
+
+
+def test_a_test_without_stdin_reads_an_empty_stdin_and_has_every_default(policy):
+    [test] = parse_submission(with_tests({"name": "bare"}), policy).request.tests or []
+    assert test.stdin_data() == b""
+    assert (test.args, test.expected_output, test.compare, test.points, test.limits) == (
+        [], None, "lines", 1.0, {})  # fmt: skip
+
+
+def test_without_tests_a_submission_has_none(policy):
+    submission = parse_submission({"run": "true"}, policy)
+    assert submission.request.tests is None
+    assert submission.request.checker is None and submission.request.outputs == []
+    assert submission.limits.tests == ()
+
+
+def test_a_tests_limits_go_over_the_submissions_run_limits(policy):
+    raw = with_tests(
+        a_test("own", limits={"cpu": 1, "wall_time": 2, "memory": 64 * MiB}),
+        a_test("inherits"),
+        limits={"run": {"cpu": 3, "wall_time": 4, "nofile": 99}, "compile": {"cpu": 7}},
+    )
+    limits = parse_submission(raw, policy).limits
+    own, inherits = limits.tests
+    assert (own.rlimits["cpu"], own.wall_time, own.memory) == ((1, 1), 2.0, 64 * MiB)
+    # What a test leaves out is the submission's run limit, not the administrator's default.
+    assert own.rlimits["nofile"] == (99, 99)
+    assert inherits == limits.run
+    assert (limits.run.rlimits["cpu"], limits.run.wall_time) == ((3, 3), 4.0)
+    # The compile stage is not the tests' base.
+    assert own.rlimits["cpu"] != limits.compile.rlimits["cpu"]
+    assert policy.run.defaults.memory != 64 * MiB
+
+
+def test_a_test_may_raise_a_limit_above_the_runs_up_to_the_maximum(policy):
+    maximum = policy.run.maxima.wall_time
+    raw = with_tests(a_test(limits={"wall_time": maximum}), limits={"run": {"wall_time": 1}})
+    assert parse_submission(raw, policy).limits.tests[0].wall_time == maximum
+
+
+@pytest.mark.parametrize("limit", ["cpu", "wall_time", "memory", "nproc", "disk"])
+def test_a_tests_limit_over_the_maximum_is_refused_naming_the_test(policy, limit):
+    maxima = policy.run.maxima
+    ceiling = maxima.rlimits[limit][1] if limit in maxima.rlimits else getattr(maxima, limit)
+    value = int(ceiling) + 1
+    raw = with_tests(a_test("a"), a_test("b", limits={limit: value}))
+    exc = rejected(raw, policy)
+    assert isinstance(exc, LimitExceeded) and exc.code == "limit_exceeded"
+    problem = only_problem(exc)
+    assert problem.field == f"tests[1].limits.{limit}"
+    assert problem.message == f"{value} exceeds the maximum {ceiling}"
+
+
+@pytest.mark.parametrize(
+    ("limits", "field", "fragment"),
+    [
+        ({"cpu": -1}, "tests[0].limits.cpu", "not a non-negative integer"),
+        ({"wall_time": 0}, "tests[0].limits.wall_time", "above 0"),
+        ({"nofile": [10, 5]}, "tests[0].limits.nofile", "above the hard limit"),
+        ({"bogus": 1}, "tests[0].limits.bogus", "unknown limit"),
+        ({"memory": 0}, "tests[0].limits.memory", "at least 1"),
+    ],
+)
+def test_a_malformed_test_limit_is_refused_naming_the_test(policy, limits, field, fragment):
+    exc = rejected(with_tests(a_test(limits=limits)), policy)
+    assert type(exc) is InvalidRequest
+    assert_only_problem(exc, field, fragment)
+
+
+def test_a_tests_limits_must_be_an_object(policy):
+    exc = rejected(with_tests(a_test(limits=[1])), policy)
+    assert_only_problem(exc, "tests[0].limits", "dictionary")
+
+
+def test_a_duplicate_test_name_is_refused_under_the_second(policy):
+    exc = rejected(with_tests(a_test("a"), a_test("b"), a_test("a")), policy)
+    assert_only_problem(exc, "tests[2].name", "'a' is given twice, also as tests[0]")
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [("", "at least 1 character"), ("x" * 201, "at most 200 characters"), ("a\x00", "NUL")],
+)
+def test_a_bad_test_name_is_refused(policy, name, fragment):
+    assert_only_problem(rejected(with_tests(a_test(name)), policy), "tests[0].name", fragment)
+
+
+def test_a_test_without_a_name_is_refused(policy):
+    exc = rejected(with_tests({"stdin": "1"}), policy)
+    assert_only_problem(exc, "tests[0].name", "Field required")
+
+
+def test_more_tests_than_the_cap_are_refused_naming_tests(policy):
+    cap = policy.grading.max_tests
+    assert cap == 200
+    many = [a_test(f"t{i}", limits={"wall_time": 1}) for i in range(cap + 1)]
+    exc = rejected(with_tests(*many), policy)
+    assert_only_problem(exc, "tests", f"{cap + 1} tests are more than the {cap}")
+    # Exactly at the cap they are accepted.
+    assert len(parse_submission(with_tests(*many[:cap]), policy).request.tests or []) == cap
+
+
+def test_the_tests_cap_comes_from_the_policy(policy):
+    small = capped(policy, max_tests=2)
+    exc = rejected(with_tests(a_test("a"), a_test("b"), a_test("c")), small)
+    assert_only_problem(exc, "tests", "3 tests are more than the 2")
+    parse_submission(with_tests(a_test("a"), a_test("b")), small)
+
+
+def test_tests_whose_wall_times_add_up_over_the_cap_are_refused_naming_tests(policy):
+    small = capped(policy, max_tests_wall_time=10)
+    fits = with_tests(a_test("a", limits={"wall_time": 4}), a_test("b", limits={"wall_time": 6}))
+    assert sum(t.wall_time for t in parse_submission(fits, small).limits.tests) == 10
+    over = with_tests(a_test("a", limits={"wall_time": 4}), a_test("b", limits={"wall_time": 6.5}))
+    exc = rejected(over, small)
+    assert_only_problem(exc, "tests", "add up to 10.5 s, over the 10 s")
+    # A test that leaves wall_time out counts with the run stage's.
+    inherited = with_tests(a_test("a"), a_test("b"), limits={"run": {"wall_time": 6}})
+    assert_only_problem(rejected(inherited, small), "tests", "add up to 12 s")
+
+
+@pytest.mark.parametrize(
+    ("encoding", "stdin"), [("rot13", "x"), ("UTF-8", "x"), ("", ""), (None, "3\n")]
+)
+def test_a_tests_bad_stdin_encoding_is_refused_naming_the_test(policy, encoding, stdin):
+    exc = rejected(
+        with_tests(a_test("a"), a_test("b", stdin=stdin, stdin_encoding=encoding)), policy
+    )
+    assert only_problem(exc).field == "tests[1].stdin_encoding"
+
+
+@pytest.mark.parametrize(
+    ("encoding", "stdin", "fragment"),
+    [("hex", "zz", "is not valid hex"), ("base64", "***", "is not valid base64")],
+)
+def test_a_tests_stdin_that_does_not_fit_its_encoding_is_refused(policy, encoding, stdin, fragment):
+    exc = rejected(with_tests(a_test(stdin=stdin, stdin_encoding=encoding)), policy)
+    assert_only_problem(exc, "tests[0].stdin", fragment)
+
+
+@pytest.mark.parametrize(
+    ("compare", "fragment"),
+    [
+        ("diff", "unknown comparison 'diff'"),
+        ("Lines", "unknown comparison"),
+        ("", "unknown comparison"),
+        ("number", "needs its tolerance"),
+        ("number:x", "is not a number"),
+        ("number:-1", "at least 0"),
+        ("number:nan", "at least 0"),
+        ("number:inf", "at least 0"),
+    ],
+)
+def test_an_unknown_compare_mode_or_a_bad_tolerance_is_refused(policy, compare, fragment):
+    exc = rejected(with_tests(a_test(compare=compare)), policy)
+    assert_only_problem(exc, "tests[0].compare", fragment)
+
+
+@pytest.mark.parametrize("compare", ["lines", "exact", "tokens", "number:0", "number:1e-6"])
+def test_every_compare_mode_is_accepted(policy, compare):
+    [test] = parse_submission(with_tests(a_test(compare=compare)), policy).request.tests or []
+    assert test.compare == compare
+
+
+@pytest.mark.parametrize(
+    ("points", "fragment"),
+    [
+        (-1, "is not a number of points"),
+        (-0.5, "is not a number of points"),
+        (True, "valid number"),
+        ("1", "valid number"),
+        (None, "valid number"),
+    ],
+)
+def test_bad_points_are_refused(policy, points, fragment):
+    exc = rejected(with_tests(a_test(points=points)), policy)
+    assert_only_problem(exc, "tests[0].points", fragment)
+
+
+def test_points_may_be_zero_or_a_fraction(policy):
+    tests = parse_submission(
+        with_tests(a_test("a", points=0), a_test("b", points=0.25)), policy
+    ).request.tests
+    assert [t.points for t in tests or []] == [0.0, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fragment"),
+    [
+        ("/etc/passwd", "is absolute"),
+        ("/box/*.png", "is absolute"),
+        ("../secret", "contains '..'"),
+        ("results/../../etc/*", "contains '..'"),
+        ("..", "contains '..'"),
+        ("", "must not be empty"),
+        ("a//b", "empty or '.' path component"),
+    ],
+)
+def test_an_outputs_pattern_outside_the_working_directory_is_refused(policy, pattern, fragment):
+    exc = rejected({"run": "true", "outputs": ["ok.png", pattern]}, policy)
+    assert_only_problem(exc, "outputs[1]", fragment)
+
+
+def test_outputs_work_without_tests_too(policy):
+    request = parse_submission({"run": "true", "outputs": ["plot.png"]}, policy).request
+    assert (request.outputs, request.tests) == (["plot.png"], None)
+
+
+def test_too_many_outputs_patterns_are_refused(policy):
+    exc = rejected({"run": "true", "outputs": ["a"] * (MAX_OUTPUT_PATTERNS + 1)}, policy)
+    assert_only_problem(exc, "outputs", f"at most {MAX_OUTPUT_PATTERNS} items")
+
+
+def test_tests_without_run_are_refused_naming_run(policy):
+    exc = rejected({"tests": [a_test()]}, policy)
+    assert_only_problem(exc, "run", "is required")
+
+
+def test_a_checker_without_tests_is_refused_naming_checker(policy):
+    exc = rejected({"run": "true", "checker": "./check"}, policy)
+    assert_only_problem(exc, "checker", "give tests with it")
+
+
+def test_an_empty_tests_list_is_refused(policy):
+    assert_only_problem(rejected(with_tests(), policy), "tests", "at least 1 item")
+    exc = rejected(with_tests(checker="./check"), policy)
+    assert {p.field for p in exc.problems} == {"tests"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "fragment"),
+    [
+        (with_tests(a_test(bogus=1)), "tests[0].bogus", "Extra inputs are not permitted"),
+        ({"run": "true", "tests": {"name": "a"}}, "tests", "valid list"),
+        ({"run": "true", "tests": ["a"]}, "tests[0]", "dictionary"),
+        (with_tests(a_test(args="--fast")), "tests[0].args", "valid list"),
+        (with_tests(a_test(args=["a", 1])), "tests[0].args[1]", "string"),
+        (with_tests(a_test(args=["a\x00"])), "tests[0].args", "NUL"),
+        (with_tests(a_test(expected_output=6)), "tests[0].expected_output", "string"),
+        (with_tests(a_test(stdin=3)), "tests[0].stdin", "string"),
+        ({"run": "true", "tests": [a_test()], "checker": 5}, "checker", "string"),
+        ({"run": "true", "tests": [a_test()], "checker": "a\x00"}, "checker", "NUL"),
+        ({"run": "true", "outputs": "plot.png"}, "outputs", "valid list"),
+        ({"run": "true", "outputs": [1]}, "outputs[0]", "string"),
+    ],
+)
+def test_a_test_field_of_the_wrong_type_is_refused(policy, raw, field, fragment):
+    assert_only_problem(rejected(raw, policy), field, fragment)
+
+
+def test_a_checker_over_the_script_size_is_refused(policy):
+    exc = rejected(with_tests(a_test(), checker="#" * (MAX_SCRIPT_BYTES + 1)), policy)
+    assert_only_problem(exc, "checker", f"is longer than {MAX_SCRIPT_BYTES} bytes")
+
+
+def test_every_tests_problem_is_reported_each_under_its_test(policy):
+    raw = with_tests(
+        a_test("a", compare="diff"),
+        a_test("b", points=-1),
+        a_test("c", stdin_encoding="rot13"),
+        outputs=["/abs"],
+    )
+    exc = rejected(raw, policy)
+    assert {p.field for p in exc.problems} == {
+        "tests[0].compare", "tests[1].points", "tests[2].stdin_encoding", "outputs[0]"}  # fmt: skip
+
+
+def test_a_tests_disk_cap_must_hold_the_uploaded_files(policy):
+    files = [{"name": "data.bin", "content": "00" * 100_000, "encoding": "hex"}]
+    raw = with_tests(a_test("roomy"), a_test("cramped", limits={"disk": 50_000}), files=files)
+    exc = rejected(raw, policy)
+    problem = only_problem(exc)
+    assert problem.field == "files"
+    assert "tests[1].limits.disk" in problem.message
