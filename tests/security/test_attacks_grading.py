@@ -1,0 +1,119 @@
+"""Attacks on grading, end to end through the real service and a real executor running real
+nsjail: output files that are symlinks, FIFOs or floods planted to make the host read a host
+file, hang or drown; a test that rewrites the checker or leaves something for the next test.
+Each asserts what the host returned, that the verdicts are honest and that it still serves."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import pytest
+from attackio import Target
+
+pytestmark = pytest.mark.timeout(120)
+
+#: The host's own first line of /etc/passwd: in no answer, whatever the sandbox plants.
+HOST_PASSWD = Path("/etc/passwd").read_text().splitlines()[0]
+
+
+def answer_text(answer: dict[str, object]) -> str:
+    """Everything the answer carries, the files' contents decoded."""
+    text = json.dumps(answer)
+    for result in [answer["stages"]["run"], *(answer["stages"].get("tests") or [])]:  # type: ignore[index]
+        for f in result.get("files") or []:
+            text += base64.b64decode(f["content"]).decode("latin-1")
+    return text
+
+
+async def test_a_planted_symlink_to_etc_passwd_is_never_followed(target: Target) -> None:
+    answer = await target.submit({
+        "run": "ln -s /etc/passwd plot.png; mkdir -p d; ln -s /etc d/etc; ln -s /etc etc;"
+               " ln -s /proc/self/root/etc/passwd magic.txt; ln -s /proc/1/root root;"
+               " ln /etc/passwd hard.txt 2>/dev/null; true",
+        "outputs": ["plot.png", "etc/passwd", "etc/*", "d/etc/passwd", "magic.txt",
+                    "root/etc/passwd", "hard.txt", "*"],
+    })  # fmt: skip
+    run = answer["stages"]["run"]
+    assert run["status"] == "ok"
+    assert run["files"] == []
+    assert HOST_PASSWD not in answer_text(answer)
+    await target.still_serves()
+
+
+async def test_a_symlink_swapped_in_during_a_test_is_not_followed_either(
+    target: Target,
+) -> None:
+    """Each test of a submission leaves a different trap behind the same name."""
+    answer = await target.submit({
+        "run": 'read how; case $how in link) ln -s /etc/passwd out.txt;;'
+               ' dir) mkdir -p real; ln -s /etc real2; mv real2 out;;'
+               ' file) echo mine > out.txt;; esac',
+        "tests": [{"name": n, "stdin": f"{n}\n"} for n in ("link", "dir", "file")],
+        "outputs": ["out.txt", "out/passwd"],
+    })  # fmt: skip
+    tests = {t["name"]: t for t in answer["stages"]["tests"]}
+    assert tests["link"]["files"] == [] and tests["dir"]["files"] == []
+    assert [base64.b64decode(f["content"]) for f in tests["file"]["files"]] == [b"mine\n"]
+    assert HOST_PASSWD not in answer_text(answer)
+
+
+async def test_a_fifo_named_as_an_output_does_not_hang_the_executor(target: Target) -> None:
+    started = time.monotonic()
+    answer = await target.submit({
+        "run": "mkfifo plot.png; mkfifo data.csv; true",
+        "outputs": ["plot.png", "*.csv"],
+    }, timeout=30)  # fmt: skip
+    assert answer["stages"]["run"]["files"] == []
+    assert answer["stages"]["run"]["missing"] == ["plot.png", "*.csv"]
+    assert time.monotonic() - started < 20
+    await target.still_serves()
+
+
+async def test_a_flood_of_output_files_stays_within_the_caps(target: Target) -> None:
+    answer = await target.submit({
+        "run": "for i in $(seq 1 3000); do head -c 20000 /dev/urandom > f$i.bin; done",
+        "outputs": ["*.bin"], "limits": {"run": {"wall_time": 60}},
+    }, timeout=90)  # fmt: skip
+    files = answer["stages"]["run"]["files"]
+    assert len(files) <= 1000
+    kept = sum(len(base64.b64decode(f["content"])) for f in files)
+    assert kept <= 16 * 1024 * 1024
+    assert files[-1]["truncated"]
+    await target.still_serves()
+
+
+async def test_a_test_that_rewrites_the_checker_does_not_fool_it(target: Target) -> None:
+    """The program replaces check.sh (and plants a fake `cat` on its PATH) before printing a
+    wrong answer; the checker runs in a fresh copy of the compiled directory and rejects it."""
+    answer = await target.submit({
+        "files": [{"name": "check.sh", "content": 'grep -qx 42 "$CB_ACTUAL"'}],
+        "run": "echo 'exit 0' > check.sh; mkdir -p bin; printf '#!/bin/sh\\nexit 0\\n' > bin/grep;"
+               " chmod +x bin/grep; echo 41",
+        "env": {"PATH": "/box/bin:/usr/bin:/bin"},
+        "tests": [{"name": "t"}],
+        "checker": "bash check.sh",
+    })  # fmt: skip
+    [test] = answer["stages"]["tests"]
+    assert test["verdict"] == "wrong_answer", test
+    assert answer["score"]["points"] == 0.0
+
+
+async def test_what_one_test_leaves_the_next_does_not_see(target: Target) -> None:
+    """A test plants a file, a setuid script and a background process for the next; the next
+    sees the directory as compile left it, and no process of the first."""
+    answer = await target.submit({
+        "compile": "echo clean > state",
+        "run": 'read n; if [ "$n" = 1 ]; then echo dirty > state; echo x > planted;'
+               ' cp /bin/sh sh; chmod u+s sh; (sleep 30 &); echo first;'
+               ' else cat state; ls; pgrep sleep || echo no-sleep; fi',
+        "tests": [
+            {"name": "first", "stdin": "1\n"},
+            {"name": "second", "stdin": "2\n", "expected_output": "clean\nstate\nno-sleep\n"},
+        ],
+    })  # fmt: skip
+    tests = {t["name"]: t for t in answer["stages"]["tests"]}
+    assert tests["second"]["verdict"] == "passed", tests["second"]
+    await target.settled()
