@@ -829,3 +829,28 @@ def test_helpers_detect_a_bad_event_sequence() -> None:
         check_sequence([event], "s")  # starts at 2: a gap
     with pytest.raises(AssertionError):
         check_sequence([{**event, "id": "1", "data": {**event["data"], "seq": 1}}] * 2, "s")
+
+
+@pytest.mark.timeout(60)
+async def test_cancelling_during_a_test_marks_the_tests_that_did_not_run_skipped(
+    api: Api, launch: Launch, until: Until
+) -> None:
+    await launch(slots=1)
+    duration = f"30.{uuid.uuid4().int % 10**9:09d}"
+    sid = await api.submit({
+        "run": f'read how; if [ "$how" = slow ]; then sleep {duration}; fi; echo ok',
+        "tests": [{"name": "quick", "stdin": "quick\n", "expected_output": "ok\n", "points": 2},
+                  {"name": "slow", "stdin": "slow\n"}, {"name": "never", "stdin": "x\n"}],
+    })  # fmt: skip
+    await until(lambda: sandboxed(["sleep", duration]), "the slow test to start")
+    await api.call("DELETE", f"/api/v1/submissions/{sid}")
+    await until(lambda: not sandboxed(["sleep", duration]), "the slow test to be killed", 10)
+    state = await api.get(sid)
+    assert state["status"] == "cancelled"
+    assert [(t["name"], t["verdict"]) for t in state["stages"]["tests"]] == [
+        ("quick", "passed"), ("slow", "skipped"), ("never", "skipped")
+    ]  # fmt: skip
+    assert "cancelled" in state["stages"]["tests"][2]["message"]
+    assert state["score"] == {"passed": 1, "total": 3, "points": 2.0, "max_points": 4.0}
+    events = await api.events(sid)
+    assert events[-1]["data"]["submission"]["stages"]["tests"] == state["stages"]["tests"]
