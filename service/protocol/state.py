@@ -231,6 +231,8 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
             state = state.with_unrun_tests(CANCELLED_MESSAGE)
         elif new == "error":
             state = state.with_unrun_tests(f"the system failed the submission: {event.error}", True)
+        else:  # finished, by a status event rather than the closing event
+            state = state.with_unrun_tests(SKIPPED_MESSAGE)
         return replace(state, status=new, stage=None, finished_at=finished_at, error=event.error)
     if isinstance(event, TestStartedEvent | TestFinishedEvent):
         if state.status != "running" or state.stage != "run":

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from cellblock.service.protocol import (
+    SKIPPED_MESSAGE,
     EventRecorder,
     InvalidTransition,
     SandboxResult,
@@ -506,3 +507,242 @@ def test_a_skipped_stage_is_a_stage_result():
     assert (skipped["stdout_encoding"], skipped["stderr_encoding"]) == ("utf8", "utf8")
     with pytest.raises(ValueError):  # shared by every caller, so nobody may change it
         SandboxResult.skipped().status = "ok"  # type: ignore[misc]
+
+
+# -- tests (v1.1) ---------------------------------------------------------------------------
+
+TESTS = [
+    {"name": "small", "expected_output": "6\n", "points": 2},
+    {"name": "mean", "points": 1.5},
+    {"name": "big", "expected_output": "big\n"},
+]
+
+
+def with_tests(**fields: Any) -> Recorder:
+    return recorder_for(tests=TESTS, **fields)
+
+
+def started_test(i: int) -> dict[str, Any]:
+    return {"type": "test_started", "stage": "run", "test": i, "name": TESTS[i]["name"]}
+
+
+def finished_test(i: int, verdict: str = "passed", **fields: Any) -> dict[str, Any]:
+    points = float(TESTS[i].get("points", 1.0))
+    status = {"passed": "ok", "wrong_answer": "ok", "runtime_error": "failed"}.get(verdict, verdict)
+    result = {
+        "status": status,
+        "name": TESTS[i]["name"],
+        "verdict": verdict,
+        "points": points if verdict == "passed" else 0.0,
+        "max_points": points,
+        "expected_output": TESTS[i].get("expected_output"),
+        **fields,
+    }
+    return {"type": "test_finished", "stage": "run", "test": i, "result": result}
+
+
+SKIPPED_BY_CANCEL = "skipped: the submission was cancelled"
+
+
+def test_a_queued_submission_with_tests_shows_every_test_unknown_and_a_zero_score():
+    document = SubmissionState.new("sub-1", request(tests=TESTS), created_at=T0).as_json()
+    assert document["stages"] == {
+        "deps": None, "compile": None, "run": None, "tests": [None, None, None]}  # fmt: skip
+    assert document["score"] == {"passed": 0, "total": 3, "points": 0.0, "max_points": 4.5}
+    assert list(document)[-1] == "score"
+
+
+def test_a_submission_without_tests_has_neither_tests_nor_a_score():
+    document = SubmissionState.new("sub-1", request()).as_json()
+    assert "tests" not in document["stages"] and "score" not in document
+
+
+def test_test_events_fill_the_tests_and_the_score_as_they_finish():
+    rec = with_tests()
+    play(rec, QUEUED, RUNNING, started("run"), started_test(0))
+    assert rec.state.as_json()["stages"]["tests"] == [None, None, None]  # started is not done
+    play(rec, finished_test(0, wall_time=0.5))
+    document = rec.state.as_json()
+    assert document["stages"]["tests"][0]["verdict"] == "passed"
+    assert document["stages"]["tests"][0]["wall_time"] == 0.5
+    assert document["stages"]["tests"][1:] == [None, None]
+    assert document["score"] == {"passed": 1, "total": 3, "points": 2.0, "max_points": 4.5}
+    play(rec, started_test(1), finished_test(1, "wrong_answer", message="differs"))
+    play(rec, started_test(2), finished_test(2))
+    play(rec, stage_done("run", result("failed")))
+    finished = rec.record(FINISHED)
+    submission = finished["submission"]
+    assert [t["verdict"] for t in submission["stages"]["tests"]] == [
+        "passed", "wrong_answer", "passed"]  # fmt: skip
+    assert submission["stages"]["tests"][1]["message"] == "differs"
+    assert submission["score"] == {"passed": 2, "total": 3, "points": 3.0, "max_points": 4.5}
+    assert submission["stages"]["run"]["status"] == "failed"
+    assert submission == rec.state.as_json()
+
+
+def test_test_events_are_numbered_like_any_other():
+    rec = with_tests()
+    events = play(rec, QUEUED, RUNNING, started("run"), started_test(0), finished_test(0))
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert events[3] == {**started_test(0), "id": "sub-1", "time": events[3]["time"], "seq": 4}
+
+
+@pytest.mark.parametrize("event", [started_test(0), finished_test(0)], ids=["started", "finished"])
+def test_a_test_event_outside_the_run_stage_is_refused(event):
+    rec = with_tests(compile="make")
+    play(rec, QUEUED)
+    with pytest.raises(InvalidTransition):
+        rec.record(event)  # while queued
+    play(rec, RUNNING)
+    with pytest.raises(InvalidTransition, match="inside the run stage"):
+        rec.record(event)  # running, but no stage yet
+    play(rec, started("compile"))
+    with pytest.raises(InvalidTransition, match="inside the run stage"):
+        rec.record(event)
+
+
+@pytest.mark.parametrize("index", [3, -1, 99])
+def test_a_test_event_for_a_test_the_submission_lacks_is_refused(index):
+    rec = with_tests()
+    play(rec, RUNNING, started("run"))
+    with pytest.raises(InvalidTransition, match=f"has no test {index}"):
+        rec.record({"type": "test_started", "stage": "run", "test": index, "name": "x"})
+    event = finished_test(0)
+    event["test"] = index
+    with pytest.raises(InvalidTransition, match=f"has no test {index}"):
+        rec.record(event)
+    assert rec.seq == 2
+
+
+def test_a_submission_without_tests_takes_no_test_event():
+    rec = recorder_for()
+    play(rec, RUNNING, started("run"))
+    with pytest.raises(InvalidTransition, match="has no test 0"):
+        rec.record(started_test(0))
+
+
+def test_a_cancel_marks_the_tests_that_did_not_run_skipped():
+    rec = with_tests()
+    play(rec, QUEUED, RUNNING, started("run"), started_test(0), finished_test(0), started_test(1))
+    rec.record({"type": "status", "status": "cancelled", "time": T2})
+    tests = rec.state.as_json()["stages"]["tests"]
+    assert tests[0]["verdict"] == "passed"
+    for test, plan in zip(tests[1:], TESTS[1:], strict=True):
+        assert (test["status"], test["verdict"], test["points"]) == ("skipped", "skipped", 0.0)
+        assert test["message"] == SKIPPED_BY_CANCEL
+        assert test["name"] == plan["name"]
+        assert test["max_points"] == float(plan.get("points", 1.0))
+        assert test["expected_output"] == plan.get("expected_output")
+    finished = rec.record(FINISHED)
+    assert finished["submission"]["stages"]["tests"] == tests
+    assert finished["submission"]["score"] == {
+        "passed": 1, "total": 3, "points": 2.0, "max_points": 4.5}  # fmt: skip
+
+
+def test_a_queued_submission_cancelled_marks_every_test_skipped():
+    rec = with_tests()
+    play(rec, QUEUED, {"type": "status", "status": "cancelled"})
+    tests = rec.state.as_json()["stages"]["tests"]
+    assert [t["verdict"] for t in tests] == ["skipped"] * 3
+    assert {t["message"] for t in tests} == {SKIPPED_BY_CANCEL}
+
+
+def test_a_system_error_marks_the_tests_that_did_not_run_error():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0, "time_limit"))
+    rec.record({"type": "status", "status": "error", "error": "executor crashed 3 times"})
+    tests = rec.state.as_json()["stages"]["tests"]
+    assert tests[0]["verdict"] == "time_limit"
+    for test in tests[1:]:
+        assert (test["status"], test["verdict"], test["points"]) == ("error", "error", 0.0)
+        assert "executor crashed 3 times" in test["message"]
+    assert rec.state.score is not None and rec.state.score.passed == 0
+
+
+def test_a_compile_failure_skips_the_run_and_so_every_test():
+    rec = with_tests(compile="gcc -o sum sum.c")
+    play(rec, RUNNING, started("compile"), stage_done("compile", result("failed")))
+    play(rec, stage_done("run", result("skipped")))
+    tests = rec.state.as_json()["stages"]["tests"]
+    assert [(t["status"], t["verdict"]) for t in tests] == [("skipped", "skipped")] * 3
+    assert {t["message"] for t in tests} == {SKIPPED_MESSAGE}
+    play(rec, FINISHED)
+    assert rec.state.ran is False
+    assert rec.state.score is not None and rec.state.score.wire() == {
+        "passed": 0, "total": 3, "points": 0.0, "max_points": 4.5}  # fmt: skip
+
+
+def test_tests_without_a_result_when_the_run_ends_are_skipped():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0))
+    play(rec, stage_done("run", result("failed")))
+    assert [t.verdict for t in rec.state.tests if t] == ["passed", "skipped", "skipped"]
+
+
+def test_a_finished_event_gives_every_test_a_result():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0))
+    finished = rec.record(FINISHED)
+    assert [t["verdict"] for t in finished["submission"]["stages"]["tests"]] == [
+        "passed", "skipped", "skipped"]  # fmt: skip
+
+
+def test_a_finished_status_event_gives_every_test_a_result():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0))
+    rec.record({"type": "status", "status": "finished", "time": T2})
+    assert None not in rec.state.tests
+    assert [t.verdict for t in rec.state.tests if t] == ["passed", "skipped", "skipped"]
+    finished = rec.record(FINISHED)
+    assert None not in finished["submission"]["stages"]["tests"]
+
+
+def test_a_reclaim_starts_the_tests_over():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0), started_test(1))
+    assert rec.state.score is not None and rec.state.score.passed == 1
+    rec.record({"type": "status", "status": "running", "worker": "executor-b-2"})
+    assert rec.state.tests == (None, None, None)
+    assert rec.state.as_json()["stages"]["tests"] == [None, None, None]
+    assert rec.state.as_json()["score"]["passed"] == 0
+    # And the tests run again under the new attempt.
+    play(rec, started("run"), started_test(0), finished_test(0, "runtime_error"))
+    assert rec.state.tests[0] is not None and rec.state.tests[0].verdict == "runtime_error"
+
+
+def test_a_state_with_tests_round_trips_through_its_record():
+    rec = with_tests()
+    play(rec, QUEUED, RUNNING, started("run"), started_test(0),
+         finished_test(0, stdout="6\n", limits={"cpu": 1}, wall_time=0.1))  # fmt: skip
+    record = json.loads(json.dumps(rec.state.as_record()))
+    assert record["test_plan"] == [
+        {"name": "small", "max_points": 2.0, "expected_output": "6\n"},
+        {"name": "mean", "max_points": 1.5, "expected_output": None},
+        {"name": "big", "max_points": 1.0, "expected_output": "big\n"},
+    ]
+    again = SubmissionState.from_record(record)
+    assert again == rec.state
+    assert again.as_json() == rec.state.as_json()
+    # The reloaded state goes on: a cancel still knows what the unrun tests were worth.
+    cancelled = apply(again, {"type": "status", "status": "cancelled"})
+    assert cancelled.score is not None and cancelled.score.max_points == 4.5
+    assert [t.name for t in cancelled.tests if t] == ["small", "mean", "big"]
+
+
+def test_a_finished_record_with_tests_round_trips():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0),
+         stage_done("run", result("failed")), FINISHED)  # fmt: skip
+    record = json.loads(json.dumps(rec.state.as_record()))
+    assert SubmissionState.from_record(record) == rec.state
+
+
+def test_the_clients_view_reads_back_with_its_test_results():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0))
+    view = json.loads(json.dumps(rec.state.as_json()))
+    assert "test_plan" not in view
+    again = SubmissionState.from_record(view)
+    assert again.tests == rec.state.tests
+    assert again.as_json()["stages"]["tests"] == view["stages"]["tests"]
+    assert again.test_plan[0].name == "small"
