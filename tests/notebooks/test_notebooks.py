@@ -7,25 +7,18 @@ display holds its last state, as a saved notebook does)."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbformat
 import pytest
+import upio
 from nbclient import NotebookClient
 from nbformat import NotebookNode
+from upio import cellblock_up
 
 from cellblock.kernel import sections
-from cellblock.kernel.install import install
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
@@ -35,74 +28,17 @@ TAG = "raises-exception"
 # -- the deployment and the runs ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def health(url: str) -> dict[str, int]:
-    try:
-        with urllib.request.urlopen(f"{url}/api/v1/health", timeout=2) as response:
-            answer: dict[str, int] = json.load(response)
-            return answer
-    except OSError:
-        return {}
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory, sandbox_root: Path) -> Iterator[Path]:
-    """``cellblock up`` in a temporary state directory, until every worker is there; its
-    state directory (url, token, admin-token)."""
-    folder = tmp_path_factory.mktemp("up")
-    state, log = folder / "state", folder / "up.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLBLOCK_")}
-    env |= {
-        "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
-        "CELLBLOCK_LEASE_TIMEOUT": "1.5",
-        # Slot uids (and the cgroups named for them) of their own: an executor starting on a
-        # slot uid removes that uid's cgroups as its leftovers, and the other tests' executors
-        # (in this run or a concurrent one) use 200000 + 100 + ...
-        "CELLBLOCK_SANDBOX__UID_BASE": "230000",
-    }
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cellblock", "up", "--state-dir", str(state),
-             "--port", str(port), "--executors", "2", "--builders", "1"],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while (up := health(url)).get("executors", 0) < 2 or up.get("builders", 0) < 1:
-            assert proc.poll() is None, f"cellblock up exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"cellblock up did not come up:\n{log.read_text()}"
-            time.sleep(0.1)
+    """``cellblock up`` in a temporary state directory; its state directory."""
+    with cellblock_up(tmp_path_factory.mktemp("up"), sandbox_root, uid_base=230000) as state:
         yield state
-    finally:
-        # SIGINT, like Ctrl-C: `cellblock up` drains its workers, then stops Redis.
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def kernel_env(deployment: Path) -> dict[str, str]:
-    """The environment of the notebooks' kernels: the service and tokens of the deployment, as
-    the JupyterLab extension hands them on."""
-    install(prefix=sys.prefix)  # `pip install -e` leaves the kernelspec out
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLBLOCK_")}
-    files = {
-        "CELLBLOCK_URL": "url",
-        "CELLBLOCK_TOKEN": "token",
-        "CELLBLOCK_ADMIN_TOKEN": "admin-token",
-    }
-    return env | {name: (deployment / f).read_text().strip() for name, f in files.items()}
+    """The environment of the notebooks' kernels."""
+    return upio.kernel_env(deployment)
 
 
 Run = Callable[[str], NotebookNode]
