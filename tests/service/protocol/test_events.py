@@ -11,12 +11,15 @@ from cellblock.service.protocol import (
     EventRecorder,
     FinishedEvent,
     OutputEvent,
+    OutputFile,
     SandboxResult,
     StageFinishedEvent,
     StatusEvent,
     SubmissionRequest,
     SubmissionState,
+    TestFinishedEvent,
     TestResult,
+    TestStartedEvent,
     decode_event,
     encode_event,
 )
@@ -51,6 +54,20 @@ def test_optional_fields_are_absent_not_null():
     assert DepsResult(status="failed", message="no").wire()["message"] == "no"
 
 
+RESULT = TestResult(
+    status="failed",
+    exit_code=1,
+    stdout="7\n",
+    name="big",
+    verdict="runtime_error",
+    max_points=2.0,
+    message="exit 1",
+    expected_output="6\n",
+    files=[OutputFile(name="a.txt", content="aGk=", size=2, media_type="text/plain")],
+    missing=["b.png"],
+)
+
+
 @pytest.mark.parametrize(
     "event",
     [
@@ -58,6 +75,9 @@ def test_optional_fields_are_absent_not_null():
         OutputEvent(stage="run", stream="stderr", data="é\n", id="s", seq=4, time="t"),
         StageFinishedEvent(stage="run", result=SandboxResult.skipped(), id="s", seq=5, time="t"),
         StageFinishedEvent(stage="deps", result=DepsResult(status="ok", cache="hit"), seq=2),
+        TestStartedEvent(test=0, name="small", id="s", seq=6, time="t"),
+        TestFinishedEvent(test=2, result=RESULT, id="s", seq=7, time="t"),
+        OutputEvent(stage="run", stream="stdout", data="6\n", test=1, id="s", seq=8, time="t"),
     ],
 )
 def test_every_event_round_trips_through_its_json(event):
@@ -111,3 +131,53 @@ def test_a_test_result_is_a_stage_result_with_its_verdict():
     )
     with pytest.raises(ValueError):
         TestResult(status="ok", name="x", verdict="close_enough")  # type: ignore[arg-type]
+
+
+def test_test_events_go_out_as_the_protocol_writes_them():
+    started = json.loads(encode_event(TestStartedEvent(test=0, name="small", id="s", seq=3)))
+    assert started == {"type": "test_started", "stage": "run", "test": 0, "name": "small",
+                       "id": "s", "time": None, "seq": 3}  # fmt: skip
+    assert list(started) == ["type", "stage", "test", "name", "id", "time", "seq"]
+    finished = json.loads(encode_event(TestFinishedEvent(test=2, result=RESULT, id="s", seq=4)))
+    assert list(finished) == ["type", "stage", "test", "result", "id", "time", "seq"]
+    assert finished["result"] == RESULT.wire()
+    assert (finished["result"]["name"], finished["result"]["verdict"]) == ("big", "runtime_error")
+    assert finished["result"]["files"][0]["media_type"] == "text/plain"
+
+
+def test_a_test_finished_event_decodes_its_result_as_a_test_result():
+    result = {"status": "ok", "name": "a", "verdict": "passed"}
+    event = decode_event({"type": "test_finished", "test": 0, "result": result})
+    assert isinstance(event, TestFinishedEvent) and isinstance(event.result, TestResult)
+    assert (event.stage, event.result.points, event.result.max_points) == ("run", 0.0, 1.0)
+
+
+def test_an_output_event_names_its_test_only_when_it_has_one():
+    plain = json.loads(encode_event(OutputEvent(stage="run", stream="stdout", data="x")))
+    assert "test" not in plain
+    of_test = OutputEvent(stage="run", stream="stderr", data="x", test=4)
+    wire = json.loads(encode_event(of_test))
+    assert wire["test"] == 4
+    assert list(wire)[:5] == ["type", "stage", "stream", "data", "test"]
+    decoded = decode_event(wire)
+    assert isinstance(decoded, OutputEvent) and decoded.test == 4
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"type": "test_started", "stage": "compile", "test": 0, "name": "a"},
+        {"type": "test_started", "test": 0},
+        {"type": "test_started", "test": "first", "name": "a"},
+        {"type": "test_finished", "test": 0},
+        {"type": "test_finished", "test": 0, "result": {"status": "ok", "name": "a"}},
+        {"type": "test_finished", "test": 0,
+         "result": {"status": "ok", "name": "a", "verdict": "close_enough"}},
+        {"type": "test_finished", "stage": "deps", "test": 0,
+         "result": {"status": "ok", "name": "a", "verdict": "passed"}},
+        {"type": "output", "stage": "run", "stream": "stdout", "data": "", "test": "x"},
+    ],
+)  # fmt: skip
+def test_a_malformed_test_event_is_refused(raw):
+    with pytest.raises(ValueError):
+        decode_event(raw)
