@@ -22,6 +22,7 @@ from cellblock.service.protocol import (
     RLIMITS,
     SANDBOX_LIMITS,
     SIZE_LIMITS,
+    GradingPolicy,
     LimitPolicy,
     StageLimits,
     StagePolicy,
@@ -123,6 +124,13 @@ DEFAULTS: dict[str, Any] = {
         },
         "deps": {"wall_time": 600.0, "max_wall_time": 3600.0},
     },
+    # Submissions with tests (PROTOCOL.md, "Tests") and output files ("Output files").
+    "grading": {
+        "max_tests": 200,  # tests in one submission
+        "max_tests_wall_time": 600.0,  # seconds: the sum of one submission's tests' wall_time
+        "output_file_size": 4 * MiB,  # bytes of one output file brought back
+        "output_total_size": 16 * MiB,  # bytes of all the output files of one result
+    },
     "tokens": {},
 }
 
@@ -223,6 +231,7 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
             deps_max_wall_time=_seconds(
                 "limits.deps.max_wall_time", limits["deps"]["max_wall_time"]
             ),
+            grading=_grading_policy(raw["grading"]),
         )
         if policy.deps_wall_time > policy.deps_max_wall_time:
             raise ConfigError("limits.deps.wall_time is above limits.deps.max_wall_time")
@@ -304,6 +313,19 @@ def _stage_limits(where: str, raw: Mapping[str, Any]) -> StageLimits:
         pids=raw["pids"],
         output=raw["output"],
         disk=raw["disk"],
+    )
+
+
+def _grading_policy(raw: Mapping[str, Any]) -> GradingPolicy:
+    for name in ("max_tests", "output_file_size", "output_total_size"):
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"grading.{name}: {value!r} is not a positive integer")
+    return GradingPolicy(
+        max_tests=raw["max_tests"],
+        max_tests_wall_time=_seconds("grading.max_tests_wall_time", raw["max_tests_wall_time"]),
+        output_file_size=raw["output_file_size"],
+        output_total_size=raw["output_total_size"],
     )
 
 

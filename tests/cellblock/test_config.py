@@ -8,7 +8,8 @@ import pytest
 
 from cellblock import config as config_module
 from cellblock.config import Config, NamedToken, load
-from cellblock.errors import ConfigError
+from cellblock.errors import ConfigError, InvalidRequest
+from cellblock.service.protocol import GradingPolicy, parse_submission
 
 MiB, GiB = 1024**2, 1024**3
 
@@ -383,3 +384,102 @@ def test_a_named_admin_token_from_variables_keeps_its_role(tmp_path):
     assert load(tmp_path, environ=environ).tokens == (
         NamedToken(name="alice", token="abc", role="admin"),
     )
+
+
+# -- grading --------------------------------------------------------------------------------
+
+
+def test_the_grading_caps_have_their_defaults(tmp_path):
+    grading = load(tmp_path, environ={}).limits.grading
+    assert grading == GradingPolicy(
+        max_tests=200, max_tests_wall_time=600.0, output_file_size=4 * MiB,
+        output_total_size=16 * MiB)  # fmt: skip
+    # The protocol's own defaults (a policy built without a configuration) are the same.
+    assert grading == GradingPolicy()
+
+
+def test_the_grading_caps_are_read_from_the_file(tmp_path):
+    write_config(
+        tmp_path,
+        """
+        [grading]
+        max_tests = 20
+        max_tests_wall_time = 90
+        output_file_size = 1024
+        output_total_size = 4096
+        """,
+    )
+    grading = load(tmp_path, environ={}).limits.grading
+    assert (grading.max_tests, grading.max_tests_wall_time) == (20, 90.0)
+    assert isinstance(grading.max_tests_wall_time, float)
+    assert (grading.output_file_size, grading.output_total_size) == (1024, 4096)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "check"),
+    [
+        ("CELLBLOCK_GRADING__MAX_TESTS", "5", lambda g: g.max_tests == 5),
+        ("CELLBLOCK_GRADING__MAX_TESTS_WALL_TIME", "2.5", lambda g: g.max_tests_wall_time == 2.5),
+        ("CELLBLOCK_GRADING__OUTPUT_FILE_SIZE", "10", lambda g: g.output_file_size == 10),
+        ("CELLBLOCK_GRADING__OUTPUT_TOTAL_SIZE", "20", lambda g: g.output_total_size == 20),
+    ],
+)
+def test_a_variable_overrides_a_grading_cap(tmp_path, name, value, check):
+    write_config(tmp_path, "[grading]\nmax_tests = 50\n")
+    grading = load(tmp_path, environ={name: value}).limits.grading
+    assert check(grading)
+    # The rest keeps the file's value or the default.
+    assert grading.max_tests == (5 if name.endswith("MAX_TESTS") else 50)
+    assert grading.output_total_size == (20 if name.endswith("TOTAL_SIZE") else 16 * MiB)
+
+
+def test_submissions_are_judged_against_the_configured_caps(tmp_path):
+    policy = load(tmp_path, environ={"CELLBLOCK_GRADING__MAX_TESTS": "1"}).limits
+    request = {"run": "true", "tests": [{"name": "a"}, {"name": "b"}]}
+    with pytest.raises(InvalidRequest) as info:
+        parse_submission(request, policy)
+    assert [p.field for p in info.value.problems] == ["tests"]
+    files = load(tmp_path, environ={"CELLBLOCK_GRADING__OUTPUT_FILE_SIZE": "99"}).limits
+    assert parse_submission({"run": "true"}, files).limits.output_file_size == 99
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[grading]\nmax_tests = 0\n", "grading.max_tests"),
+        ("[grading]\nmax_tests = -3\n", "grading.max_tests"),
+        ("[grading]\nmax_tests = 2.5\n", "grading.max_tests"),
+        ("[grading]\nmax_tests = true\n", "grading.max_tests"),
+        ("[grading]\nmax_tests = 'many'\n", "grading.max_tests"),
+        ("[grading]\nmax_tests_wall_time = 0\n", "grading.max_tests_wall_time"),
+        ("[grading]\nmax_tests_wall_time = -1\n", "grading.max_tests_wall_time"),
+        ("[grading]\nmax_tests_wall_time = inf\n", "grading.max_tests_wall_time"),
+        ("[grading]\nmax_tests_wall_time = 'long'\n", "grading.max_tests_wall_time"),
+        ("[grading]\noutput_file_size = 0\n", "grading.output_file_size"),
+        ("[grading]\noutput_file_size = '4 MiB'\n", "grading.output_file_size"),
+        ("[grading]\noutput_total_size = -1\n", "grading.output_total_size"),
+        ("[grading]\noutput_total_size = 1.5e6\n", "grading.output_total_size"),
+    ],
+)
+def test_a_bad_grading_cap_is_an_error_naming_it(tmp_path, text, key):
+    write_config(tmp_path, text)
+    assert key in config_error(tmp_path, environ={})
+
+
+def test_a_bad_grading_cap_from_a_variable_is_an_error_naming_it(tmp_path):
+    message = config_error(tmp_path, environ={"CELLBLOCK_GRADING__MAX_TESTS": "none"})
+    assert "grading.max_tests" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[grading]\nmax_test = 5\n", "grading.max_test"),
+        ("[grading]\noutput_size = 5\n", "grading.output_size"),
+        ("grading = 5\n", "grading"),
+    ],
+)
+def test_an_unknown_or_misplaced_grading_key_is_an_error(tmp_path, text, key):
+    write_config(tmp_path, text)
+    message = config_error(tmp_path, environ={})
+    assert repr(key) in message
