@@ -17,11 +17,14 @@ from cellblock.service.protocol import (
     DepsResult,
     Event,
     Limit,
+    OutputFile,
     PackagesRequest,
     SandboxResult,
+    Score,
     Status,
     SubmissionRequest,
     SubmissionState,
+    TestResult,
 )
 from cellblock.service.protocol.messages import Answer, ClientMessage
 
@@ -130,10 +133,19 @@ def document() -> dict[str, Any]:
             "stages": {
                 "type": "object",
                 "required": list(STAGES),
-                "properties": results,
+                "properties": {
+                    **results,
+                    # A submission with tests only: one result per test, null until it has one.
+                    "tests": {
+                        "type": "array",
+                        "items": {"oneOf": [_ref("TestResult"), {"type": "null"}]},
+                    },
+                },
             },
             "error": maybe_text,
             "attempts": {"type": "integer", "minimum": 0},
+            # A submission with tests only.
+            "score": _ref("Score"),
         },
     }
     # POST answers only id and status, unless it waited (wait=true): then the whole document.
@@ -312,10 +324,26 @@ def document() -> dict[str, Any]:
         "PackagesRequest": _schema(PackagesRequest, definitions),
         "SandboxResult": _schema(SandboxResult, definitions),
         "DepsResult": _schema(DepsResult, definitions),
+        "TestResult": _schema(TestResult, definitions),
+        "OutputFile": _schema(OutputFile, definitions),
+        "Score": _schema(Score, definitions),
         "Event": _schema(Event, definitions),
         "ClientMessage": _schema(ClientMessage, definitions),
         "Answer": _schema(Answer, definitions),
     }
+    # A test's limits are a run stage's, its comparison one of the modes (number's tolerance is
+    # checked by the service), its points not negative: set once every model's schema is made,
+    # so that no later one lays the plain TestSpec over this one.
+    test_spec = definitions["TestSpec"]["properties"]
+    test_spec["limits"] = {**_ref("StageLimits"), "description": "over the submission's limits.run"}
+    test_spec["compare"] = {
+        "anyOf": [
+            {"enum": ["lines", "exact", "tokens"]},
+            {"type": "string", "pattern": "^number:", "description": "number:TOL, TOL >= 0"},
+        ],
+        "default": "lines",
+    }
+    test_spec["points"] = {**test_spec["points"], "minimum": 0}
     schemas = {
         **definitions,
         "SubmissionRequest": request,

@@ -24,7 +24,10 @@ ALICE, ADMIN = "alice-token", "admin-token"
 METHODS = ("get", "post", "put", "patch", "delete")
 #: The protocol's submission request fields (PROTOCOL.md, "Submission request").
 REQUEST_FIELDS = {"files", "dependencies", "compile", "run", "env", "stdin", "stdin_encoding",
-                  "args", "limits"}  # fmt: skip
+                  "args", "limits", "tests", "checker", "outputs"}  # fmt: skip
+#: The fields of one test (PROTOCOL.md v1.1, "Tests").
+TEST_FIELDS = {"name", "stdin", "stdin_encoding", "args", "expected_output", "compare", "points",
+               "limits"}  # fmt: skip
 #: An example from PROTOCOL.md, which the schema must accept.
 EXAMPLE = {
     "files": [
@@ -242,9 +245,98 @@ async def test_events_and_websocket_messages_are_described_from_the_protocols_mo
         return {member["properties"]["type"]["const"] for member in members}
 
     assert types_of("Event") == {
-        "status", "stage_started", "output", "stage_finished", "finished"}  # fmt: skip
+        "status", "stage_started", "output", "stage_finished", "test_started", "test_finished",
+        "finished"}  # fmt: skip
     assert types_of("ClientMessage") == {"submit", "watch", "status", "cancel", "packages"}
     assert types_of("Answer") == {"accepted", "cancelled", "submission", "packages", "error"}
     finished = document["components"]["schemas"]["StageFinishedEvent"]["properties"]["result"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in finished["anyOf"]} == {
         "SandboxResult", "DepsResult"}  # fmt: skip
+
+
+def ref_name(node: dict[str, Any]) -> str:
+    return str(node["$ref"]).rsplit("/", 1)[1]
+
+
+def items_of(schema: dict[str, Any]) -> dict[str, Any]:
+    """The item schema of an array that may also be null (pydantic's ``list[X] | None``)."""
+    [array] = [option for option in schema.get("anyOf", [schema]) if option.get("type") == "array"]
+    items: dict[str, Any] = array["items"]
+    return items
+
+
+async def test_the_tests_of_a_request_are_described(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    request = schemas["SubmissionRequest"]["properties"]
+    test_spec = resolve(document, items_of(request["tests"])["$ref"])
+    assert set(test_spec["properties"]) == TEST_FIELDS
+    assert test_spec["required"] == ["name"] and test_spec["additionalProperties"] is False
+    properties = test_spec["properties"]
+    # A test's limits are a run stage's, so they take exactly the run stage's names.
+    assert resolve(document, properties["limits"]["$ref"]) == schemas["StageLimits"]
+    assert properties["points"]["minimum"] == 0
+    assert properties["stdin_encoding"]["enum"] == ["utf8", "hex", "base64"]
+    modes = properties["compare"]["anyOf"]
+    assert {"enum": ["lines", "exact", "tokens"]} in modes
+    assert any(mode.get("pattern") == "^number:" for mode in modes)
+    assert items_of(request["outputs"])["type"] == "string"
+    assert {option.get("type") for option in request["checker"]["anyOf"]} == {"string", "null"}
+
+
+async def test_test_results_output_files_and_the_score_are_components(
+    document: dict[str, Any],
+) -> None:
+    schemas = document["components"]["schemas"]
+    result = schemas["TestResult"]["properties"]
+    # Every field of a stage result, plus how the test was judged.
+    assert set(schemas["SandboxResult"]["properties"]) < set(result)
+    assert set(result) - set(schemas["SandboxResult"]["properties"]) == {
+        "name", "verdict", "points", "max_points", "expected_output"}  # fmt: skip
+    assert set(result["verdict"]["enum"]) == {
+        "passed", "wrong_answer", "time_limit", "memory_limit", "output_limit", "disk_limit",
+        "runtime_error", "skipped", "error"}  # fmt: skip
+    for model in ("SandboxResult", "TestResult"):
+        files = items_of(schemas[model]["properties"]["files"])
+        assert ref_name(files) == "OutputFile", model
+    output_file = schemas["OutputFile"]
+    assert set(output_file["properties"]) == {
+        "name", "content", "encoding", "size", "media_type", "truncated"}  # fmt: skip
+    assert set(schemas["Score"]["properties"]) == {"passed", "total", "points", "max_points"}
+    assert set(schemas["Score"]["required"]) == {"passed", "total", "points", "max_points"}
+    assert ref_name(schemas["TestFinishedEvent"]["properties"]["result"]) == "TestResult"
+    assert schemas["TestStartedEvent"]["properties"]["stage"]["const"] == "run"
+    assert set(schemas["TestStartedEvent"]["required"]) >= {"test", "name"}
+    output = schemas["OutputEvent"]["properties"]["test"]
+    assert {option.get("type") for option in output["anyOf"]} == {"integer", "null"}
+
+
+async def test_the_submission_document_describes_its_tests_and_score(
+    document: dict[str, Any],
+) -> None:
+    submission = document["components"]["schemas"]["Submission"]
+    # Only a submission with tests has them: neither is required.
+    assert "score" not in submission["required"]
+    assert ref_name(submission["properties"]["score"]) == "Score"
+    stages = submission["properties"]["stages"]
+    assert "tests" not in stages["required"]
+    options = stages["properties"]["tests"]["items"]["oneOf"]
+    assert {ref_name(o) for o in options if "$ref" in o} == {"TestResult"}
+    assert {"type": "null"} in options
+
+
+async def test_a_queued_submission_with_tests_fits_its_schema(
+    document: dict[str, Any], service: Any
+) -> None:
+    """The document the service answers has only the fields its schema names, each of the
+    kind the schema says (a light check: a full validator is not a dependency)."""
+    body = json.dumps({"run": "./sum", "tests": [{"name": "a"}, {"name": "b", "points": 2}]})
+    posted = await fetch(service, "/api/v1/submissions", method="POST", body=body)
+    assert posted.code == 201, posted.body
+    sid = json.loads(posted.body)["id"]
+    state = json.loads((await fetch(service, f"/api/v1/submissions/{sid}")).body)
+    schema = document["components"]["schemas"]["Submission"]
+    assert set(schema["required"]) <= set(state) <= set(schema["properties"])
+    assert set(state["stages"]) <= set(schema["properties"]["stages"]["properties"])
+    score = document["components"]["schemas"]["Score"]
+    assert set(state["score"]) == set(score["properties"])
+    assert state["stages"]["tests"] == [None, None]
