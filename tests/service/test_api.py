@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.httpserver
+import tornado.netutil
 from restio import ADMIN, ALICE, BOB, Rest
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from cellblock import config as config_module
+from cellblock.service.auth import Principal, Tokens
 from cellblock.service.protocol import FinishedEvent, StatusEvent, parse_submission
+from cellblock.service.server import make_app
 from cellblock.service.store import Rejected, Store
 
 JSON_TYPE = "application/json; charset=utf-8"
@@ -760,6 +765,164 @@ async def test_a_full_queue_answers_429_with_retry_after_and_accepts_nothing(
     await api.call("DELETE", f"/api/v1/submissions/{ids[0]}")
     await api.submit({"run": "true"})
     assert await store.queued() == QUEUE_SIZE
+
+
+# -- tests and output files (v1.1) -----------------------------------------------------------
+
+SUM = {"files": [{"name": "sum.sh", "content": "read n; echo $((n * 2))\n"}], "run": "sh sum.sh"}
+
+
+def graded(*tests: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {**SUM, "tests": list(tests), **fields}
+
+
+def case(name: str = "small", **fields: Any) -> dict[str, Any]:
+    return {"name": name, "stdin": "3\n", "expected_output": "6\n", **fields}
+
+
+#: Issue 12's "Bad input", and the rest that tests, checker and outputs can get wrong: each is
+#: 422 naming its field.
+GRADING_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
+    ("duplicate test name", graded(case("a"), case("b"), case("a")), "tests[2].name"),
+    ("more tests than the cap", graded(*(case(f"t{i}", limits={"wall_time": 1})
+                                         for i in range(201))), "tests"),
+    ("bad stdin_encoding with stdin", graded(case(stdin="3\n", stdin_encoding="rot13")),
+     "tests[0].stdin_encoding"),
+    ("stdin not of its encoding", graded(case(stdin="zz", stdin_encoding="hex")),
+     "tests[0].stdin"),
+    ("unknown compare", graded(case(compare="diff")), "tests[0].compare"),
+    ("number without tolerance", graded(case(compare="number")), "tests[0].compare"),
+    ("bad tolerance", graded(case(compare="number:abc")), "tests[0].compare"),
+    ("negative tolerance", graded(case(compare="number:-1")), "tests[0].compare"),
+    ("negative points", graded(case("a"), case("b", points=-1)), "tests[1].points"),
+    ("absolute outputs pattern", {**SUM, "outputs": ["/etc/passwd"]}, "outputs[0]"),
+    ("dot-dot outputs pattern", {**SUM, "outputs": ["ok.png", "../*.png"]}, "outputs[1]"),
+    ("tests without run", {"tests": [case()]}, "run"),
+    ("checker without tests", {**SUM, "checker": "./check"}, "checker"),
+    ("empty tests", graded(), "tests"),
+    ("test without a name", graded({"stdin": "3\n"}), "tests[0].name"),
+    ("unknown test field", graded(case(timeout=3)), "tests[0].timeout"),
+    ("malformed test limit", graded(case(limits={"cpu": -1})), "tests[0].limits.cpu"),
+    ("unknown test limit", graded(case(limits={"bogus": 1})), "tests[0].limits.bogus"),
+    ("tests' wall times over the cap",
+     graded(*(case(f"t{i}", limits={"wall_time": 100}) for i in range(7))), "tests"),
+]  # fmt: skip
+
+
+async def test_each_bad_grading_input_is_422_naming_the_field(api: Api, store: Store) -> None:
+    wrong = []
+    for name, body, field in GRADING_PROBLEMS:
+        response = await api.request("POST", "/api/v1/submissions", body)
+        error = json.loads(response.body)["error"] if response.code == 422 else {}
+        if not (
+            error.get("code") == "invalid_request"
+            and [d["field"] for d in error["details"]] == [field]
+            and all(d["message"] for d in error["details"])
+            and error["message"].startswith(f"{field}: ")
+        ):
+            wrong.append(f"{name}: {response.code} {response.body!r}")
+    assert wrong == []
+    assert await store.queued() == 0
+    assert (await api.call("GET", "/api/v1/submissions"))["submissions"] == []
+
+
+async def test_a_tests_limit_over_the_maximum_is_422_naming_it(api: Api, store: Store) -> None:
+    ceiling = LIMITS.run.maxima.rlimits["cpu"][1]
+    assert ceiling is not None
+    body = graded(case("a"), case("b", limits={"cpu": ceiling + 1}))
+    answer = await api.call("POST", "/api/v1/submissions", body, expect=422)
+    assert answer["error"]["code"] == "limit_exceeded"
+    assert answer["error"]["details"] == [
+        {"field": "tests[1].limits.cpu", "message": f"{ceiling + 1} exceeds the maximum {ceiling}"}
+    ]
+    assert await store.queued() == 0
+
+
+async def test_a_submission_with_tests_is_accepted_and_shows_its_tests_while_queued(
+    api: Api,
+) -> None:
+    body = graded(
+        case("small", points=2),
+        case("mean", stdin="2\n", args=["--mean"], expected_output="4", compare="tokens"),
+        case("big", limits={"cpu": 1, "wall_time": 2}, compare="number:1e-6"),
+        {"name": "no stdin"},
+        checker='test "$(cat "$CB_ACTUAL")" = "$(cat "$CB_EXPECTED")"',
+        outputs=["plot.png", "results/*.csv"],
+    )
+    response = await api.request("POST", "/api/v1/submissions", body)
+    assert response.code == 201, response.body
+    answer = json.loads(response.body)
+    assert set(answer) == {"id", "status"} and answer["status"] == "queued"
+    state = await api.get(answer["id"])
+    assert state["status"] == "queued"
+    assert state["stages"] == {"deps": None, "compile": None, "run": None,
+                               "tests": [None, None, None, None]}  # fmt: skip
+    assert state["score"] == {"passed": 0, "total": 4, "points": 0.0, "max_points": 5.0}
+    # The list answers the same document.
+    [listed] = (await api.call("GET", "/api/v1/submissions"))["submissions"]
+    assert listed == state
+    # A cancel while queued gives every test its result: skipped.
+    await api.call("DELETE", f"/api/v1/submissions/{answer['id']}")
+    cancelled = await api.get(answer["id"])
+    assert [t["verdict"] for t in cancelled["stages"]["tests"]] == ["skipped"] * 4
+    assert [t["name"] for t in cancelled["stages"]["tests"]] == [
+        "small", "mean", "big", "no stdin"]  # fmt: skip
+    assert cancelled["score"] == state["score"]
+    events = await api.events(answer["id"])
+    assert events[-1]["data"]["submission"] == cancelled
+
+
+async def test_a_submission_without_tests_has_no_score(api: Api) -> None:
+    state = await api.get(await api.submit({"run": "true", "outputs": ["out.txt"]}))
+    assert "score" not in state and "tests" not in state["stages"]
+
+
+@pytest.fixture
+async def small_caps(
+    redis_url: str, tmp_path: Path, sandbox_root: Path, until: Until
+) -> AsyncIterator[Api]:
+    """The real service configured with small grading caps, as an administrator would
+    (``CELLBLOCK_GRADING__*``): its client."""
+    env = {
+        "CELLBLOCK_GRADING__MAX_TESTS": "3",
+        "CELLBLOCK_GRADING__MAX_TESTS_WALL_TIME": "5",
+        "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
+    }
+    state = tmp_path / "capped-state"
+    state.mkdir()
+    cfg = config_module.load(state, environ=env)
+    assert (cfg.limits.grading.max_tests, cfg.limits.grading.max_tests_wall_time) == (3, 5.0)
+    store = Store.connect(redis_url, retention=cfg.retention, queue_size=cfg.queue_size)
+    await store.jobs.ensure_group()
+    tokens = Tokens({ALICE: Principal("alice", "client"), ADMIN: Principal("admin", "admin")})
+    server = tornado.httpserver.HTTPServer(make_app(store, cfg, tokens))
+    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+    server.add_sockets([sock])
+    client = Api(f"http://127.0.0.1:{sock.getsockname()[1]}", until)
+    yield client
+    client.close()
+    server.stop()
+    await server.close_all_connections()
+    await store.close()
+
+
+async def test_the_configured_caps_on_tests_take_effect(small_caps: Api) -> None:
+    api = small_caps
+    tiny = {"wall_time": 1}
+    four = graded(*(case(f"t{i}", limits=tiny) for i in range(4)))
+    answer = await api.call("POST", "/api/v1/submissions", four, expect=422)
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "tests"
+    assert "4 tests are more than the 3" in detail["message"]
+    # At the cap it is accepted.
+    sid = await api.submit(graded(*(case(f"t{i}", limits=tiny) for i in range(3))))
+    assert len((await api.get(sid))["stages"]["tests"]) == 3
+    # The wall-time cap too: the run stage's default (10 s) alone is over 5 s.
+    answer = await api.call("POST", "/api/v1/submissions", graded(case()), expect=422)
+    [detail] = answer["error"]["details"]
+    assert detail["field"] == "tests"
+    assert "over the 5 s" in detail["message"]
+    await api.submit(graded(case("a", limits={"wall_time": 2}), case("b", limits={"wall_time": 3})))
 
 
 # -- executors failing and stopping -----------------------------------------------------------
