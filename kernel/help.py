@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cellblock.kernel.sections import LINE_MAGICS, OPTIONS, SECTION_MAGICS, STAGE_LIMITS
+from cellblock.kernel.sections import (
+    ENCODINGS,
+    LINE_MAGICS,
+    OPTIONS,
+    RESET_WHAT,
+    SECTION_MAGICS,
+    STAGE_LIMITS,
+)
 from cellblock.service.protocol import DEPS_LIMITS, SANDBOXED_STAGES
+
+#: Values an option takes, for completion (``number:`` then wants its tolerance).
+OPTION_VALUES = {"--compare": ("lines", "exact", "tokens", "number:"), "--encoding": ENCODINGS}
 
 MAGIC_HELP = {
     "files": "%%files NAME [--encoding utf8|hex|base64] [--executable]\n"
@@ -20,7 +30,23 @@ MAGIC_HELP = {
     "env": "%%env\nBody lines NAME=value: environment variables of compile and run.",
     "limits": "%%limits\nBody lines stage.limit = value, e.g. run.cpu = 2, run.as = 256M, "
     "compile.wall_time = 20s, run.nproc = 16:32 (soft:hard). Sizes take K, M, G; times ms, s, m.",
-    "reset": "%reset\nForget everything staged.",
+    "test": "%%test NAME [ARG ...] [--points N] [--compare lines|exact|tokens|number:TOL] "
+    "[--encoding utf8|hex|base64]\nA test: the body is its stdin (no body: an empty stdin), the "
+    "words after NAME its arguments (after --, even those that look like options). The run "
+    "script runs once per staged test, after one compile. --points: what passing earns "
+    "(default 1); --compare: how its output is compared with %%expect (default lines: "
+    "trailing whitespace ignored). A test with an existing NAME replaces it.",
+    "expect": "%%expect\nThe expected output of the %%test right above it in the same cell, "
+    "whitespace kept. Without it a test passes when the run succeeds (and the checker accepts).",
+    "check": "%%check\nThe body is the checker script (bash), run in the sandbox after each "
+    "test with $CB_INPUT, $CB_EXPECTED and $CB_ACTUAL (files); exit 0 accepts, its output "
+    "is the test's message. An empty body removes it.",
+    "outputs": "%%outputs PATTERN ...\nFiles to bring back after the run (or after each test): "
+    "paths or globs relative to the working directory, on the line or in the body. Images "
+    "(PNG, JPEG, GIF, SVG) are shown as images, text files as text, others named with their "
+    "size. Replaces the staged patterns.",
+    "reset": "%reset [tests]\nForget everything staged; %reset tests forgets only the tests "
+    "(and the checker, which judges them).",
     "staged": "%staged\nShow what is staged.",
     "packages": "%packages\nList the packages the shared cache holds.",
     "workers": "%workers\nList the live executors and cache builders (with an admin token); "
@@ -58,8 +84,13 @@ def complete(code: str, cursor_pos: int, packages: Sequence[str]) -> tuple[list[
         return [f"%%{m}" for m in SECTION_MAGICS if f"%%{m}".startswith(word)], start
     if line == word and word.startswith("%"):
         return [f"%{m}" for m in LINE_MAGICS if f"%{m}".startswith(word)], start
+    if line.split()[:1] == ["%reset"]:
+        return [w for w in RESET_WHAT if w.startswith(word)], start
     if line.startswith("%%"):
         magic = line[2:].split()[0] if line[2:].split() else ""
+        before = line[: len(line) - len(word)].split()
+        if before and before[-1] in OPTION_VALUES and before[-1] in OPTIONS.get(magic, {}):
+            return [v for v in OPTION_VALUES[before[-1]] if v.startswith(word)], start
         if word.startswith("-"):
             return [o for o in OPTIONS.get(magic, {}) if o.startswith(word)], start
         if magic == "deps":

@@ -8,6 +8,8 @@ came from, raised before anything is sent anywhere.
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -21,13 +23,19 @@ from cellblock.service.protocol import (
     LIMIT_BY_NAME,
     LIMITS,
     MAX_LIMIT,
+    MAX_OUTPUT_PATTERNS,
     SANDBOXED_STAGES,
     STAGES,
+    Compare,
     Unit,
     decode,
+    pattern_problem,
 )
 
-SECTION_MAGICS = ("files", "deps", "compile", "run", "stdin", "env", "limits")
+SECTION_MAGICS = (
+    "files", "deps", "compile", "run", "stdin", "env", "limits", "test", "expect", "check",
+    "outputs",
+)  # fmt: skip
 LINE_MAGICS = ("reset", "staged", "packages", "workers", "status")
 ENCODINGS = ("utf8", "hex", "base64")
 #: Options each section magic takes; a value of True means the option takes an argument.
@@ -39,7 +47,15 @@ OPTIONS: dict[str, dict[str, bool]] = {
     "stdin": {"--encoding": True},
     "env": {},
     "limits": {},
+    "test": {"--points": True, "--compare": True, "--encoding": True},
+    "expect": {},
+    "check": {},
+    "outputs": {},
 }
+#: What ``%reset`` may forget: everything (no argument) or only the tests.
+RESET_WHAT = ("tests",)
+#: Longest test name the protocol takes.
+MAX_TEST_NAME = 200
 #: Every limit a sandboxed stage takes, as the protocol names them.
 STAGE_LIMITS = tuple(limit.name for limit in LIMITS)
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -121,7 +137,30 @@ def parse(code: str) -> Cell:
     if sum(s.magic == "run" for s in sections) > 1:
         second = [s for s in sections if s.magic == "run"][1]
         raise CellSyntaxError(second.line, second.text, "a cell takes one %%run section")
+    _check_tests(sections)
     return Cell(magics=magics, sections=tuple(sections))
+
+
+def _check_tests(sections: list[Section]) -> None:
+    """Each ``%%expect`` right after the ``%%test`` it belongs to, and a test name once a cell:
+    within one cell a second one is a slip, not a replacement."""
+    first: dict[str, int] = {}
+    for k, section in enumerate(sections):
+        if section.magic == "expect":
+            before = sections[k - 1] if k else None
+            if before is None or before.magic != "test":
+                where = f"it follows %%{before.magic}" if before else "it opens the cell"
+                message = (
+                    f"%%expect without a %%test right above it ({where}): it is the expected "
+                    "output of the %%test section just before it, in the same cell"
+                )
+                raise CellSyntaxError(section.line, section.text, message)
+        elif section.magic == "test":
+            name = section.args[0]
+            if name in first:
+                message = f"test {name!r} is given twice in this cell, also on line {first[name]}"
+                raise CellSyntaxError(section.line, section.text, message)
+            first[name] = section.line
 
 
 def _line_magics(head: list[str]) -> tuple[tuple[LineMagic, ...], list[tuple[int, str]]]:
@@ -141,6 +180,9 @@ def _line_magics(head: list[str]) -> tuple[tuple[LineMagic, ...], list[tuple[int
                 _text(line),
                 f"unknown line magic %{name}; known: " + ", ".join(f"%{m}" for m in LINE_MAGICS),
             )
+        if words[0] == "reset" and words[1:] and words[1:] not in ([w] for w in RESET_WHAT):
+            message = "%reset forgets everything staged, %reset tests only the tests"
+            raise CellSyntaxError(i + 1, _text(line), message)
         magics.append(LineMagic(words[0], tuple(words[1:]), i + 1))
     return tuple(magics), []
 
@@ -168,7 +210,19 @@ def _section(number: int, line: str, body: str) -> Section:
     while i < len(rest):
         word = rest[i]
         name, eq, value = word.partition("=")
-        if magic != "run" and name.startswith("--"):
+        if magic == "test" and word == "--":  # what follows is the program's, options or not
+            args.extend(rest[i + 1 :])
+            break
+        if magic == "test" and name.startswith("--") and name not in takes:
+            # A test's words are its program's arguments (``--mean`` among them); only a
+            # near miss of an option is a typo that would silently change the grading.
+            if near := difflib.get_close_matches(name, takes, n=1, cutoff=0.75):
+                raise CellSyntaxError(
+                    number, text, f"%%test has no option {name}: did you mean {near[0]}? "
+                    f"(a program argument that looks like an option goes after --)",
+                )  # fmt: skip
+            args.append(word)
+        elif magic != "run" and name.startswith("--"):
             if name not in takes:
                 allowed = ", ".join(takes) or "none"
                 raise CellSyntaxError(
@@ -195,9 +249,45 @@ def _section(number: int, line: str, body: str) -> Section:
         )
     if magic == "files" and len(args) != 1:
         raise CellSyntaxError(number, text, "%%files takes one file name: %%files NAME")
-    if magic in ("compile", "stdin", "env", "limits") and args:
+    if magic in ("compile", "stdin", "env", "limits", "expect", "check") and args:
         raise CellSyntaxError(number, text, f"%%{magic} takes no arguments, only a body")
+    if magic == "test":
+        _check_test_line(number, text, args, options)
     return Section(magic, tuple(args), options, body, number, text)
+
+
+def _check_test_line(
+    number: int, text: str, args: list[str], options: dict[str, str | bool]
+) -> None:
+    if not args or not args[0]:
+        raise CellSyntaxError(
+            number, text, "%%test takes a test name: %%test NAME [ARG ...] [--points N]"
+        )
+    name = args[0]
+    if len(name) > MAX_TEST_NAME or "\x00" in name:
+        raise CellSyntaxError(
+            number, text, f"a test name is at most {MAX_TEST_NAME} characters, without NUL"
+        )
+    if "--points" in options:
+        points_value(number, text, str(options["--points"]))
+    if "--compare" in options:
+        try:
+            Compare.parse(str(options["--compare"]))
+        except ValueError as exc:
+            raise CellSyntaxError(number, text, f"--compare: {exc}") from None
+
+
+def points_value(number: int, text: str, value: str) -> float:
+    """The ``--points`` of a test: a finite number, 0 or more."""
+    try:
+        points = float(value)
+    except ValueError:
+        points = math.nan
+    if not math.isfinite(points) or points < 0:
+        raise CellSyntaxError(
+            number, text, f"--points takes a number of points, 0 or more, not {value!r}"
+        )
+    return points
 
 
 # -- section bodies ---------------------------------------------------------------------------
@@ -234,6 +324,32 @@ def deps_names(section: Section) -> list[str]:
                 raise CellSyntaxError(number, text, message)
             names.append(name)
     return names
+
+
+def output_patterns(section: Section) -> list[str]:
+    """The ``%%outputs`` patterns: on the magic line, then shell-quoted words in the body; one
+    that could name a file outside the working directory is reported with its line."""
+    lines = [(section.line, section.text, list(section.args))] + [
+        (number, text, _split(number, text, text)) for number, text in _numbered(section)
+    ]
+    patterns = []
+    for number, text, words in lines:
+        for pattern in words:
+            if problem := pattern_problem(pattern):
+                raise CellSyntaxError(number, text, f"output pattern {problem}")
+            patterns.append(pattern)
+            if len(patterns) > MAX_OUTPUT_PATTERNS:
+                message = f"at most {MAX_OUTPUT_PATTERNS} output patterns; use a glob"
+                raise CellSyntaxError(number, text, message)
+    return patterns
+
+
+def _numbered(section: Section) -> list[tuple[int, str]]:
+    """The body's lines with their line numbers in the cell."""
+    return [
+        (section.line + offset, _text(line))
+        for offset, line in enumerate(lines_of(section.body), start=1)
+    ]
 
 
 def env_variables(section: Section) -> dict[str, str]:

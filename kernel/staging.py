@@ -1,9 +1,10 @@
 """The staged submission: what earlier cells set up, kept across cells in a kernel session.
 
-Pure data. Files and environment variables merge by name, limits by ``stage.limit``; a
-``%%deps``, ``%%compile`` or ``%%stdin`` section replaces what was staged before. A ``%%run``
-section (or a plain cell) turns everything staged plus the cell's own sections into a
-submission request; the run script and its arguments belong to that cell alone.
+Pure data. Files, tests and environment variables merge by name (a test keeps the place it was
+first staged in), limits by ``stage.limit``; a ``%%deps``, ``%%compile``, ``%%stdin``,
+``%%check`` or ``%%outputs`` section replaces what was staged before. A ``%%run`` section (or
+a plain cell) turns everything staged plus the cell's own sections into a submission request;
+the run script and its arguments belong to that cell alone.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cellblock.kernel.render import points_text
 from cellblock.kernel.sections import (
     Cell,
     CellSyntaxError,
@@ -19,6 +21,8 @@ from cellblock.kernel.sections import (
     encoded_body,
     env_variables,
     limit_settings,
+    output_patterns,
+    points_value,
 )
 
 
@@ -27,6 +31,34 @@ class StagedFile:
     content: str
     encoding: str = "utf8"
     executable: bool = False
+
+
+@dataclass(frozen=True)
+class StagedTest:
+    """One ``%%test`` (and its ``%%expect``): the run script's stdin and args for this test."""
+
+    __test__ = False  # not a test case, whatever pytest guesses from the name
+    stdin: str = ""
+    stdin_encoding: str = "utf8"
+    args: tuple[str, ...] = ()
+    expected_output: str | None = None
+    compare: str = "lines"
+    points: float = 1.0
+
+    def spec(self, name: str) -> dict[str, Any]:
+        """The test as the request's ``tests`` carries it; no ``expected_output`` when the test
+        has none (it then passes when the run succeeds)."""
+        spec: dict[str, Any] = {
+            "name": name,
+            "stdin": self.stdin,
+            "stdin_encoding": self.stdin_encoding,
+            "args": list(self.args),
+            "compare": self.compare,
+            "points": self.points,
+        }
+        if self.expected_output is not None:
+            spec["expected_output"] = self.expected_output
+        return spec
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,14 @@ class Staged:
     stdin_encoding: str = "utf8"
     env: dict[str, str] = field(default_factory=dict)
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tests: dict[str, StagedTest] = field(default_factory=dict)
+    checker: str | None = None
+    outputs: tuple[str, ...] = ()
+
+    def without_tests(self) -> Staged:
+        """What ``%reset tests`` leaves: everything but the tests and the checker, which judges
+        only them (a checker left over would judge the next exercise's tests)."""
+        return replace(self, tests={}, checker=None)
 
     def summary(self) -> str:
         """One line: what is staged now."""
@@ -57,14 +97,41 @@ class Staged:
             parts.append(
                 f"{stage} limits: " + ", ".join(f"{k}={v}" for k, v in sorted(limits.items()))
             )
+        if self.tests:
+            points = points_text(sum(t.points for t in self.tests.values()))
+            parts.append(f"{len(self.tests)} test(s), {points} pt: {', '.join(self.tests)}")
+        if self.checker is not None:
+            parts.append("a checker")
+        if self.outputs:
+            parts.append(f"outputs: {' '.join(self.outputs)}")
         return "; ".join(parts) if parts else "nothing"
 
 
 def stage(staged: Staged, cell: Cell) -> Staged:
     """``staged`` with the cell's sections applied (its ``%%run`` section aside)."""
-    for section in cell.sections:
-        staged = _apply(staged, section)
+    for k, section in enumerate(cell.sections):
+        if section.magic == "test":
+            after = cell.sections[k + 1 : k + 2]  # its %%expect, if any (the parser checked)
+            expected = after[0].body if after and after[0].magic == "expect" else None
+            staged = replace(
+                staged, tests={**staged.tests, section.args[0]: _test(section, expected)}
+            )
+        else:
+            staged = _apply(staged, section)
     return staged
+
+
+def _test(section: Section, expected: str | None) -> StagedTest:
+    stdin, encoding = encoded_body(section)
+    points = section.options.get("--points")
+    return StagedTest(
+        stdin=stdin,
+        stdin_encoding=encoding,
+        args=section.args[1:],
+        expected_output=expected,
+        compare=str(section.options.get("--compare", "lines")),
+        points=1.0 if points is None else points_value(section.line, section.text, str(points)),
+    )
 
 
 def _apply(staged: Staged, section: Section) -> Staged:
@@ -89,7 +156,11 @@ def _apply(staged: Staged, section: Section) -> Staged:
         for setting in limit_settings(section):
             limits.setdefault(setting.stage, {})[setting.name] = setting.value
         return replace(staged, limits=limits)
-    return staged  # %%run: not staged
+    if magic == "check":
+        return replace(staged, checker=section.body if section.body.strip() else None)
+    if magic == "outputs":
+        return replace(staged, outputs=tuple(output_patterns(section)))
+    return staged  # %%run: not staged; %%expect: staged with its %%test
 
 
 def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
@@ -101,6 +172,10 @@ def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
         script, args = run.body, run.args
         if not script.strip():
             raise CellSyntaxError(run.line, run.text, "%%run needs a body: the command that runs")
+        if args and staged.tests:
+            # With tests the service runs the script with each test's args, never these.
+            message = "with tests staged, each %%test line gives its own arguments, not %%run"
+            raise CellSyntaxError(run.line, run.text, message + " (or %reset tests)")
     else:
         return None
     body: dict[str, Any] = {
@@ -118,4 +193,10 @@ def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
     }
     if staged.compile is not None:
         body["compile"] = staged.compile
+    if staged.tests:
+        body["tests"] = [test.spec(name) for name, test in staged.tests.items()]
+    if staged.checker is not None:
+        body["checker"] = staged.checker
+    if staged.outputs:
+        body["outputs"] = list(staged.outputs)
     return body

@@ -39,6 +39,21 @@ def test_options_of_the_magic_on_the_line() -> None:
     assert at_end("%%bogus --") == ([], 8)
 
 
+def test_options_and_their_values_of_a_test() -> None:
+    assert at_end("%%test a --") == (["--points", "--compare", "--encoding"], 9)
+    assert at_end("%%test a --compare ") == (["lines", "exact", "tokens", "number:"], 19)
+    assert at_end("%%test a --compare t") == (["tokens"], 19)
+    assert at_end("%%test a --encoding b") == (["base64"], 20)
+    assert at_end("%%files a --encoding ") == (["utf8", "hex", "base64"], 21)
+    assert at_end("%%test a --points ") == ([], 18)  # a number: nothing to offer
+
+
+def test_what_reset_forgets() -> None:
+    assert at_end("%reset ") == (["tests"], 7)
+    assert at_end("%reset t") == (["tests"], 7)
+    assert at_end("%reset x") == ([], 7)
+
+
 def test_package_names_on_the_deps_line_and_in_its_body() -> None:
     assert at_end("%%deps g") == (["gcc", "git"], 7)
     assert at_end("%%deps gcc py") == (["python3", "python3Packages.numpy"], 11)
@@ -111,4 +126,8 @@ def test_the_help_texts_document_the_options() -> None:
     assert "--executable" in MAGIC_HELP["files"]
     assert "--show-output" in MAGIC_HELP["compile"]
     assert "--encoding" in MAGIC_HELP["stdin"]
+    for option in ("--points N", "--compare lines|exact|tokens|number:TOL", "--encoding"):
+        assert option in MAGIC_HELP["test"]
+    assert "%%test" in MAGIC_HELP["expect"] and "$CB_ACTUAL" in MAGIC_HELP["check"]
+    assert "%reset tests" in MAGIC_HELP["reset"] and "SVG" in MAGIC_HELP["outputs"]
     assert set(MAGIC_HELP) == {*SECTION_MAGICS, *LINE_MAGICS}

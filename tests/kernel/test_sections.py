@@ -21,6 +21,7 @@ from cellblock.kernel.sections import (
     encoded_body,
     env_variables,
     limit_settings,
+    output_patterns,
     parse,
 )
 from cellblock.kernel.staging import Staged
@@ -87,7 +88,10 @@ def test_a_cell_splits_into_sections_at_every_double_percent_line() -> None:
 
 
 def test_every_section_magic_of_the_contract_is_known() -> None:
-    assert set(SECTION_MAGICS) == {"files", "deps", "compile", "run", "stdin", "env", "limits"}
+    assert set(SECTION_MAGICS) == {
+        "files", "deps", "compile", "run", "stdin", "env", "limits",
+        "test", "expect", "check", "outputs",  # v1.1
+    }  # fmt: skip
     assert set(LINE_MAGICS) == {"reset", "staged", "packages", "workers", "status"}
 
 
@@ -459,6 +463,113 @@ def test_bad_limits_name_their_line(line: str, words: list[str]) -> None:
     assert_error(f"%%files a\nx\n%%limits\nrun.cpu = 1\n\n{line}\n%%run\ntrue", 6, *words)
 
 
+# -- %%test, %%expect, %%check, %%outputs (v1.1) ----------------------------------------------
+
+
+def test_a_test_section_takes_a_name_args_and_options_and_its_body_is_stdin() -> None:
+    cell = parse(
+        "%%test mean --mean 'x y' --points 2.5 --compare number:1e-6\n3\n1 2 3\n"
+        "%%expect\n2.00\n%%run\n./mean\n"
+    )
+    test, expect, _ = cell.sections
+    assert (test.magic, test.args) == ("test", ("mean", "--mean", "x y"))
+    assert test.options == {"--points": "2.5", "--compare": "number:1e-6"}
+    assert test.body == "3\n1 2 3\n"
+    assert (expect.magic, expect.args, expect.body) == ("expect", (), "2.00\n")
+
+
+def test_words_after_a_double_dash_are_all_arguments() -> None:
+    test = parse("%%test t --points 3 -- --points 4 --compare x\n").sections[0]
+    assert test.args == ("t", "--points", "4", "--compare", "x")
+    assert test.options == {"--points": "3"}
+
+
+def test_a_test_without_a_body_has_an_empty_stdin() -> None:
+    cell = parse("%%test a\n%%test b\n%%expect\n%%run\ntrue")
+    assert [(s.magic, s.body) for s in cell.sections] == [
+        ("test", ""), ("test", ""), ("expect", ""), ("run", "true"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_an_expected_output_is_kept_exactly(body: str) -> None:
+    cell = parse(f"%%test t\n%%expect\n{body}\n%%run\ntrue")
+    assert cell.sections[1].body == body + "\n"
+    assert parse(f"%%test t\n%%expect\n{body}").sections[1].body == body
+
+
+@pytest.mark.parametrize("value", ["0", "1", "2.5", "100", "0.0", "1e3"])
+def test_points_take_any_number_of_at_least_zero(value: str) -> None:
+    assert parse(f"%%test t --points {value}\n").sections[0].options["--points"] == value
+    assert parse(f"%%test t --points={value}\n").sections[0].options["--points"] == value
+
+
+@pytest.mark.parametrize("mode", ["lines", "exact", "tokens", "number:0", "number:1e-6"])
+def test_each_comparison_mode(mode: str) -> None:
+    assert parse(f"%%test t --compare {mode}\n").sections[0].options["--compare"] == mode
+
+
+def test_outputs_patterns_on_the_line_and_in_the_body() -> None:
+    section = only("%%outputs plot.png 'my file.txt'\nresults/*.csv\n\n  out/a.svg b.gif\n")
+    assert output_patterns(section) == [
+        "plot.png", "my file.txt", "results/*.csv", "out/a.svg", "b.gif",
+    ]  # fmt: skip
+
+
+def test_reset_tests() -> None:
+    assert parse("%reset tests").magics[0].args == ("tests",)
+
+
+@pytest.mark.parametrize(
+    ("code", "line", "words"),
+    [
+        # %%expect without the %%test it belongs to, right above it in the same cell.
+        ("%%expect\n3\n%%run\ntrue", 1, ["%%expect without a %%test", "it opens the cell"]),
+        ("%%test a\n%%files b\nx\n%%expect\n3", 4, ["%%expect without a %%test", "%%files"]),
+        ("%%test a\n%%expect\n1\n%%expect\n2", 4, ["it follows %%expect"]),
+        ("%%files a\nx\n\n%%expect\n", 4, ["%%expect without a %%test"]),
+        ("%%expect x\n", 1, ["%%expect takes no arguments"]),
+        # %%test
+        ("%%test\n1 2\n", 1, ["%%test takes a test name"]),
+        ("%%test ''\n", 1, ["%%test takes a test name"]),
+        ("%%test " + "n" * 201 + "\n", 1, ["at most 200 characters"]),
+        ("%%test a\n%%expect\n1\n%%test a\n", 4, ["'a' is given twice", "line 1"]),
+        ("%%test a --points\n", 1, ["--points needs a value"]),
+        ("%%test a --points -1\n", 1, ["--points takes a number of points, 0 or more", "'-1'"]),
+        ("%%test a --points=-0.5\n", 1, ["0 or more", "'-0.5'"]),
+        ("%%test a --points two\n", 1, ["'two'"]),
+        ("%%test a --points nan\n", 1, ["'nan'"]),
+        ("%%test a --points inf\n", 1, ["'inf'"]),
+        ("%%test a --point 3\n", 1, ["no option --point", "did you mean --points?", "after --"]),
+        ("%%test a --compar lines\n", 1, ["did you mean --compare?"]),
+        ("%%test a --compare fuzzy\n", 1, ["--compare", "unknown comparison 'fuzzy'", "tokens"]),
+        ("%%test a --compare number\n", 1, ["--compare", "number needs its tolerance"]),
+        ("%%test a --compare number:x\n", 1, ["--compare", "tolerance 'x'"]),
+        ("%%test a --compare number:-1\n", 1, ["--compare", "at least 0"]),
+        ("%%test a --compare lines:1\n", 1, ["--compare", "unknown comparison"]),
+        ("%%test a --encoding rot13\n", 1, ["unknown encoding 'rot13'"]),
+        ("%%test a --encoding hex\nzz\n", 1, ["the body"]),
+        # %%check, %%outputs
+        ("%%check now\ntrue\n", 1, ["%%check takes no arguments"]),
+        ("%%outputs /etc/passwd\n", 1, ["absolute"]),
+        ("%%outputs ok.png\n../up.txt\n", 2, ["contains '..'"]),
+        ("%%outputs a//b\n", 1, ["empty or '.' path component"]),
+        ("%%outputs --all\n", 1, ["%%outputs has no option --all"]),
+        ("%%outputs\n'unclosed\n", 2, ["cannot split"]),
+        ("%%outputs\n" + "f\n" * 65, 66, ["at most 64 output patterns"]),
+        # %reset
+        ("%reset everything\n", 1, ["%reset tests only the tests"]),
+        ("%reset tests files\n", 1, ["%reset tests only the tests"]),
+    ],
+)
+def test_bad_grading_sections_name_their_line(code: str, line: int, words: list[str]) -> None:
+    assert_error(code, line, *words)
+
+
+def test_run_arguments_with_tests_are_refused_as_they_would_not_be_used() -> None:
+    assert_error("%%test a\n%%run --fast\n./a", 2, "each %%test line gives its own arguments")
+
+
 # -- line magics and plain cells ---------------------------------------------------------------
 
 
@@ -572,7 +683,10 @@ MAGIC_LINES = st.one_of(
         + [f"%{m}" for m in LINE_MAGICS]
         + ["%%", "%", "%%files a --encoding", "%%files a --executable", "%%run 'x", "%%deps gcc",
            "%%files", "%%stdin --encoding hex", "%%compile --show-output", "run.cpu = 1:2",
-           "run.as = 2M", "A=1", "compile.wall_time = 1.5s", "deps.wall_time = 1"]
+           "run.as = 2M", "A=1", "compile.wall_time = 1.5s", "deps.wall_time = 1",
+           "%%test t", "%%test t --points 2", "%%test t --compare number:0.1", "%%test t -- x",
+           "%%test u --encoding hex", "%%expect", "%%check", "%%outputs a.png", "%reset tests",
+           "%%outputs ../x", "%%test", "%%test t --points -1"]
     ),
     st.text(max_size=30).map(lambda t: "%%" + t),
     st.text(max_size=30).map(lambda t: "%" + t),

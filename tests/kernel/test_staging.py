@@ -9,7 +9,7 @@ import pytest
 
 from cellblock.config import Config
 from cellblock.kernel.sections import CellSyntaxError, parse
-from cellblock.kernel.staging import Staged, StagedFile, request, stage
+from cellblock.kernel.staging import Staged, StagedFile, StagedTest, request, stage
 from cellblock.service.protocol import parse_submission
 
 
@@ -195,6 +195,83 @@ def test_the_request_is_one_the_service_accepts(config: Config) -> None:
     assert submission.request.dependencies == ["gcc"]
 
 
+# -- tests, checker, outputs (v1.1) ------------------------------------------------------------
+
+
+def test_tests_are_staged_like_files_in_the_order_first_staged() -> None:
+    staged = cells(
+        "%%test small\n1 2\n%%expect\n3\n%%test big --points 2\n9 9\n",
+        "%%test mean --mean --compare tokens\n1 2\n%%expect\n1.50\n",
+        "%%test small --points 0.5\n2 2\n%%expect\n4\n",  # replaces small, keeps its place
+    )
+    assert list(staged.tests) == ["small", "big", "mean"]
+    assert staged.tests["small"] == StagedTest("2 2\n", expected_output="4\n", points=0.5)
+    assert staged.tests["big"] == StagedTest("9 9\n", points=2.0)  # no %%expect: None
+    assert staged.tests["mean"] == StagedTest(
+        "1 2\n", args=("--mean",), expected_output="1.50\n", compare="tokens"
+    )
+
+
+def test_a_test_with_an_encoded_stdin() -> None:
+    staged = cells("%%test bin --encoding hex\n00 ff\n0a\n")
+    assert staged.tests["bin"] == StagedTest("00ff0a", "hex")
+
+
+def test_checker_and_outputs_replace_and_empty_sections_remove_them() -> None:
+    staged = cells("%%check\ndiff a b\n%%outputs a.png\n", "%%outputs b.png\nc/*.csv\n")
+    assert staged.checker == "diff a b\n" and staged.outputs == ("b.png", "c/*.csv")
+    assert cells("%%check\nx\n", "%%check\n  \n").checker is None
+    assert cells("%%outputs a\n", "%%outputs\n").outputs == ()
+
+
+def test_reset_tests_forgets_the_tests_and_the_checker_only() -> None:
+    staged = cells("%%files a\nx\n%%outputs o.txt\n%%check\ntrue\n%%test t\n")
+    left = staged.without_tests()
+    assert left.tests == {} and left.checker is None
+    assert left.files == staged.files and left.outputs == ("o.txt",)
+
+
+def test_the_request_of_a_cell_with_tests() -> None:
+    staged = cells(
+        "%%files sum.sh\necho\n%%test small\n1 2\n%%expect\n3\n",
+        '%%check\ncmp "$CB_EXPECTED" "$CB_ACTUAL"\n%%outputs plot.png\n',
+    )
+    body = submit(staged, "%%test mean 'a b' --points 2 --compare number:0.1\n%%run\n./sum.sh\n")
+    assert body["tests"] == [
+        {"name": "small", "stdin": "1 2\n", "stdin_encoding": "utf8", "args": [],
+         "compare": "lines", "points": 1.0, "expected_output": "3\n"},
+        {"name": "mean", "stdin": "", "stdin_encoding": "utf8", "args": ["a b"],
+         "compare": "number:0.1", "points": 2.0},
+    ]  # fmt: skip
+    assert body["checker"] == 'cmp "$CB_EXPECTED" "$CB_ACTUAL"\n'
+    assert body["outputs"] == ["plot.png"]
+    # The cell's own %%test is staged for the next cell too.
+    assert "mean" in stage(staged, parse("%%test mean\n%%run\ntrue")).tests
+
+
+def test_a_plain_cell_runs_the_staged_tests() -> None:
+    body = submit(cells("%%test a\n"), "./prog\n")
+    assert [t["name"] for t in body["tests"]] == ["a"]
+
+
+def test_without_tests_the_request_has_no_grading_keys() -> None:
+    assert {"tests", "checker", "outputs"}.isdisjoint(submit(Staged(), "%%run\ntrue"))
+
+
+def test_the_request_with_tests_is_one_the_service_accepts(config: Config) -> None:
+    staged = cells(
+        "%%test a --points 0\n%%expect\n\n%%test b x --compare number:1e-9\n1\n",
+        "%%test c --encoding base64\nAAE=\n%%check\ntrue\n%%outputs out/*.txt p.png\n",
+    )
+    submission = parse_submission(submit(staged, "%%run\n./prog"), config.limits)
+    tests = submission.request.tests
+    assert tests is not None and [t.name for t in tests] == ["a", "b", "c"]
+    assert tests[0].points == 0.0 and tests[0].expected_output == "\n"
+    assert tests[1].args == ["x"] and tests[1].expected_output is None
+    assert tests[2].stdin_data() == b"\x00\x01"
+    assert submission.request.outputs == ["out/*.txt", "p.png"]
+
+
 # -- the summary line --------------------------------------------------------------------------
 
 
@@ -226,6 +303,9 @@ def test_the_summary_names_everything_staged_on_one_line() -> None:
         ("%%stdin\nabc", "stdin (3 chars)"),
         ("%%env\nA=1\n", "env: A"),
         ("%%limits\nrun.nproc = 1:2\n", "run limits: nproc=[1, 2]"),
+        ("%%test a\n%%test b --points 1.5\n", "2 test(s), 2.5 pt: a, b"),
+        ("%%check\ntrue\n", "a checker"),
+        ("%%outputs a.png b/*.csv\n", "outputs: a.png b/*.csv"),
     ],
 )
 def test_the_summary_of_each_section(code: str, summary: str) -> None:
