@@ -127,7 +127,7 @@ DEFAULTS: dict[str, Any] = {
     # Submissions with tests (PROTOCOL.md, "Tests") and output files ("Output files").
     "grading": {
         "max_tests": 200,  # tests in one submission
-        "max_tests_wall_time": 600.0,  # seconds: the sum of one submission's tests' wall_time
+        "max_tests_wall_time": 2000.0,  # seconds: the sum of one submission's tests' wall_time
         "output_file_size": 4 * MiB,  # bytes of one output file brought back
         "output_total_size": 16 * MiB,  # bytes of all the output files of one result
     },

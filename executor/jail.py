@@ -186,14 +186,22 @@ class Jail:
         except TimeoutError:
             self.kill()  # which releases it
         finally:
-            self.release()
+            if not self._released:
+                self._released = True
+                # In a thread: closing a v1 cgroup's OOM eventfd and removing its folders wait
+                # on the kernel for milliseconds, which the next stage's start should not.
+                await asyncio.to_thread(self._free)
 
     def release(self) -> None:
         """Close every descriptor of the jail and remove its cgroup; once, however often it is
-        called (``end`` and ``kill`` both release)."""
+        called (``end`` and ``kill`` both release). Called on the event loop's thread only, so
+        that the flag is never raced."""
         if self._released:
             return
         self._released = True
+        self._free()
+
+    def _free(self) -> None:
         for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
             fd = getattr(self, name)
             if fd >= 0:

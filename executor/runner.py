@@ -274,28 +274,25 @@ class SubmissionRunner:
     async def _tests(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
         """The run stage as one sandboxed run per test, each in a fresh snapshot of the working
         directory as compile left it (so that what one test writes, the next does not see),
-        judged as it ends; the next test's snapshot and jail are made while one runs."""
+        judged as it ends. The next test's snapshot and jail are made while one runs."""
         request, limits = submission.request, submission.limits
         tests = request.tests or []
-        workdir = spec.workdir
         emit(StageStartedEvent(stage="run"))
         started = now()
         results: list[TestResult] = []
-        upcoming: Path | None = self._snapshot(workdir)
+        upcoming: asyncio.Task[Path] | None = asyncio.create_task(self._fresh(spec))
         try:
             for i, test in enumerate(tests):
                 assert upcoming is not None
-                current, upcoming = (
-                    upcoming,
-                    (self._snapshot(workdir) if i + 1 < len(tests) else None),
-                )
+                current = await upcoming
+                upcoming = asyncio.create_task(self._fresh(spec)) if i + 1 < len(tests) else None
                 emit(TestStartedEvent(test=i, name=test.name))
                 test_spec = replace(
                     spec, workdir=current, limits=limits.tests[i], args=test.args,
                     stdin=test.stdin_data(),
                 )  # fmt: skip
                 try:
-                    outcome = await self._execute("run", test_spec, emit, test=i, arm_next=upcoming)
+                    outcome = await self._execute("run", test_spec, emit, test=i)
                     run = await self._with_outputs(
                         outcome.result(test_spec.limits), submission, current
                     )
@@ -312,7 +309,10 @@ class SubmissionRunner:
                 results.append(result)
         finally:
             if upcoming is not None:
-                self.sandbox.retire(upcoming)
+                # Not cancelled: its snapshot may be made already, in a thread that cannot be
+                # stopped, and must be removed either way.
+                with contextlib.suppress(Exception):
+                    self.sandbox.retire(await upcoming)
         emit(StageFinishedEvent(stage="run", result=aggregate(results, started, now())))
 
     async def _check(
@@ -328,7 +328,7 @@ class SubmissionRunner:
             "actual": actual,
         }
         folder = self._check_files(files)
-        workdir = self._snapshot(spec.workdir)
+        workdir = await self._snapshot(spec.workdir)
         try:
             check_spec = replace(
                 spec,
@@ -355,8 +355,17 @@ class SubmissionRunner:
             path.chmod(0o444)
         return folder
 
-    def _snapshot(self, workdir: Path) -> Path:
-        return self.sandbox.disk.snapshot(workdir, f"{workdir.name}-{secrets.token_hex(4)}")
+    async def _snapshot(self, workdir: Path) -> Path:
+        """A snapshot of ``workdir``, made in a thread: it waits for a btrfs transaction
+        commit, milliseconds that would stall every other slot of this executor."""
+        name = f"{workdir.name}-{secrets.token_hex(4)}"
+        return await asyncio.to_thread(self.sandbox.disk.snapshot, workdir, name)
+
+    async def _fresh(self, spec: StageSpec) -> Path:
+        """A test's fresh working directory, with its jail armed."""
+        path = await self._snapshot(spec.workdir)
+        self.sandbox.arm(path, spec.mounts)
+        return path
 
     async def _with_outputs(
         self, result: SandboxResult, submission: Submission, workdir: Path

@@ -409,7 +409,7 @@ class Sandbox:
         # Once its jails are gone it is no mount point any more: a subvolume still mounted in
         # a jail that is ending cannot be deleted.
         await asyncio.gather(*jails, return_exceptions=True)
-        self.disk.remove(workdir)
+        await asyncio.to_thread(self.disk.remove, workdir)  # a btrfs commit: not on the loop
 
     async def run(
         self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: Path | None = None

@@ -44,6 +44,7 @@ from cellblock.service.protocol import (
     StatusEvent,
     Submission,
     SubmissionState,
+    TestStartedEvent,
     decode_event,
     encode_event,
 )
@@ -427,7 +428,8 @@ class EventLog:
                     raise Rejected(str(exc)) from None
                 continue  # perhaps only against what this log remembered: read it again
             new = recorder.state
-            changed = any(not isinstance(event, OutputEvent) for event in events)
+            # Output and a test's start change nothing of the document: it is not rewritten.
+            changed = any(not isinstance(e, OutputEvent | TestStartedEvent) for e in events)
             last = await store._append(
                 keys=[store._sub(sid), store._events(sid), f"{store.p}:queued",
                       f"{store.p}:counters", metrics.key(store)],

@@ -135,7 +135,7 @@ class GradingPolicy:
 
     #: Tests in one submission, and the sum of their wall-time limits.
     max_tests: int = 200
-    max_tests_wall_time: float = 600.0
+    max_tests_wall_time: float = 2000.0
     #: Bytes of output files returned, each and all of a result's files together.
     output_file_size: int = 4 * MiB
     output_total_size: int = 16 * MiB

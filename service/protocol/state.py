@@ -260,7 +260,10 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
             changes["compiled"] = ok
         else:
             changes["ran"] = result.status not in ("skipped", "error")
-            state = state.with_unrun_tests(SKIPPED_MESSAGE)
+            if result.status == "error":  # the sandbox failed the stage, not the program
+                state = state.with_unrun_tests(f"the run stage failed: {result.message}", True)
+            else:
+                state = state.with_unrun_tests(SKIPPED_MESSAGE)
         return replace(state, **changes)
     assert isinstance(event, FinishedEvent)
     if state.status == "queued":

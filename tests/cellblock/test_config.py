@@ -392,7 +392,7 @@ def test_a_named_admin_token_from_variables_keeps_its_role(tmp_path):
 def test_the_grading_caps_have_their_defaults(tmp_path):
     grading = load(tmp_path, environ={}).limits.grading
     assert grading == GradingPolicy(
-        max_tests=200, max_tests_wall_time=600.0, output_file_size=4 * MiB,
+        max_tests=200, max_tests_wall_time=2000.0, output_file_size=4 * MiB,
         output_total_size=16 * MiB)  # fmt: skip
     # The protocol's own defaults (a policy built without a configuration) are the same.
     assert grading == GradingPolicy()

@@ -679,6 +679,14 @@ def test_tests_without_a_result_when_the_run_ends_are_skipped():
     assert [t.verdict for t in rec.state.tests if t] == ["passed", "skipped", "skipped"]
 
 
+def test_a_run_stage_the_sandbox_failed_errs_the_tests_that_did_not_run():
+    rec = with_tests()
+    play(rec, RUNNING, started("run"), started_test(0), finished_test(0))
+    play(rec, stage_done("run", result("error", message="no shell")))
+    assert [t.verdict for t in rec.state.tests if t] == ["passed", "error", "error"]
+    assert rec.state.tests[1] is not None and "no shell" in (rec.state.tests[1].message or "")
+
+
 def test_a_finished_event_gives_every_test_a_result():
     rec = with_tests()
     play(rec, RUNNING, started("run"), started_test(0), finished_test(0))

@@ -1,0 +1,228 @@
+"""Grading a C assignment of 50 tests: one submission with ``tests`` against 50 submissions
+that each compile and run (the way Judge0 and SandboxFusion grade), in one run; and what a
+test's fresh working directory costs.
+
+Starts a private deployment (as bench/service.py does: redis-server on a unix socket, the
+service and two executors of two slots each) and measures, round by round in a random order
+so that machine noise hits both alike:
+
+``tests``
+    One submission: ``gcc -O2`` once, then the 50 tests, each a sandboxed run from a fresh
+    snapshot of the compiled directory, judged by comparison (``lines``).
+``separate``
+    50 submissions of the same program, each compiling it and running one test's input,
+    submitted at once (as a Judge0 batch is) over the WebSocket, until the last finishes;
+    their outputs are compared here the same way.
+
+Then, in this process, a test's fresh working directory: a btrfs snapshot of a compiled
+working directory (``WorkDisk.snapshot``, then its removal), against a full copy of it
+(``cp -a``), for the small directory of this assignment and for one holding 64 MiB of data.
+
+Target: the submission with tests at least 5 times faster than the separate submissions.
+
+    cd /work/main && .venv/bin/python bench/grading.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from deps import redis_server
+
+from cellblock import config as cellblock_config
+from cellblock.executor.disk import WorkDisk
+from cellblock.executor.host import prepare
+from cellblock.service.client import Client
+from cellblock.service.protocol import Compare
+from service import TOKEN, Deployment
+
+TARGET_RATIO = 5.0
+TESTS = 50
+SUM_C = r"""
+#include <stdio.h>
+int main(void) {
+    long n, x, sum = 0;
+    if (scanf("%ld", &n) != 1) return 1;
+    for (long i = 0; i < n; i++) { if (scanf("%ld", &x) != 1) return 1; sum += x; }
+    printf("%ld\n", sum);
+    return 0;
+}
+"""
+COMPILE = "gcc -O2 -o sum sum.c"
+RUN = "./sum"
+
+
+def cases(count: int) -> list[dict[str, Any]]:
+    """``count`` tests: sums of 1 … 200 random numbers."""
+    rng = random.Random(12)
+    tests = []
+    for i in range(count):
+        numbers = [rng.randint(-1000, 1000) for _ in range(rng.randint(1, 200))]
+        stdin = f"{len(numbers)}\n{' '.join(map(str, numbers))}\n"
+        tests.append({"name": f"t{i:02}", "stdin": stdin, "expected_output": f"{sum(numbers)}\n"})
+    return tests
+
+
+async def with_tests(client: Client, tests: list[dict[str, Any]]) -> int:
+    """One submission with every test; how many passed."""
+    document = await client.run({
+        "files": [{"name": "sum.c", "content": SUM_C}], "compile": COMPILE, "run": RUN,
+        "tests": tests,
+    })  # fmt: skip
+    passed: int = document["score"]["passed"]
+    return passed
+
+
+async def separately(client: Client, tests: list[dict[str, Any]]) -> int:
+    """One submission per test, all at once; how many printed the expected output."""
+
+    async def one(test: dict[str, Any]) -> bool:
+        document = await client.run({
+            "files": [{"name": "sum.c", "content": SUM_C}], "compile": COMPILE, "run": RUN,
+            "stdin": test["stdin"],
+        })  # fmt: skip
+        stdout = document["stages"]["run"]["stdout"].encode()
+        return Compare.parse("lines").matches(test["expected_output"], stdout)
+
+    return sum(await asyncio.gather(*(one(t) for t in tests)))
+
+
+def fresh_directory_costs(disk: WorkDisk, uid: int, runs: int) -> dict[str, dict[str, float]]:
+    """Median milliseconds to make (and remove) a test's fresh working directory from a
+    compiled one: snapshot against ``cp -a``, for a small and a 64 MiB directory."""
+    figures: dict[str, dict[str, float]] = {}
+    for label, data in (("small", 0), ("64MiB", 64 * 1024 * 1024)):
+        source = disk.create(f"bench-source-{secrets.token_hex(4)}", uid)
+        try:
+            (source / "sum.c").write_text(SUM_C)
+            subprocess.run(["gcc", "-O2", "-o", source / "sum", source / "sum.c"], check=True)
+            if data:
+                (source / "data").mkdir()
+                for i in range(64):
+                    (source / "data" / f"{i}.bin").write_bytes(secrets.token_bytes(data // 64))
+            snap, copy = [], []
+            for _ in range(runs):
+                snap.append(_timed(_snapshot_and_remove, disk, source))
+                copy.append(_timed(_copy_and_remove, disk, source))
+            figures[label] = {
+                "snapshot_ms": statistics.median(snap) * 1000,
+                "copy_ms": statistics.median(copy) * 1000,
+            }
+        finally:
+            disk.remove(source)
+    return figures
+
+
+def _snapshot_and_remove(disk: WorkDisk, source: Path) -> None:
+    disk.remove(disk.snapshot(source, f"bench-snap-{secrets.token_hex(4)}"))
+
+
+def _copy_and_remove(disk: WorkDisk, source: Path) -> None:
+    target = disk.root / f"bench-copy-{secrets.token_hex(4)}"
+    subprocess.run(["cp", "-a", "--reflink=never", str(source), str(target)], check=True)
+    shutil.rmtree(target)
+
+
+def _timed(work: Callable[[WorkDisk, Path], None], disk: WorkDisk, source: Path) -> float:
+    start = time.perf_counter()
+    work(disk, source)
+    return time.perf_counter() - start
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with redis_server() as redis:
+        return await bench_on(args, redis)
+
+
+async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="cellblock-bench-grading-"))
+    root.chmod(0o711)
+    sandbox_root = root / "sandbox"
+    sandbox_root.mkdir(mode=0o711)
+    deployment = Deployment(root, sandbox_root, redis)
+    config = cellblock_config.load(root, environ={"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'})
+    host = prepare(config)
+    client = Client(deployment.url, TOKEN, timeout=300)
+    tests = cases(TESTS)
+    samples: dict[str, list[float]] = {"tests": [], "separate": []}
+    try:
+        await deployment.ready(client, executors=2)
+        # Warm up: gcc's files in the page cache, both executors' slots busy once.
+        await with_tests(client, tests[:2])
+        await separately(client, tests[:4])
+        for _ in range(args.rounds):
+            order = ["tests", "separate"]
+            random.shuffle(order)
+            for name in order:
+                run = with_tests if name == "tests" else separately
+                start = time.perf_counter()
+                passed = await run(client, tests)
+                samples[name].append(time.perf_counter() - start)
+                if passed != TESTS:
+                    raise RuntimeError(f"{name}: only {passed} of {TESTS} tests passed")
+        directories = fresh_directory_costs(host.disk, host.sandbox(slot=251).uid, args.dir_runs)
+    finally:
+        await client.close()
+        deployment.stop()
+        host.disk.detach()
+        shutil.rmtree(root, ignore_errors=True)
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    return {
+        "tests": TESTS,
+        "rounds": args.rounds,
+        "seconds": {name: {"median": m, "all": samples[name]} for name, m in medians.items()},
+        "ratio_separate_to_tests": medians["separate"] / medians["tests"],
+        "per_test_ms": medians["tests"] / TESTS * 1000,
+        "fresh_directory": directories,
+    }
+
+
+def print_report(f: dict[str, Any]) -> None:
+    s = f["seconds"]
+    print(f"A C assignment of {f['tests']} tests, median of {f['rounds']} rounds:")
+    print(f"  one submission with tests     {s['tests']['median']:7.2f} s"
+          f"  ({f['per_test_ms']:.1f} ms a test, compile included)")  # fmt: skip
+    print(f"  {f['tests']} separate submissions       {s['separate']['median']:7.2f} s")
+    ratio = f["ratio_separate_to_tests"]
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    print(
+        f"  ratio separate / tests        {ratio:7.2f} x  ({verdict} the {TARGET_RATIO:g}x target)"
+    )
+    print("A test's fresh working directory (median, made and removed):")
+    for label, d in f["fresh_directory"].items():
+        ratio = d["copy_ms"] / d["snapshot_ms"]
+        print(f"  {label:>6}: btrfs snapshot {d['snapshot_ms']:7.2f} ms,"
+              f"  cp -a {d['copy_ms']:8.2f} ms  ({ratio:.1f}x)")  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir-runs", type=int, default=30)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+    figures = asyncio.run(bench(args))
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print_report(figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
