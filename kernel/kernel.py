@@ -3,9 +3,10 @@
 Cells are parsed (``sections``) and staged (``staging``) before anything is sent, so a bad
 magic, option or limit is reported with its line and nothing is submitted. A cell that runs
 submits over the service's WebSocket (``cellblock.service.client``) and renders events as they
-come: one status line updated in place, the run stage's output as stream messages, a summary
-table at the end. The cell ends in error when a stage fails, hits a limit, or the dependencies
-cannot be installed.
+come: one status line updated in place (a line per test below it), the run stage's output as
+stream messages, a summary table at the end, then the tests' table and the output files. The
+cell ends in error when a stage fails, hits a limit, a test does not pass, or the dependencies
+cannot be installed; when every test passed, the cell's result is its points (for nbgrader).
 
 Interrupting the kernel (SIGINT, which Jupyter sends) cancels the running submission on the
 service. A dropped connection is resumed by the client without losing or repeating events.
@@ -40,6 +41,7 @@ from cellblock.service.protocol import (
     DepsResult,
     FinishedEvent,
     InvalidTransition,
+    PlannedTest,
     SandboxResult,
     SubmissionState,
     apply_event,
@@ -61,7 +63,10 @@ class CellblockKernel(Kernel):
         "codemirror_mode": "shell",
         "pygments_lexer": "bash",
     }
-    banner = "Cellblock: %%files, %%deps, %%compile, %%run, %%stdin, %%env, %%limits"
+    banner = (
+        "Cellblock: %%files, %%deps, %%compile, %%run, %%stdin, %%env, %%limits, "
+        "%%test, %%expect, %%check, %%outputs"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -105,6 +110,10 @@ class CellblockKernel(Kernel):
         return {"status": "error", "execution_count": self.execution_count, "ename": ename,
                 "evalue": evalue, "traceback": traceback}  # fmt: skip
 
+    def _show(self, display: render.Display) -> None:
+        self.send_response(self.iopub_socket, "display_data",
+                           {"data": display.data, "metadata": display.metadata})  # fmt: skip
+
     def _ok(self) -> dict[str, Any]:
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
                 "user_expressions": {}}  # fmt: skip
@@ -123,9 +132,12 @@ class CellblockKernel(Kernel):
         try:
             cell = sections.parse(code)
             # Line magics come before the sections: after a %reset, the cell's sections are
-            # staged on nothing, not on what was staged before.
-            reset = any(magic.name == "reset" for magic in cell.magics)
-            staged = staging.stage(Staged() if reset else self.staged, cell)
+            # staged on nothing (or, after %reset tests, on no tests), not on what was before.
+            base = self.staged
+            for magic in cell.magics:
+                if magic.name == "reset":
+                    base = base.without_tests() if magic.args else Staged()
+            staged = staging.stage(base, cell)
             request = staging.request(staged, cell)
         except CellSyntaxError as exc:
             return self._error("CellSyntaxError", str(exc))
@@ -140,7 +152,7 @@ class CellblockKernel(Kernel):
                 self._print(f"staged: {staged.summary()}\n")
             return self._ok()
         try:
-            return await self._submit(request, staged.show_compile_output)
+            return await self._submit(request, staged.show_compile_output, silent)
         except ClientError as exc:
             return self._client_error(exc)
 
@@ -154,7 +166,9 @@ class CellblockKernel(Kernel):
             return self._error("CellblockInvalidSubmission", details)
         return self._error(type(exc).__name__, exc.message)
 
-    async def _submit(self, request: dict[str, Any], show_compile: bool) -> dict[str, Any]:
+    async def _submit(
+        self, request: dict[str, Any], show_compile: bool, silent: bool = False
+    ) -> dict[str, Any]:
         display_id = uuid.uuid4().hex
         state: SubmissionState | None = None
         shown = ""
@@ -180,16 +194,20 @@ class CellblockKernel(Kernel):
                             id=event["id"],
                             has_dependencies=bool(request.get("dependencies")),
                             has_compile=request.get("compile") is not None,
+                            test_plan=_plan(request),
                         ).restarted()
                     state = _advance(state, event)
                     # Run output streams live; compile and deps output is in their results,
-                    # shown at the end when they fail (or on request).
-                    if event["type"] == "output" and event["stage"] == "run":
+                    # shown at the end when they fail (or on request). A test's output is in
+                    # its result, shown when it fails: twenty tests' output would bury the
+                    # table.
+                    if (event["type"] == "output" and event["stage"] == "run"
+                            and event.get("test") is None):  # fmt: skip
                         self._print(event["data"], event["stream"])
-                    line = render.status_line(state)
-                    if line != shown:
-                        shown = line
-                        self._display(render.status_html(state), line, display_id, update=True)
+                    text = render.status_text(state)
+                    if text != shown:
+                        shown = text
+                        self._display(render.status_html(state), text, display_id, update=True)
         except asyncio.CancelledError:
             if not interrupted:
                 raise
@@ -204,7 +222,7 @@ class CellblockKernel(Kernel):
             signal.signal(signal.SIGINT, previous)
         assert stream.submission is not None
         final = SubmissionState.from_record(stream.submission)
-        self._display(render.status_html(final), render.status_line(final), display_id, update=True)
+        self._display(render.status_html(final), render.status_text(final), display_id, update=True)
         failure = render.failure(final)
         compile_result = final.stages.get("compile")
         if isinstance(compile_result, SandboxResult) and (
@@ -224,7 +242,20 @@ class CellblockKernel(Kernel):
         if isinstance(deps_result, DepsResult) and deps_result.status != "ok" and deps_result.log:
             self._print(deps_result.log + "\n", "stderr")
         self._display(render.summary_html(final), render.summary_text(final))
-        return self._error(*failure) if failure else self._ok()
+        if final.test_plan:
+            self._display(render.tests_html(final), render.tests_text(final))
+        for display in render.file_displays(final):
+            self._show(display)
+        if failure:
+            return self._error(*failure)
+        if (points := render.points_result(final)) is not None and not silent:
+            # The points as the cell's result: nbgrader's autograder reads a test cell's
+            # execute_result as the points it earned.
+            self.send_response(self.iopub_socket, "execute_result", {
+                "execution_count": self.execution_count,
+                "data": {"text/plain": points}, "metadata": {},
+            })  # fmt: skip
+        return self._ok()
 
     async def _interrupted(self, submission_id: str | None, display_id: str) -> dict[str, Any]:
         """The user interrupted: cancel the submission on the service and show where it was."""
@@ -233,7 +264,7 @@ class CellblockKernel(Kernel):
                 await self.client().cancel(submission_id)
                 final = SubmissionState.from_record(await self.client().get(submission_id))
                 self._display(
-                    render.status_html(final), render.status_line(final), display_id, update=True
+                    render.status_html(final), render.status_text(final), display_id, update=True
                 )
             except ApiError:
                 pass  # it ended on its own meanwhile; the error below still stands
@@ -242,7 +273,10 @@ class CellblockKernel(Kernel):
     # -- line magics ---------------------------------------------------------------------------
 
     async def _line_magic(self, magic: sections.LineMagic) -> None:
-        if magic.name == "reset":
+        if magic.name == "reset" and magic.args:  # %reset tests
+            self.staged = self.staged.without_tests()
+            self._print("staged tests and checker cleared\n")
+        elif magic.name == "reset":
             self.staged = Staged()
             self._print("staged submission cleared\n")
         elif magic.name == "staged":
@@ -262,9 +296,11 @@ class CellblockKernel(Kernel):
                 self._print("no submission yet: give an id, %status ID\n")
                 return
             state = SubmissionState.from_record(await self.client().get(target))
-            self._display(render.status_html(state), render.status_line(state))
+            self._display(render.status_html(state), render.status_text(state))
             if any(state.stages.values()):
                 self._display(render.summary_html(state), render.summary_text(state))
+            if state.test_plan:
+                self._display(render.tests_html(state), render.tests_text(state))
 
     async def _workers(self) -> str:
         """Every worker with an admin token; with a client token (the embedded deployment
@@ -319,6 +355,15 @@ def _advance(state: SubmissionState, raw: Mapping[str, Any]) -> SubmissionState:
         return state  # the final document settles it
 
 
+def _plan(request: Mapping[str, Any]) -> tuple[PlannedTest, ...]:
+    """The request's tests as the state knows them before they run, so that their events
+    apply (and a test that never runs still has its line)."""
+    return tuple(
+        PlannedTest(t["name"], t.get("points", 1.0), t.get("expected_output"))
+        for t in request.get("tests") or ()
+    )
+
+
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "".join(
@@ -333,6 +378,13 @@ def _describe(staged: Staged) -> str:
         lines.append(f"  file {name}: {len(f.content)} chars{flags}")
     if staged.compile is not None:
         lines.append("  compile: " + staged.compile.strip().replace("\n", "\n           "))
+    for name, test in staged.tests.items():
+        expected = "no expected output" if test.expected_output is None else (
+            f"expects {len(test.expected_output)} chars ({test.compare})"
+        )  # fmt: skip
+        args = f", args {' '.join(test.args)}" if test.args else ""
+        lines.append(f"  test {name}: {render.points_text(test.points)} pt, stdin "
+                     f"{len(test.stdin)} chars{args}, {expected}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

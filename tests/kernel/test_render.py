@@ -3,13 +3,23 @@ and the error that fails the cell."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from cellblock.kernel import render
-from cellblock.service.protocol import SubmissionState, apply_event, decode_event, stage_result
+from cellblock.service.protocol import (
+    OutputFile,
+    PlannedTest,
+    SandboxResult,
+    SubmissionState,
+    apply_event,
+    decode_event,
+    stage_result,
+)
 
 MiB = 1024**2
 
@@ -282,3 +292,286 @@ def test_truncated_output_is_named_in_the_status_line_and_the_failure() -> None:
     )
     assert render.failure(finished_state(run=both)) is None  # cut output alone is no failure
     assert render.truncation(stage_result("run", result())) is None
+
+
+# -- tests (v1.1) --------------------------------------------------------------------------------
+
+
+def finished_test(name: str, verdict: str = "passed", points: float = 1.0, **fields: Any) -> Any:
+    """A test's result as a test_finished event carries it."""
+    status = {"passed": "ok", "wrong_answer": "ok", "runtime_error": "failed"}.get(verdict, verdict)
+    earned = points if verdict == "passed" else 0.0
+    return {**result(status), "name": name, "verdict": verdict, "points": earned,
+            "max_points": points, "message": None, "expected_output": None, **fields}  # fmt: skip
+
+
+class Graded(Run):
+    """A submission with tests, advanced event by event."""
+
+    def __init__(self, *names: str, points: float = 1.0) -> None:
+        plan = tuple(PlannedTest(name, points) for name in names)
+        self.state = SubmissionState(id="s1", has_dependencies=False, has_compile=False,
+                                     test_plan=plan).restarted()  # fmt: skip
+        self.event("status", status="running", worker="w")
+        self.started("run")
+
+    def done(self, index: int, **fields: Any) -> str:
+        name = self.state.test_plan[index].name
+        self.event("test_started", test=index, name=name)
+        fields.setdefault("points", self.state.test_plan[index].max_points)
+        return self.event("test_finished", test=index, result=finished_test(name, **fields))
+
+    def finish(self) -> SubmissionState:
+        self.state = SubmissionState.from_record(self.state.as_json())  # the client's view
+        ok = all(t is not None and t.verdict == "passed" for t in self.state.tests)
+        self.finished("run", result("ok" if ok else "failed", exit_code=None))
+        self.event("finished")
+        return self.state
+
+
+def test_a_live_line_per_test_while_they_run() -> None:
+    run = Graded("small", "big", "neg")
+    assert render.status_line(run.state).endswith("run: 0 of 3 tests…")
+    assert render.progress_lines(run.state) == ["▶ small running…", "· big", "· neg"]
+    run.done(0, wall_time=0.003, memory=int(1.2 * MiB))
+    assert render.status_line(run.state).endswith("run: 1 of 3 tests…")
+    assert render.progress_lines(run.state) == [
+        "✅ small passed 1/1 pt 3 ms 1.2 MiB", "▶ big running…", "· neg",
+    ]  # fmt: skip
+    run.done(1, verdict="wrong_answer")
+    run.done(2, verdict="time_limit", wall_time=2.0)
+    assert render.progress_lines(run.state)[1:] == [
+        "❌ big wrong answer 0/1 pt 12 ms 1.8 MiB", "⏱ neg time limit 0/1 pt 2.00 s 1.8 MiB",
+    ]  # fmt: skip
+    text = render.status_text(run.state)
+    assert text.split("\n") == [render.status_line(run.state), *render.progress_lines(run.state)]
+    page = render.status_html(run.state)
+    assert '<div class="cellblock-live-tests"' in page and "<div>· neg</div>" not in page
+    assert "#cf222e" in page  # a test failed: red before the end
+
+
+def test_the_status_line_of_a_finished_run_with_tests_counts_them() -> None:
+    run = Graded("a", "b", points=1.5)
+    run.done(0)
+    run.done(1, verdict="runtime_error", exit_code=3)
+    state = run.finish()
+    assert "run: 1 of 2 tests passed 1.5/3 pt" in render.status_line(state)
+    assert render.progress_lines(state)[1] == "💥 b runtime error 0/1.5 pt 12 ms 1.8 MiB"
+
+
+def test_every_verdict_has_its_icon() -> None:
+    verdicts = ["passed", "wrong_answer", "time_limit", "memory_limit", "output_limit",
+                "disk_limit", "runtime_error", "skipped", "error"]  # fmt: skip
+    assert list(render.VERDICT_ICONS) == verdicts
+    assert len(set(render.VERDICT_ICONS.values())) == len(verdicts)
+
+
+def test_points_are_written_as_a_teacher_writes_them() -> None:
+    assert [render.points_text(p) for p in (3.0, 0.0, 2.5, 0.25, 10)] == [
+        "3", "0", "2.5", "0.25", "10",
+    ]  # fmt: skip
+    assert float(render.points_text(1 / 3)) == pytest.approx(1 / 3, rel=1e-5)
+
+
+def test_all_tests_passed_the_points_are_the_result_and_no_failure() -> None:
+    run = Graded("a", "b", points=1.5)
+    run.done(0)
+    assert render.points_result(run.state) is None  # not finished yet
+    run.done(1)
+    state = run.finish()
+    assert render.failure(state) is None
+    assert render.points_result(state) == "3"
+
+
+def test_a_failing_test_is_the_failure_naming_every_failing_test() -> None:
+    run = Graded("small", "big", "neg", "mean", "zero")
+    run.done(0)
+    run.done(1, verdict="wrong_answer")
+    run.done(2, verdict="runtime_error")
+    for i in (3, 4):
+        run.done(i)
+    state = run.finish()
+    assert render.failure(state) == ("CellblockTestsFailed", "2 of 5 tests failed: big, neg")
+    assert render.points_result(state) is None
+
+
+def test_many_failing_tests_are_named_up_to_ten() -> None:
+    names = [f"t{i}" for i in range(13)]
+    run = Graded(*names)
+    for i in range(13):
+        run.done(i, verdict="wrong_answer")
+    _, evalue = render.failure(run.finish()) or ("", "")
+    assert evalue == "13 of 13 tests failed: " + ", ".join(names[:10]) + " and 3 more"
+
+
+def test_a_failed_compile_is_the_failure_when_every_test_is_skipped() -> None:
+    run = Run(deps=False)
+    run.state = replace(run.state, test_plan=(PlannedTest("a"),), tests=(None,))
+    run.event("status", status="running", worker="w")
+    run.started("compile")
+    run.finished("compile", result("failed", exit_code=1))
+    run.finished("run", result("skipped", exit_code=None))
+    run.event("finished")
+    assert render.failure(run.state) == (
+        "CellblockStageFailed",
+        "compile stage: failed: exit code 1",
+    )
+    assert render.progress_lines(run.state) == ["⏭ a skipped 0/1 pt"]
+    assert render.tests_rows(run.state) == [["a", "⏭ skipped", "0/1", "", ""]]
+    assert "── a" not in render.tests_text(run.state)  # a skipped test needs no closer look
+
+
+def test_the_results_table() -> None:
+    run = Graded("small", "big")
+    run.done(0, wall_time=0.003, memory=MiB)
+    run.done(1, verdict="memory_limit", wall_time=0.5, memory=64 * MiB,
+             message="memory limit of 64.0 MiB exceeded")  # fmt: skip
+    state = run.finish()
+    assert render.tests_rows(state) == [
+        ["small", "✅ passed", "1/1", "3 ms", "1.0 MiB"],
+        ["big", "🧠 memory limit", "0/1", "500 ms", "64.0 MiB"],
+    ]
+    text = render.tests_text(state)
+    assert text.split("\n")[:4] == [
+        "test   verdict         points  time    memory",
+        "small  ✅ passed        1/1     3 ms    1.0 MiB",
+        "big    🧠 memory limit  0/1     500 ms  64.0 MiB",
+        "1 of 2 tests passed, 1/2 points",
+    ]
+    assert "── big: 🧠 memory limit\n   memory limit of 64.0 MiB exceeded" in text
+    page = render.tests_html(state)
+    assert page.startswith('<table class="cellblock-tests"><thead><tr><th>test</th>')
+    assert "<td>🧠 memory limit</td>" in page and "<p>1 of 2 tests passed, 1/2 points</p>" in page
+
+
+def wrong(expected: str, actual: str, **fields: Any) -> SubmissionState:
+    run = Graded("t")
+    run.done(0, verdict="wrong_answer", expected_output=expected, stdout=actual, **fields)
+    return run.finish()
+
+
+def test_a_short_wrong_answer_shows_expected_and_actual_side_by_side() -> None:
+    state = wrong("4\n", "3 <b>\n", message="the output differs from the expected output (lines)")
+    text = render.tests_text(state)
+    assert "── t: ❌ wrong answer\n   the output differs" in text
+    assert "expected:\n   4\nactual:\n   3 <b>" in text
+    assert "--- expected" not in text
+    page = render.tests_html(state)
+    assert ('<table class="cellblock-expected-actual"><thead><tr><th>expected</th>'
+            "<th>actual</th></tr></thead><tbody><tr><td><pre>4\n</pre></td>"
+            "<td><pre>3 &lt;b&gt;\n</pre></td></tr></tbody></table>") in page  # fmt: skip
+    assert "cellblock-diff" not in page
+
+
+def test_a_long_wrong_answer_gets_a_unified_diff() -> None:
+    expected = "".join(f"{i}\n" for i in range(12))
+    actual = expected.replace("7\n", "seven\n")
+    state = wrong(expected, actual)
+    text = render.tests_text(state)
+    assert "--- expected\n+++ actual\n@@ " in text and "-7\n+seven\n" in text
+    assert "expected:\n" not in text
+    page = render.tests_html(state)
+    assert '<pre class="cellblock-diff">--- expected\n+++ actual\n' in page
+    # Side by side still, folded away.
+    assert "<details><summary>expected and actual side by side</summary><table" in page
+
+
+def test_outputs_that_differ_only_in_whitespace_say_so() -> None:
+    assert "differ only in whitespace" in render.tests_text(wrong("3 \n", "3\n"))
+    assert "differ only in whitespace" not in render.tests_text(wrong("3\n", "4\n"))
+
+
+def test_binary_output_is_shown_decoded() -> None:
+    state = wrong("ok\n", "/w==", stdout_encoding="base64")
+    assert "actual:\n   �" in render.tests_text(state)
+
+
+def test_a_runtime_error_shows_its_exit_code_output_and_stderr() -> None:
+    run = Graded("t")
+    run.done(0, verdict="runtime_error", exit_code=3, stdout="partial\n", stderr="boom\n")
+    text = render.tests_text(run.finish())
+    assert "── t: 💥 runtime error\n   exit code 3\noutput:\n   partial\nstderr:\n   boom" in text
+    run = Graded("t")
+    run.done(0, verdict="runtime_error", exit_code=None, signal=11, signal_name="SIGSEGV")
+    assert "   killed by SIGSEGV" in render.tests_text(run.finish())
+
+
+def test_a_very_long_output_is_clipped() -> None:
+    many = "".join(f"line {i}\n" for i in range(500))
+    text = render.tests_text(wrong("x\n", many))
+    assert "line 150" in text and "line 450" not in text
+    assert "more lines" in text
+
+
+def test_truncated_test_output_is_said() -> None:
+    state = wrong("1\n", "1", stdout_truncated=True, limits={"output": 1024})
+    assert "stdout truncated at 1.0 KiB" in render.tests_text(state)
+
+
+# -- output files --------------------------------------------------------------------------------
+
+PNG = bytes.fromhex("89504e470d0a1a0a") + b"rest"
+
+
+def output_file(name: str, data: bytes, media_type: str, **fields: Any) -> OutputFile:
+    return OutputFile(name=name, content=base64.b64encode(data).decode(), size=len(data),
+                      media_type=media_type, **fields)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["image/png", "image/jpeg", "image/gif"])
+def test_an_image_is_shown_as_that_image_in_base64(kind: str) -> None:
+    display = render.file_display(output_file("plot.x", PNG, kind))
+    assert display.data == {
+        kind: base64.b64encode(PNG).decode(),
+        "text/plain": f"plot.x ({kind}, 12 B)",
+    }
+
+
+def test_an_svg_is_shown_as_its_text() -> None:
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg"/>'
+    display = render.file_display(output_file("a.svg", svg, "image/svg+xml"), "t1: ")
+    assert display.data == {"image/svg+xml": svg.decode(),
+                            "text/plain": "t1: a.svg (image/svg+xml, 41 B)"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "text/csv", "application/json", "text/html"])
+def test_a_text_file_is_shown_as_text(kind: str) -> None:
+    display = render.file_display(output_file("r.txt", b"a,<b>\n", kind))
+    assert display.data["text/plain"] == f"r.txt ({kind}, 6 B)\na,<b>\n"
+    assert "<pre>a,&lt;b&gt;\n</pre>" in display.data["text/html"]  # never rendered as HTML
+
+
+def test_a_file_of_another_type_is_a_line_naming_it_and_its_size() -> None:
+    for kind in ("application/octet-stream", "application/pdf", "image/x-portable-pixmap"):
+        display = render.file_display(output_file("blob", b"\x00" * 2048, kind))
+        assert display.data == {"text/plain": f"blob ({kind}, 2.0 KiB)"}
+
+
+def test_a_truncated_file_says_so_and_a_cut_image_is_not_shown() -> None:
+    cut = output_file("big.png", PNG[:8], "image/png", truncated=True).model_copy(
+        update={"size": 5 * MiB}
+    )
+    assert render.file_display(cut).data == {
+        "text/plain": "big.png (image/png, 5.0 MiB, truncated: 8 B kept): cut, not shown"
+    }
+    text = output_file("log.txt", b"first", "text/plain", truncated=True)
+    assert "truncated: 5 B kept" in render.file_display(text).data["text/plain"]
+
+
+def test_the_files_of_the_run_and_of_each_test_and_the_missing_patterns() -> None:
+    run = Graded("one", "two")
+    run.done(0, files=[output_file("o.txt", b"1", "text/plain").wire()], missing=["*.png"])
+    run.done(1, files=[output_file("o.txt", b"2", "text/plain").wire()])
+    state = run.finish()
+    state = replace(state, stages={**state.stages, "run": SandboxResult(
+        status="ok", files=[output_file("all.csv", b"x", "text/csv")], missing=["p.svg", "q/*"],
+    )})  # fmt: skip
+    texts = [d.data["text/plain"] for d in render.file_displays(state)]
+    assert texts == [
+        "all.csv (text/csv, 1 B)\nx",
+        "no file matched: p.svg, q/*",
+        "one: o.txt (text/plain, 1 B)\n1",
+        "one: no file matched: *.png",
+        "two: o.txt (text/plain, 1 B)\n2",
+    ]
+    assert render.file_displays(Graded("a").finish()) == []
