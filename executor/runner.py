@@ -284,7 +284,8 @@ class SubmissionRunner:
         try:
             for i, test in enumerate(tests):
                 assert upcoming is not None
-                current = await upcoming
+                # Shielded: a cancel here must not lose a snapshot its thread goes on making.
+                current = await asyncio.shield(upcoming)
                 upcoming = asyncio.create_task(self._fresh(spec)) if i + 1 < len(tests) else None
                 emit(TestStartedEvent(test=i, name=test.name))
                 test_spec = replace(

@@ -4,13 +4,16 @@ checker in the sandbox, and output files read back safely."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
 import pytest
 
 from cellblock.executor import host
+from cellblock.executor.runner import SubmissionRunner
 from cellblock.executor.sandbox import Sandbox
+from cellblock.service.protocol import Event, TestStartedEvent, parse_submission
 from tests.executor.conftest import RunSubmission
 
 pytestmark = pytest.mark.timeout(120)
@@ -255,3 +258,28 @@ async def test_each_test_brings_back_its_own_files(run_submission: RunSubmission
 async def test_no_outputs_no_files_field(run_submission: RunSubmission) -> None:
     state, _ = await run_submission({"run": "echo hi"})
     assert "files" not in state.stages["run"] and "missing" not in state.stages["run"]
+
+
+async def test_cancelling_between_tests_leaves_no_snapshot_behind(
+    sandbox: Sandbox, sandbox_host: host.SandboxHost
+) -> None:
+    submission = parse_submission({
+        "run": 'read n; [ "$n" = 1 ] && sleep 30; echo $n',
+        "tests": [{"name": f"t{i}", "stdin": f"{i}\n"} for i in range(5)],
+    }, sandbox_host.config.limits)  # fmt: skip
+    runner = SubmissionRunner(sandbox)
+    started: list[int] = []
+
+    def emit(event: Event) -> None:
+        if isinstance(event, TestStartedEvent):
+            started.append(event.test)
+
+    work = asyncio.create_task(runner.run(submission, emit))
+    while started != [0, 1]:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # the sleep runs, the next test's snapshot is made
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    await runner.aclose()
+    assert list(sandbox_host.disk.root.glob(f"{sandbox.uid}-*")) == []
