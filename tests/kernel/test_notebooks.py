@@ -5,6 +5,7 @@ id, so the status display holds its last state."""
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,50 @@ async def test_run_all_stops_at_a_failing_cell(service: Any, executor: Any, tmp_
     [error] = errors(failing)
     assert error.evalue == "run stage: failed: exit code 7"
     assert never.execution_count is None and never.outputs == []
+
+
+#: The smallest PNG, one pixel, as bash printf escapes.
+PNG_PRINTF = "".join(
+    f"\\x{b:02x}"
+    for b in base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+)
+
+
+async def test_test_cells_as_nbgrader_reads_them(
+    service: Any, executor: Any, tmp_path: Path
+) -> None:
+    """What nbgrader's autograder looks at in a saved test cell: an execute_result whose
+    text/plain is the points when every test passed, an error output when one failed; and the
+    pictures a cell brought back, by MIME type."""
+    nb = notebook(
+        new_code_cell("%%files double.sh\nread -r n; echo $((n * 2))\n"),
+        new_code_cell(
+            "%%test one --points 2\n1\n%%expect\n2\n%%test ten --points 0.5\n10\n%%expect\n20\n"
+            "%%run\nbash double.sh"
+        ),
+        raises("%%test ten\n10\n%%expect\n21\n%%run\nbash double.sh"),
+        new_code_cell(f"%reset tests\n%%outputs dot.png\n%%run\nprintf '{PNG_PRINTF}' > dot.png"),
+    )
+    nb = await run_all(nb, service.url, tmp_path)
+    _, passing, failing, picture = nb.cells
+
+    assert_ran(passing)
+    [result] = [o for o in passing.outputs if o.output_type == "execute_result"]
+    assert result.data == {"text/plain": "2.5"} and float(result.data["text/plain"]) == 2.5
+    # The status display saved in its last state: a line per test under the status line.
+    assert [line.split()[:3] for line in status(passing).split("\n")[1:]] == [
+        ["✅", "one", "passed"], ["✅", "ten", "passed"],
+    ]  # fmt: skip
+    assert passing.outputs[-1].output_type == "execute_result"
+
+    [error] = errors(failing)
+    assert (error.ename, error.evalue) == ("CellblockTestsFailed", "1 of 2 tests failed: ten")
+    assert not [o for o in failing.outputs if o.output_type == "execute_result"]
+
+    assert_ran(picture)
+    images = [o for o in picture.outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1 and images[0].output_type == "display_data"
+    assert base64.b64decode(images[0].data["image/png"]).startswith(b"\x89PNG")
+    assert not [o for o in picture.outputs if o.output_type == "execute_result"]
