@@ -7,9 +7,12 @@ display holds its last state, as a saved notebook does)."""
 
 from __future__ import annotations
 
+import base64
 import re
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from xml.etree import ElementTree
 
 import nbformat
 import pytest
@@ -114,8 +117,71 @@ def ok(cell: NotebookNode) -> None:
 def finished_ok(cell: NotebookNode) -> None:
     """The cell submitted, and every stage of its submission succeeded."""
     ok(cell)
-    assert status(cell).endswith("→ finished"), status(cell)
+    assert status(cell).split("\n")[0].endswith("→ finished"), status(cell)
     assert all(row[1:3] == ["✅", "ok"] for row in summary(cell)), summary(cell)
+
+
+def verdicts(cell: NotebookNode) -> dict[str, tuple[str, str]]:
+    """The tests table: each test's verdict and points (``("wrong answer", "0/2")``), in
+    order; and the score line below it is the table's sum."""
+    [table] = [o for o in cell.outputs if o.output_type == "display_data"
+               and "cellblock-tests" in o.data.get("text/html", "")]  # fmt: skip
+    header, *rows, score = table.data["text/plain"].split("\n\n")[0].split("\n")
+    assert header.split() == ["test", "verdict", "points", "time", "memory"]
+    found = {}
+    for row in rows:
+        name, verdict, points = re.split(r"\s{2,}", row)[:3]
+        found[name] = (verdict.split(" ", 1)[1], points)
+    earned, most = (sum(int(p.split("/")[i]) for _, p in found.values()) for i in (0, 1))
+    passed = sum(v == "passed" for v, _ in found.values())
+    assert score == f"{passed} of {len(rows)} tests passed, {earned}/{most} points"
+    return found
+
+
+def details(cell: NotebookNode) -> str:
+    """What the tests table says below itself about the tests that failed."""
+    [table] = [o for o in cell.outputs if o.output_type == "display_data"
+               and "cellblock-tests" in o.data.get("text/html", "")]  # fmt: skip
+    return str(table.data["text/plain"]).split("\n\n", 1)[1]
+
+
+def result(cell: NotebookNode) -> str | None:
+    """The cell's execute_result (text/plain), if it has one."""
+    found = [o.data["text/plain"] for o in cell.outputs if o.output_type == "execute_result"]
+    assert len(found) <= 1, cell.outputs
+    return found[0] if found else None
+
+
+def all_passed(cell: NotebookNode, points: dict[str, int]) -> None:
+    """The cell ran its tests, every one of them passed with its points, and its result is
+    their sum (what nbgrader reads)."""
+    finished_ok(cell)
+    assert verdicts(cell) == {name: ("passed", f"{n}/{n}") for name, n in points.items()}
+    assert result(cell) == str(sum(points.values()))
+    # The status: a line for the stages, then one per test.
+    line, *lines = status(cell).split("\n")
+    assert f"→ run: {len(points)} of {len(points)} tests passed " in line, line
+    assert [" ".join(test.split()[:5]) for test in lines] == [
+        f"✅ {name} passed {n}/{n} pt" for name, n in points.items()
+    ], lines
+
+
+def files(cell: NotebookNode) -> dict[str, dict[str, str]]:
+    """The output files the cell shows, by their caption's name (``tree.svg``, or
+    ``sapling: tree.svg`` for a test's): their MIME bundles."""
+    shown = {}
+    for o in cell.outputs:
+        caption = o.data.get("text/plain", "") if o.output_type == "display_data" else ""
+        if match := re.match(r"((?:\S+: )?\S+) \((\S+), [^)]*\)", caption):
+            shown[match.group(1)] = dict(o.data)
+    return shown
+
+
+def svg_lines(svg: str) -> int:
+    """An SVG document's <line> elements, after checking that it is one."""
+    root = ElementTree.fromstring(svg)
+    assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
+    return len(root.findall(".//{http://www.w3.org/2000/svg}line"))
 
 
 # -- what each notebook shows --------------------------------------------------------------------
@@ -175,23 +241,101 @@ def check_welcome(nb: NotebookNode) -> None:
     assert sorted((w[1], w[4]) for w in workers[1:]) == [
         ("builder", "1"), ("executor", "2"), ("executor", "2"),
     ]  # fmt: skip
-    assert stream(cell(nb, "%reset")) == "staged submission cleared\nstaged: nothing\n"
+
+    all_passed(cell(nb, "%%files square.c"), {"one": 1, "several": 2})
+    dice = cell(nb, "%reset tests\n%%check")
+    all_passed(dice, {"roll": 1, "roll-again": 1})  # whichever faces came up
+    assert stream(dice) == "staged tests and checker cleared\n"
+    drawn = cell(nb, "%reset tests\n%%outputs")
+    finished_ok(drawn)
+    assert result(drawn) is None  # no tests, no points
+    shown = files(drawn)
+    assert list(shown) == ["squares.svg", "squares.txt"]
+    bars = ElementTree.fromstring(shown["squares.svg"]["image/svg+xml"])
+    assert [int(bar.get("height", "")) for bar in bars] == [4 * i * i for i in range(1, 7)]
+    assert shown["squares.txt"]["text/plain"] == (
+        "squares.txt (text/plain, 27 B)\n1 1\n2 4\n3 9\n4 16\n5 25\n6 36\n"
+    )
+    assert [o.data for o in drawn.outputs if o.output_type == "display_data"][-1] == {
+        "text/plain": "no file matched: *.png"
+    }
+    assert stream(cell(nb, "%reset\n%staged")) == "staged submission cleared\nstaged: nothing\n"
 
 
-def check_assignment(try_it: str, shown: str, checks: list[str]) -> Callable[[NotebookNode], None]:
-    """An assignment: its "try it" cell shows ``shown``; its checks cell prints PASS for each
-    of ``checks``, in order; no cell prints FAIL."""
+def check_assignment_c(nb: NotebookNode) -> None:
+    tried = cell(nb, "%%stdin\n3\n1 2 3")
+    finished_ok(tried)
+    assert stream(tried) == "6\n"
+    points = {"small": 1, "empty": 1, "negative": 1, "mean": 1, "large": 2}
+    tests = cell(nb, "%%test small")
+    all_passed(tests, points)
+    assert re.search(r"→ compile: ok .* → run: 5 of 5 tests passed 6/6 pt ", status(tests))
+    assert stream(tests) == ""  # a passing test's output is in its result, not in the cell
 
-    def check(nb: NotebookNode) -> None:
-        tried = cell(nb, try_it)
-        finished_ok(tried)
-        assert stream(tried) == shown
-        checked = code(nb)[-1]
-        finished_ok(checked)
-        assert stream(checked) == "".join(f"PASS {name}\n" for name in checks)
-        assert not any("FAIL" in stream(c) + stream(c, "stderr") for c in code(nb))
+    [buggy] = [c for c in code(nb) if TAG in c.metadata.get("tags", [])]
+    assert error(buggy) == ("CellblockTestsFailed", "1 of 5 tests failed: large")
+    assert verdicts(buggy) == {name: ("passed", f"{n}/{n}") for name, n in points.items()} | {
+        "large": ("wrong answer", "0/2")
+    }
+    assert result(buggy) is None
+    assert details(buggy) == (
+        "── large: ❌ wrong answer\n"
+        "   the output differs from the expected output (lines)\n"
+        "expected:\n   4000000000\nactual:\n   -294967296"
+    )
 
-    return check
+
+def check_assignment_python(nb: NotebookNode) -> None:
+    tried = cell(nb, "%%stdin\nthe cat")
+    finished_ok(tried)
+    assert stream(tried) == "the 3\nand 2\n"
+    all_passed(cell(nb, "%%test simple 1"), {"simple": 1, "ties": 1, "case": 1, "empty": 1})
+    # quick.py breaks ties otherwise than the expected outputs: the checker accepts it.
+    checked = cell(nb, "%reset tests\n%%files quick.py")
+    all_passed(checked, {"ties-first-seen": 1, "one-winner": 1, "all-different": 1})
+    assert stream(checked) == "staged tests and checker cleared\n"
+
+    [reversed_] = [c for c in code(nb) if TAG in c.metadata.get("tags", [])]
+    assert error(reversed_) == ("CellblockTestsFailed", "1 of 3 tests failed: one-winner")
+    assert verdicts(reversed_)["one-winner"] == ("wrong answer", "0/1")
+    assert details(reversed_).startswith(
+        "── one-winner: ❌ wrong answer\n"
+        "   these are not the most frequent words, most frequent first\n"
+    ), details(reversed_)
+
+
+def check_assignment_shell(nb: NotebookNode) -> None:
+    tried = cell(nb, "%%files a.txt")
+    finished_ok(tried)
+    assert stream(tried) == "a.txt 2\nb.txt 1\ntotal 3\n"
+    all_passed(cell(nb, "%%test stdin"), {"stdin": 1, "one-file": 1, "two-files": 2})
+
+
+def check_drawing(nb: NotebookNode) -> None:
+    tree = cell(nb, "%%files tree.c")
+    finished_ok(tree)
+    assert stream(tree) == "tree.svg: depth 9, 511 branches\n"
+    assert list(files(tree)) == ["tree.svg"]
+    assert svg_lines(files(tree)["tree.svg"]["image/svg+xml"]) == 511
+
+    mandelbrot = cell(nb, "%%files mandelbrot.py")
+    finished_ok(mandelbrot)
+    assert list(files(mandelbrot)) == ["mandelbrot.png"]  # the %%outputs staged above replaced
+    png = base64.b64decode(files(mandelbrot)["mandelbrot.png"]["image/png"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (300, 200)
+    assert stream(mandelbrot) == f"mandelbrot.png: 300x200, {len(png) - 12} bytes\n"  # no IEND
+
+    tests = cell(nb, "%%outputs tree.svg branches.txt")
+    all_passed(tests, {"sapling": 1, "bush": 1})
+    shown = files(tests)
+    assert list(shown) == [
+        "sapling: tree.svg", "sapling: branches.txt", "bush: tree.svg", "bush: branches.txt",
+    ]  # fmt: skip
+    for test, depth in (("sapling", 3), ("bush", 6)):
+        assert svg_lines(shown[f"{test}: tree.svg"]["image/svg+xml"]) == 2**depth - 1
+        report = shown[f"{test}: branches.txt"]["text/plain"]
+        assert report.endswith(f"\ntree.svg: depth {depth}, {2**depth - 1} branches\n"), report
 
 
 def check_limits(nb: NotebookNode) -> None:
@@ -236,15 +380,10 @@ def check_limits(nb: NotebookNode) -> None:
 
 EXPECTED: dict[str, Callable[[NotebookNode], None]] = {
     "welcome.ipynb": check_welcome,
-    "assignment-c.ipynb": check_assignment(
-        "%%stdin\n3\n1 2 3", "6\n", ["small", "empty", "negative", "mean", "large"]
-    ),
-    "assignment-python.ipynb": check_assignment(
-        "%%stdin\nthe cat", "the 3\nand 2\n", ["simple", "ties", "case", "empty"]
-    ),
-    "assignment-shell.ipynb": check_assignment(
-        "%%files a.txt", "a.txt 2\nb.txt 1\ntotal 3\n", ["stdin", "one-file", "two-files"]
-    ),
+    "assignment-c.ipynb": check_assignment_c,
+    "assignment-python.ipynb": check_assignment_python,
+    "assignment-shell.ipynb": check_assignment_shell,
+    "drawing.ipynb": check_drawing,
     "limits.ipynb": check_limits,
 }
 
@@ -274,6 +413,7 @@ def test_the_welcome_notebook_shows_every_magic() -> None:
     assert {s.magic for c in cells for s in c.sections} == set(sections.SECTION_MAGICS)
     assert {m.name for c in cells for m in c.magics} == set(sections.LINE_MAGICS)
     assert any(c.plain_run for c in cells)  # and a cell with no section at all
+    assert any(m.args == ("tests",) for c in cells for m in c.magics)  # and %reset tests
 
 
 @pytest.mark.timeout(300)
