@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 import pytest
-from kernelio import Kernel, Outcome, StartKernel, execute, kernel_env
+from kernelio import Kernel, Message, Outcome, StartKernel, execute, kernel_env
 
 #: The smallest PNG: one transparent pixel.
 PNG = base64.b64decode(
@@ -69,9 +69,6 @@ def table_of(out: Outcome) -> dict[str, Any]:
 
 def results(out: Outcome) -> list[Message]:
     return out.of("execute_result")
-
-
-Message = dict[str, Any]
 
 
 async def test_tests_that_all_pass_give_their_points_as_the_cell_result(kernel: Kernel) -> None:
