@@ -145,6 +145,8 @@ def summary_rows(state: SubmissionState) -> list[list[str]]:
             cache = f"cache {result.cache}" if result.cache else ""
             rows.append([stage, f"{ICONS.get(status, '')} {status}", cache,
                          "", seconds(result.wall_time), "", ""])  # fmt: skip
+        elif status == "skipped":  # it never ran: nothing was measured
+            rows.append([stage, f"{ICONS.get(status, '')} {status}", "", "", "", "", ""])
         else:
             rows.append([
                 stage, f"{ICONS.get(status, '')} {status}",

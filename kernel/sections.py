@@ -126,19 +126,33 @@ def parse(code: str) -> Cell:
         script = "".join(line for _, line in rest)
         return Cell(magics=magics, plain_run=script if script.strip() else None)
     for number, line in rest:
-        if line.strip():
+        if line.strip() and not _is_marker(line):
             raise CellSyntaxError(
                 number, _text(line), "text before the first %% section; put it in a section"
             )
     sections = []
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(lines)
-        sections.append(_section(start + 1, lines[start], "".join(lines[start + 1 : end])))
+        body = lines[start + 1 : end]
+        while body and _is_marker(body[-1]):
+            body.pop()
+        sections.append(_section(start + 1, lines[start], "".join(body)))
     if sum(s.magic == "run" for s in sections) > 1:
         second = [s for s in sections if s.magic == "run"][1]
         raise CellSyntaxError(second.line, second.text, "a cell takes one %%run section")
     _check_tests(sections)
     return Cell(magics=magics, sections=tuple(sections))
+
+
+#: nbgrader's hidden-test delimiters (its ClearHiddenTests looks for the words in a line).
+_HIDDEN_TESTS_MARKER = re.compile(r"\s*(#+|//)\s*(BEGIN|END) HIDDEN TESTS\s*")
+
+
+def _is_marker(line: str) -> bool:
+    """An nbgrader hidden-test delimiter line. It sits between sections (before one, or at the
+    end of a body), where it would otherwise become part of the expected output or a file:
+    there it is no part of the cell."""
+    return _HIDDEN_TESTS_MARKER.fullmatch(_text(line)) is not None
 
 
 def _check_tests(sections: list[Section]) -> None:

@@ -575,3 +575,13 @@ def test_the_files_of_the_run_and_of_each_test_and_the_missing_patterns() -> Non
         "two: o.txt (text/plain, 1 B)\n2",
     ]
     assert render.file_displays(Graded("a").finish()) == []
+
+
+def test_a_skipped_stage_shows_no_measures_it_never_had() -> None:
+    state = SubmissionState.from_record({
+        "id": "s", "status": "finished",
+        "stages": {"deps": None, "compile": SandboxResult(status="failed", exit_code=1).wire(),
+                   "run": SandboxResult.skipped().wire()},
+    })  # fmt: skip
+    run_row = next(row for row in render.summary_rows(state) if row[0] == "run")
+    assert run_row[2:] == ["", "", "", "", ""]

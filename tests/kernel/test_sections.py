@@ -715,3 +715,18 @@ def test_garbage_raises_nothing_but_cell_syntax_errors(code: str) -> None:
         assert exc.text == code.split("\n")[exc.line - 1].removesuffix("\r")
         return
     assert request is None or isinstance(request["run"], str)
+
+
+def test_nbgrader_hidden_test_markers_between_sections_are_no_part_of_the_cell() -> None:
+    cell = parse(
+        "### BEGIN HIDDEN TESTS\n"
+        "%%test hidden\n0 -7\n%%expect\n0 not prime\n### END HIDDEN TESTS\n"
+        "%%run\n./primes\n// BEGIN HIDDEN TESTS\n"
+    )
+    test, expect, run = cell.sections
+    assert (test.body, expect.body, run.body) == ("0 -7\n", "0 not prime\n", "./primes\n")
+    # Inside a body, the line is the body's: a shell comment of a script, say.
+    inside = parse("%%run\n### BEGIN HIDDEN TESTS\necho hi\n")
+    assert inside.run is not None and inside.run.body == "### BEGIN HIDDEN TESTS\necho hi\n"
+    with pytest.raises(CellSyntaxError, match="line 1"):
+        parse("# BEGIN HIDDEN TEST\n%%run\necho\n")
