@@ -41,7 +41,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,14 +48,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deps import redis_server
 
-from cellblock import config as cellblock_config
 from cellblock.executor.disk import WorkDisk
-from cellblock.executor.host import prepare
 from cellblock.service.client import Client
 from cellblock.service.protocol import Compare
-from service import TOKEN, Deployment
+from service import TOKEN, private_deployment
 
 TARGET_RATIO = 5.0
 TESTS = 50
@@ -165,44 +161,31 @@ def _timed(work: Callable[[WorkDisk, Path], None], disk: WorkDisk, source: Path)
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    with redis_server() as redis:
-        return await bench_on(args, redis)
-
-
-async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="cellblock-bench-grading-"))
-    root.chmod(0o711)
-    sandbox_root = root / "sandbox"
-    sandbox_root.mkdir(mode=0o711)
-    deployment = Deployment(root, sandbox_root, redis)
-    config = cellblock_config.load(root, environ={"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'})
-    host = prepare(config)
-    client = Client(deployment.url, TOKEN, timeout=300)
     tests = cases(TESTS)
     runs = {"tests": with_tests, "separate": separately, "one_by_one": one_by_one}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
-    try:
-        await deployment.ready(client, executors=2)
-        # Warm up: gcc's files in the page cache, both executors' slots busy once.
-        await with_tests(client, tests[:2])
-        await separately(client, tests[:4])
-        for _ in range(args.rounds):
-            order = list(runs)
-            random.shuffle(order)
-            for name in order:
-                start, busy = time.perf_counter(), busy_cpu()
-                passed = await runs[name](client, tests)
-                samples[name].append(time.perf_counter() - start)
-                cpu[name].append(busy_cpu() - busy)
-                if passed != TESTS:
-                    raise RuntimeError(f"{name}: only {passed} of {TESTS} tests passed")
-        directories = fresh_directory_costs(host.disk, host.sandbox(slot=251).uid, args.dir_runs)
-    finally:
-        await client.close()
-        deployment.stop()
-        host.disk.detach()
-        shutil.rmtree(root, ignore_errors=True)
+    with private_deployment("cellblock-bench-grading-") as (deployment, host):
+        client = Client(deployment.url, TOKEN, timeout=300)
+        try:
+            await deployment.ready(client, executors=2)
+            # Warm up: gcc's files in the page cache, both executors' slots busy once.
+            await with_tests(client, tests[:2])
+            await separately(client, tests[:4])
+            for _ in range(args.rounds):
+                order = list(runs)
+                random.shuffle(order)
+                for name in order:
+                    start, busy = time.perf_counter(), busy_cpu()
+                    passed = await runs[name](client, tests)
+                    samples[name].append(time.perf_counter() - start)
+                    cpu[name].append(busy_cpu() - busy)
+                    if passed != TESTS:
+                        raise RuntimeError(f"{name}: only {passed} of {TESTS} tests passed")
+        finally:
+            await client.close()
+        uid = host.sandbox(slot=251).uid
+        directories = fresh_directory_costs(host.disk, uid, args.dir_runs)
     medians = {name: statistics.median(values) for name, values in samples.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     return {

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ from deps import redis_server
 from sandbox import ORDER, Bench
 
 from cellblock import config as cellblock_config
-from cellblock.executor.host import prepare
+from cellblock.executor.host import SandboxHost, prepare
 from cellblock.service.client import Client
 
 TARGET_MEDIAN_MS = 25.0
@@ -234,35 +235,43 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
     return sum(counts) / (time.monotonic() - start)
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def private_deployment(prefix: str) -> Iterator[tuple[Deployment, SandboxHost]]:
+    """A deployment on a redis-server of its own, in a temporary state directory, and this
+    host's sandbox set up beside it for bare runs; all of it gone afterwards."""
     with redis_server() as redis:
-        return await bench_on(args, redis)
+        root = Path(tempfile.mkdtemp(prefix=prefix))
+        root.chmod(0o711)
+        sandbox_root = root / "sandbox"
+        sandbox_root.mkdir(mode=0o711)
+        deployment = Deployment(root, sandbox_root, redis)
+        environ = {"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'}
+        host: SandboxHost | None = None
+        try:
+            host = prepare(cellblock_config.load(root, environ=environ))
+            yield deployment, host
+        finally:
+            deployment.stop()
+            if host is not None:
+                host.disk.detach()
+            shutil.rmtree(root, ignore_errors=True)
 
 
-async def bench_on(args: argparse.Namespace, redis: str) -> dict[str, Any]:
-    root = Path(tempfile.mkdtemp(prefix="cellblock-bench-service-"))
-    root.chmod(0o711)
-    sandbox_root = root / "sandbox"
-    sandbox_root.mkdir(mode=0o711)
-    deployment = Deployment(root, sandbox_root, redis)
-    config = cellblock_config.load(root, environ={"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'})
-    host = prepare(config)
-    sandbox = host.sandbox(slot=250)
-    workdir = host.disk.create("bench-box", sandbox.uid)
-    bare = Bench(host, sandbox, workdir, script=REQUEST["run"])  # the same program as submitted
-    client = Client(deployment.url, TOKEN, timeout=60)
-    try:
-        await deployment.ready(client, executors=2)
-        samples = await latency(client, bare, args.runs, args.warmup)
-        service_rate = await service_throughput(client, args.clients, args.seconds)
-        nsjail_rates = {loops: nsjail_throughput(bare, loops, args.seconds) for loops in (2, 4)}
-    finally:
-        await client.close()
-        bare.close()
-        deployment.stop()
-        host.disk.remove(workdir)
-        host.disk.detach()
-        shutil.rmtree(root, ignore_errors=True)
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    with private_deployment("cellblock-bench-service-") as (deployment, host):
+        sandbox = host.sandbox(slot=250)
+        workdir = host.disk.create("bench-box", sandbox.uid)
+        bare = Bench(host, sandbox, workdir, script=REQUEST["run"])  # the program submitted
+        client = Client(deployment.url, TOKEN, timeout=60)
+        try:
+            await deployment.ready(client, executors=2)
+            samples = await latency(client, bare, args.runs, args.warmup)
+            service_rate = await service_throughput(client, args.clients, args.seconds)
+            nsjail_rates = {n: nsjail_throughput(bare, n, args.seconds) for n in (2, 4)}
+        finally:
+            await client.close()
+            bare.close()
+            host.disk.remove(workdir)
     figures = {key: stats(values) for key, values in samples.items()}
     best_loops = max(nsjail_rates, key=lambda k: nsjail_rates[k])
     return {

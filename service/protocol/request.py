@@ -308,12 +308,18 @@ def _test_problems(request: SubmissionRequest, policy: LimitPolicy) -> list[Fiel
         problems.append(FieldProblem(
             "tests", f"{len(tests)} tests are more than the {cap} this service runs at once"
         ))  # fmt: skip
+    return problems + _repeated_names("tests", [test.name for test in tests])
+
+
+def _repeated_names(field: str, names: list[str]) -> list[FieldProblem]:
+    """``field[i].name`` for each name given a second time, naming the first."""
+    problems = []
     first: dict[str, int] = {}
-    for i, test in enumerate(tests):
-        if test.name in first:
-            again = f"{test.name!r} is given twice, also as tests[{first[test.name]}]"
-            problems.append(FieldProblem(f"tests[{i}].name", again))
-        first.setdefault(test.name, i)
+    for i, name in enumerate(names):
+        if name in first:
+            again = f"{name!r} is given twice, also as {field}[{first[name]}]"
+            problems.append(FieldProblem(f"{field}[{i}].name", again))
+        first.setdefault(name, i)
     return problems
 
 
@@ -352,12 +358,9 @@ def _files_over_disk(request: SubmissionRequest, limits: ResolvedLimits) -> list
 
 def _file_name_problems(files: list[FileSpec]) -> list[FieldProblem]:
     """Names that repeat, or that are both a file and a folder, each named by its index."""
-    problems = []
+    problems = _repeated_names("files", [f.name for f in files])
     first: dict[str, int] = {}
     for i, f in enumerate(files):
-        if f.name in first:
-            again = f"{f.name!r} is given twice, also as files[{first[f.name]}]"
-            problems.append(FieldProblem(f"files[{i}].name", again))
         first.setdefault(f.name, i)
     for i, f in enumerate(files):
         parts = f.name.split("/")
