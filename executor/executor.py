@@ -24,7 +24,15 @@ from cellblock.executor.deps import NixDependencies
 from cellblock.executor.host import SandboxHost
 from cellblock.executor.runner import DependencyProvider, SubmissionRunner
 from cellblock.presence import Presence, WorkerInfo
-from cellblock.service.protocol import Event, FinishedEvent, OutputEvent, StatusEvent, Submission
+from cellblock.service.protocol import (
+    Event,
+    FinishedEvent,
+    OutputEvent,
+    StatusEvent,
+    Submission,
+    TestFinishedEvent,
+    TestStartedEvent,
+)
 from cellblock.service.store import EventLog, Lease, Rejected, Store
 
 log = logging.getLogger("cellblock.executor")
@@ -215,15 +223,20 @@ class Executor:
                 return
 
 
+#: Events after which a batch waits a moment for more (see ``next_batch``).
+LINGERING = (OutputEvent, TestStartedEvent, TestFinishedEvent)
+
+
 async def next_batch(
     pending: asyncio.Queue[Event | None],
 ) -> tuple[list[Event], bool]:
     """The next events to publish together, and whether the end marker (``None``) came.
 
     Whatever has queued up goes together, and so does what the same turn of the event loop
-    adds (a stage's end and the job's ``finished``). Live output waits up to ``OUTPUT_LINGER``
-    for what follows: a short stage's output then goes in one round trip with its end, and a
-    chatty program's lines go a batch at a time.
+    adds (a stage's end and the job's ``finished``). Live output and a test's start and end
+    wait up to ``OUTPUT_LINGER`` for what follows: a short stage's output then goes in one round
+    trip with its end, a chatty program's lines go a batch at a time, and short tests a few at
+    a time (each batch rewrites the stored document, which holds every test's result).
     """
     loop = asyncio.get_running_loop()
     linger_until = loop.time() + OUTPUT_LINGER
@@ -233,7 +246,7 @@ async def next_batch(
         batch.append(body)
         if pending.empty():
             await asyncio.sleep(0)
-        if pending.empty() and isinstance(body, OutputEvent):
+        if pending.empty() and isinstance(body, LINGERING):
             try:
                 body = await asyncio.wait_for(pending.get(), linger_until - loop.time())
             except TimeoutError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import contextlib
 import errno
 import os
@@ -56,6 +57,8 @@ Emit = Callable[[Event], None]
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
 #: Where a checker finds its test's input, expected and actual output (read-only).
 CHECK_FILES = "/.cellblock/check"
+#: Tests whose snapshot and jail are made ahead, while an earlier one runs.
+TESTS_AHEAD = 2
 #: Bytes of a checker's stdout kept as the test's message.
 CHECKER_MESSAGE = 4096
 
@@ -274,19 +277,22 @@ class SubmissionRunner:
     async def _tests(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
         """The run stage as one sandboxed run per test, each in a fresh snapshot of the working
         directory as compile left it (so that what one test writes, the next does not see),
-        judged as it ends. The next test's snapshot and jail are made while one runs."""
+        judged as it ends. The next tests' snapshots and jails are made while one runs."""
         request, limits = submission.request, submission.limits
         tests = request.tests or []
         emit(StageStartedEvent(stage="run"))
         started = now()
         results: list[TestResult] = []
-        upcoming: asyncio.Task[Path] | None = asyncio.create_task(self._fresh(spec))
+        # Starting a jail takes longer than a short test runs: keep TESTS_AHEAD ready.
+        upcoming = collections.deque(
+            asyncio.create_task(self._fresh(spec)) for _ in tests[:TESTS_AHEAD]
+        )
         try:
             for i, test in enumerate(tests):
-                assert upcoming is not None
                 # Shielded: a cancel here must not lose a snapshot its thread goes on making.
-                current = await asyncio.shield(upcoming)
-                upcoming = asyncio.create_task(self._fresh(spec)) if i + 1 < len(tests) else None
+                current = await asyncio.shield(upcoming.popleft())
+                if i + TESTS_AHEAD < len(tests):
+                    upcoming.append(asyncio.create_task(self._fresh(spec)))
                 emit(TestStartedEvent(test=i, name=test.name))
                 test_spec = replace(
                     spec, workdir=current, limits=limits.tests[i], args=test.args,
@@ -309,11 +315,11 @@ class SubmissionRunner:
                 emit(TestFinishedEvent(test=i, result=result))
                 results.append(result)
         finally:
-            if upcoming is not None:
+            for task in upcoming:
                 # Not cancelled: its snapshot may be made already, in a thread that cannot be
                 # stopped, and must be removed either way.
                 with contextlib.suppress(Exception):
-                    self.sandbox.retire(await upcoming)
+                    self.sandbox.retire(await task)
         emit(StageFinishedEvent(stage="run", result=aggregate(results, started, now())))
 
     async def _check(

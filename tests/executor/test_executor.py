@@ -16,6 +16,9 @@ from cellblock.service.protocol import (
     SandboxResult,
     StageFinishedEvent,
     StageStartedEvent,
+    TestFinishedEvent,
+    TestResult,
+    TestStartedEvent,
 )
 
 Pending = asyncio.Queue[Event | None]
@@ -87,3 +90,16 @@ async def test_a_steady_stream_of_output_still_goes_out_every_linger() -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def test_a_test_s_end_waits_a_moment_for_the_next_test() -> None:
+    """Short tests go a few at a time: each batch rewrites the stored document."""
+    pending: Pending = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    result = TestResult(status="ok", name="a", verdict="passed")
+    pending.put_nowait(TestFinishedEvent(test=0, result=result))
+    loop.call_later(
+        executor.OUTPUT_LINGER / 2, pending.put_nowait, TestStartedEvent(test=1, name="b")
+    )
+    batch, _ = await next_batch(pending)
+    assert kinds(batch) == ["test_finished", "test_started"]
