@@ -1,8 +1,10 @@
 """The classroom end to end, in a real browser: a real JupyterLab server with the embedded
 deployment (the extension starts `cellblock up` itself: no CELLBLOCK_URL), headless Debian
 chromium driven by Playwright. A student opens a notebook, runs a Cellblock cell, watches its
-status line and output come live, then opens the status page. And a kernel that JupyterLab
-started before the deployment was up still finds it.
+status line and output come live, then opens the status page. A teacher's graded cell shows
+its tests live, then their table with what failed, and the picture the program drew (an SVG
+shown as an image, its script never run). And a kernel that JupyterLab started before the
+deployment was up still finds it.
 
 Needs what `make` installs: Debian's chromium and playwright in the venv (its own browser
 download is not used). Screenshots go to the test's temporary directory.
@@ -11,9 +13,11 @@ download is not used). Screenshots go to the test's temporary directory.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import nbformat
 import pytest
@@ -41,6 +45,63 @@ RECORD = """() => {
       seen.push({status: status.textContent, out: out});
   }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
+#: A C program drawing ``n`` circles into picture.svg, with a bug three tests catch one of
+#: ("1 circles"). The SVG carries a script and an onload handler: shown as the image it is,
+#: neither may run in the notebook's page.
+CIRCLES_C = r"""%%files circles.c
+#include <stdio.h>
+
+int main(void) {
+    int n;
+    if (scanf("%d", &n) != 1) return 1;
+    FILE *svg = fopen("picture.svg", "w");
+    if (svg == NULL) { perror("picture.svg"); return 1; }
+    fprintf(svg, "<svg xmlns='http://www.w3.org/2000/svg' width='%d' height='60'"
+                 " onload='window.cellblockPwned = 1'>\n", 50 * n + 10);
+    fprintf(svg, "<script>window.cellblockPwned = 1;</script>\n");
+    for (int i = 0; i < n; i++)
+        fprintf(svg, "<circle cx='%d' cy='30' r='22' fill='hsl(%d, 70%%, 55%%)'/>\n",
+                30 + 50 * i, 70 * i);
+    fprintf(svg, "</svg>\n");
+    fclose(svg);
+    printf("%d circles\n", n);
+    return 0;
+}
+%%compile
+gcc -O2 -Wall -o circles circles.c"""
+GRADED = """%%outputs picture.svg
+%%test three
+3
+%%expect
+3 circles
+%%test one
+1
+%%expect
+1 circle
+%%test five --points 2
+5
+%%expect
+5 circles
+%%run
+./circles"""
+#: Records every set of live test lines under the status line while the tests run.
+RECORD_TESTS = """() => {
+  window.cellblockLive = [];
+  new MutationObserver(() => {
+    const live = document.querySelector(".cellblock-live-tests");
+    if (!live) return;
+    const lines = [...live.children].map(line => line.textContent);
+    const seen = window.cellblockLive, last = seen[seen.length - 1];
+    if (!last || last.join("\\n") !== lines.join("\\n")) seen.push(lines);
+  }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _notebook(path: Path, *cells: str, title: str) -> None:
+    nb = new_notebook(cells=[new_markdown_cell(title), *map(new_code_cell, cells)])
+    nb.metadata["kernelspec"] = {"name": "cellblock", "display_name": "Cellblock",
+                                 "language": "cellblock"}  # fmt: skip
+    nbformat.write(nb, path)
 
 
 def _wait_for_cellblock(lab: Lab) -> None:
@@ -55,15 +116,14 @@ def _wait_for_cellblock(lab: Lab) -> None:
 
 @pytest.fixture
 def lab_server(tmp_path: Path, sandbox_root: Path) -> Iterator[Lab]:
-    """`jupyter lab` on a folder holding one Cellblock notebook, with the embedded deployment
-    (which starts with the server and comes up a few seconds later); once the server answers."""
+    """`jupyter lab` on a folder holding two Cellblock notebooks (a run, and a graded one),
+    with the embedded deployment (which starts with the server and comes up a few seconds
+    later); once the server answers."""
     install(prefix=sys.prefix)  # `pip install -e` leaves the kernelspec out
     root = tmp_path / "root"
     root.mkdir()
-    nb = new_notebook(cells=[new_markdown_cell("# Hello from Cellblock"), new_code_cell(CELL)])
-    nb.metadata["kernelspec"] = {"name": "cellblock", "display_name": "Cellblock",
-                                 "language": "cellblock"}  # fmt: skip
-    nbformat.write(nb, root / "hello.ipynb")
+    _notebook(root / "hello.ipynb", CELL, title="# Hello from Cellblock")
+    _notebook(root / "circles.ipynb", CIRCLES_C, GRADED, title="# Circles, graded")
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     # No "get notified about Jupyter news?" toast over the screenshots.
@@ -138,6 +198,90 @@ def test_a_cell_runs_live_in_jupyterlab_and_the_status_page_shows_it(
             "2 executor(s), 1 builder(s), 0 submission(s) queued"
         )
         status_page.screenshot(path=tmp_path / "status-page.png")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_graded_cell_shows_its_tests_and_the_picture_it_drew_in_jupyterlab(
+    lab: str, tmp_path: Path
+) -> None:
+    with chromium(tmp_path, 1280, 1120) as browser:
+        page = browser.new_page()
+        page.goto(f"{lab}/lab/tree/circles.ipynb?token={TOKEN}")
+        expect(page.locator(".jp-CodeCell").nth(1)).to_contain_text("%%test three", timeout=60_000)
+        kernel = page.get_by_role("button", name="Cellblock | Idle")
+        expect(kernel).to_be_visible(timeout=60_000)
+        page.keyboard.press("Control+b")  # the file browser closed: room for the outputs
+        page.evaluate(RECORD_TESTS)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+        cell = page.locator(".jp-CodeCell").nth(1)
+        status = cell.locator(".cellblock-status")
+        expect(status).to_contain_text("→ finished", timeout=45_000)
+        expect(status).to_contain_text("run: 2 of 3 tests passed 3/4 pt")
+        live = cell.locator(".cellblock-live-tests > div")
+        expect(live).to_have_count(3)
+        expect(live.nth(0)).to_contain_text("✅ three passed 1/1 pt")
+        expect(live.nth(1)).to_contain_text("❌ one wrong answer 0/1 pt")
+        expect(live.nth(2)).to_contain_text("✅ five passed 2/2 pt")
+
+        rows = cell.locator("table.cellblock-tests tbody tr")
+        expect(cell.locator("table.cellblock-tests")).to_be_visible()
+        expect(rows).to_have_count(3)
+        for row, (name, verdict, points) in zip(
+            rows.all(),
+            [("three", "✅ passed", "1/1"), ("one", "❌ wrong answer", "0/1"),
+             ("five", "✅ passed", "2/2")],
+            strict=True,
+        ):  # fmt: skip
+            cells = row.locator("td")
+            expect(cells.nth(0)).to_have_text(name)
+            expect(cells.nth(1)).to_have_text(verdict)
+            expect(cells.nth(2)).to_have_text(points)
+            expect(cells.nth(3)).to_have_text(re.compile(r"^\d+ ms$"))
+            expect(cells.nth(4)).to_have_text(re.compile(r"^[\d.]+ (B|KiB|MiB)$"))
+        expect(cell.locator(".cellblock-tests + p")).to_have_text("2 of 3 tests passed, 3/4 points")
+        [failure] = cell.locator(".cellblock-test-failure").all()
+        expect(failure.locator("h4")).to_have_text("one: ❌ wrong answer")
+        side = failure.locator("table.cellblock-expected-actual pre")
+        expect(side).to_have_text(["1 circle", "1 circles"])
+        error = cell.locator(".jp-OutputArea-output[data-mime-type$='stderr']")
+        expect(error).to_contain_text("CellblockTestsFailed: 1 of 3 tests failed: one")
+
+        # Each test's picture.svg as an image: an <img> of a data: URL, never the SVG in the
+        # page, so that its script and onload handler do not run.
+        images = cell.locator(".jp-OutputArea-output img")
+        expect(images).to_have_count(3)
+        sizes, svgs = [], []
+        for image in images.all():
+            kind, _, svg = (image.get_attribute("src") or "").partition(",")
+            assert kind == "data:image/svg+xml", kind
+            svgs.append(unquote(svg))
+            assert "<script>window.cellblockPwned = 1;</script>" in svgs[-1], svgs[-1]
+            image.evaluate("img => img.decode()")  # until it is drawn
+            sizes.append(image.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
+        assert sizes == [[160, 60], [60, 60], [260, 60]], sizes  # 3, 1 and 5 circles
+        assert cell.locator(".jp-OutputArea svg circle").count() == 0
+        assert page.evaluate("typeof window.cellblockPwned") == "undefined"
+
+        # Live: a test was seen running while an earlier one had its verdict already.
+        seen = page.evaluate("window.cellblockLive")
+        assert seen[-1] == [line.text_content() for line in live.all()], seen
+        assert any(
+            any("running…" in line for line in lines) and any("passed" in line for line in lines)
+            for lines in seen
+        ), seen
+
+        # The picture above the fold, for docs/grading.png too.
+        cell.evaluate("cell => cell.scrollIntoView({block: 'start'})")
+        page.screenshot(path=tmp_path / "grading.png")
+
+        # And the same SVG does run its script when it is put in a page as markup: had the
+        # notebook inlined it, the check above would have failed.
+        inlined = browser.new_page()
+        inlined.set_content(f"<!doctype html><body>{svgs[0]}</body>")
+        assert inlined.evaluate("window.cellblockPwned") == 1
 
 
 def _environ(pid: int) -> dict[str, str]:
