@@ -480,10 +480,20 @@ def file_display(file: OutputFile, prefix: str = "") -> Display:
         text = _clip(_bytes(file).decode("utf-8", "replace"))
         return Display({
             "text/plain": f"{caption}\n{text}",
-            "text/html": f'<div class="cellblock-file">{html.escape(caption)}</div>{_pre(text)}',
+            "text/html": _caption_display(caption).data["text/html"] + _pre(text),
         })  # fmt: skip
     note = ": cut, not shown" if kind.startswith("image/") and file.truncated else ""
     return Display({"text/plain": caption + note})
+
+
+PICTURE_TYPES = frozenset((*IMAGE_TYPES, "image/svg+xml"))
+
+
+def _caption_display(caption: str) -> Display:
+    return Display({
+        "text/plain": caption,
+        "text/html": f'<div class="cellblock-file">{html.escape(caption)}</div>',
+    })  # fmt: skip
 
 
 def file_displays(state: SubmissionState) -> list[Display]:
@@ -495,7 +505,13 @@ def file_displays(state: SubmissionState) -> list[Display]:
     groups += [(f"{t.name}: ", t) for t in state.tests if t is not None]
     displays = []
     for prefix, result in groups:
-        displays += [file_display(f, prefix) for f in result.files or ()]
+        for f in result.files or ():
+            shown = file_display(f, prefix)
+            if PICTURE_TYPES.intersection(shown.data):
+                # JupyterLab shows a picture alone (an HTML caption in its bundle would be
+                # shown instead of it): its caption goes just above it.
+                displays.append(_caption_display(_caption(f, prefix)))
+            displays.append(shown)
         if result.missing:
             displays.append(Display(
                 {"text/plain": f"{prefix}no file matched: {', '.join(result.missing)}"}

@@ -577,6 +577,20 @@ def test_the_files_of_the_run_and_of_each_test_and_the_missing_patterns() -> Non
     assert render.file_displays(Graded("a").finish()) == []
 
 
+def test_a_picture_has_its_caption_just_above_it() -> None:
+    """JupyterLab shows a picture's bundle as the picture alone: which test drew it is said
+    by a caption of its own, above it; a text file carries its caption in its own bundle."""
+    run = Graded("one")
+    run.done(0, files=[output_file("p.png", PNG, "image/png").wire(),
+                       output_file("n.txt", b"x", "text/plain").wire()])  # fmt: skip
+    displays = render.file_displays(run.finish())
+    assert [sorted(d.data) for d in displays] == [
+        ["text/html", "text/plain"], ["image/png", "text/plain"], ["text/html", "text/plain"]
+    ]  # fmt: skip
+    assert displays[0].data["text/plain"].startswith("one: p.png (image/png")
+    assert '<div class="cellblock-file">one: p.png' in displays[0].data["text/html"]
+
+
 def test_a_skipped_stage_shows_no_measures_it_never_had() -> None:
     state = SubmissionState.from_record({
         "id": "s", "status": "finished",
