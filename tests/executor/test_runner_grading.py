@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,9 +15,10 @@ from cellblock.executor import host
 from cellblock.executor.runner import SubmissionRunner
 from cellblock.executor.sandbox import Sandbox
 from cellblock.service.protocol import Event, TestStartedEvent, parse_submission
-from tests.executor.conftest import RunSubmission
 
 pytestmark = pytest.mark.timeout(120)
+#: The run_submission fixture of conftest.py: the submission document and every event.
+RunSubmission = Callable[[dict[str, Any]], Awaitable[tuple[Any, list[dict[str, Any]]]]]
 
 SUM_C = r"""
 #include <stdio.h>
