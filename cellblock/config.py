@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from cellblock.errors import ConfigError
 from cellblock.service.protocol import (
+    MAX_TESTS,
     RLIMITS,
     SANDBOX_LIMITS,
     SIZE_LIMITS,
@@ -321,6 +322,9 @@ def _grading_policy(raw: Mapping[str, Any]) -> GradingPolicy:
         value = raw[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"grading.{name}: {value!r} is not a positive integer")
+    if raw["max_tests"] > MAX_TESTS:
+        raise ConfigError(f"grading.max_tests: {raw['max_tests']} is above {MAX_TESTS}, the most "
+                          "tests one submission can hold")  # fmt: skip
     return GradingPolicy(
         max_tests=raw["max_tests"],
         max_tests_wall_time=_seconds("grading.max_tests_wall_time", raw["max_tests_wall_time"]),

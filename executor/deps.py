@@ -24,7 +24,8 @@ from cellblock.cachebuilder.environments import (
     EnvironmentCache,
     environment_key,
 )
-from cellblock.executor.runner import DepsOutcome, Emit, StageEnvironment
+from cellblock.executor.runner import DepsOutcome, StageEnvironment
+from cellblock.executor.streaming import Emit
 from cellblock.service.protocol import CacheOutcome, DepsResult, DepsStatus, OutputEvent
 
 #: How often to look again for a channel while no builder has published one.

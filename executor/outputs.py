@@ -12,6 +12,7 @@ file. Reads stop at the caps; listing a directory for a glob stops after ``MAX_E
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ctypes
 import errno
@@ -20,8 +21,9 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from cellblock.service.protocol import OutputFile, media_type
+from cellblock.service.protocol import OutputFile, SandboxResult, media_type
 
 #: openat2(2): its syscall number (the same on x86-64 and arm64) and its resolve flags.
 SYS_OPENAT2 = 437
@@ -38,6 +40,10 @@ HEAD = 512
 GLOB_CHARACTERS = frozenset("*?[")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+#: What reading a file the sandbox left can fail with that is the host's trouble, not the
+#: file's: anything else (a socket, a name too long, an I/O error) means "not a file to return".
+HOST_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOMEM))
 
 
 class _OpenHow(ctypes.Structure):
@@ -59,6 +65,8 @@ def open_beneath(root: int, path: str, flags: int) -> int:
 class Collected:
     files: list[OutputFile]
     missing: list[str]
+    #: Bytes of content kept, all files together.
+    kept: int = 0
 
 
 def collect(workdir: str | os.PathLike[str], patterns: Sequence[str], file_cap: int,
@@ -77,19 +85,35 @@ def collect(workdir: str | os.PathLike[str], patterns: Sequence[str], file_cap: 
             for name in sorted(_matches(root, pattern.split("/"), "", budget)):
                 if name in files:  # named by an earlier pattern too: returned once
                     matched = True
-                    continue
-                if len(files) >= MAX_FILES:
+                elif len(files) >= MAX_FILES:
+                    matched = True  # it names more files than one result returns
                     break
-                read = _read(root, name, min(file_cap, room))
-                if read is not None:
+                elif read := _read(root, name, file_cap, room):
                     matched = True
                     files[name], kept = read
                     room -= kept
             if not matched:
                 missing.append(pattern)
-        return Collected(list(files.values()), missing)
+        return Collected(list(files.values()), missing, total_cap - room)
     finally:
         os.close(root)
+
+
+async def attach(
+    result: SandboxResult,
+    workdir: Path,
+    patterns: Sequence[str],
+    file_cap: int,
+    room: int,
+) -> tuple[SandboxResult, int]:
+    """``result`` with the output files ``patterns`` name in ``workdir``, within ``room``
+    bytes in all; and the bytes they took. Read in a thread: a result may bring back
+    megabytes. Cancelling it does not stop the thread, which ends within its caps."""
+    if not patterns:
+        return result, 0
+    collected = await asyncio.to_thread(collect, workdir, patterns, file_cap, room)
+    update = {"files": collected.files, "missing": collected.missing}
+    return result.model_copy(update=update), collected.kept
 
 
 class _Budget:
@@ -122,9 +146,10 @@ def _matches(root: int, parts: list[str], prefix: str, budget: _Budget) -> Itera
 def _listing(root: int, prefix: str, budget: _Budget) -> list[str]:
     try:
         fd = open_beneath(root, prefix or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
+    except OSError as exc:
+        _unless_host_trouble(exc)
         return []  # not a directory, or one reached only through a symlink
-    names = []
+    names: list[str] = []
     try:
         with os.scandir(fd) as entries:
             for entry in entries:
@@ -141,30 +166,40 @@ def _listing(root: int, prefix: str, budget: _Budget) -> list[str]:
     return names
 
 
-def _read(root: int, name: str, cap: int) -> tuple[OutputFile, int] | None:
-    """The regular file ``name`` read up to ``cap`` bytes, and how many were kept; None for
-    anything else (nothing there, a symlink, a directory, a FIFO, a device)."""
+def _read(root: int, name: str, file_cap: int, room: int) -> tuple[OutputFile, int] | None:
+    """The regular file ``name`` read up to ``file_cap`` bytes, or the ``room`` left of all
+    files' cap, and how many were kept; None for anything else (nothing there, a symlink, a
+    directory, a FIFO, a device, a socket)."""
     try:
         fd = open_beneath(root, name, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-            return None
-        raise
+        _unless_host_trouble(exc)
+        return None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             return None
-        data = _read_up_to(fd, max(cap, 0))
+        # The head tells the media type even of a file the cap leaves no room for.
+        data = _read_up_to(fd, max(min(file_cap, room), HEAD))
+    except OSError as exc:
+        _unless_host_trouble(exc)
+        return None
     finally:
         os.close(fd)
+    kept = data[: max(min(file_cap, room), 0)]
     output = OutputFile(
         name=name,
-        content=base64.b64encode(data).decode(),
+        content=base64.b64encode(kept).decode(),
         size=info.st_size,
         media_type=media_type(name, data[:HEAD]),
-        truncated=len(data) < info.st_size,
+        truncated=len(kept) < info.st_size,
     )
-    return output, len(data)
+    return output, len(kept)
+
+
+def _unless_host_trouble(exc: OSError) -> None:
+    if exc.errno in HOST_ERRORS:
+        raise exc
 
 
 def _read_up_to(fd: int, cap: int) -> bytes:

@@ -10,57 +10,42 @@ uses it any more, however ``run`` ends (``aclose`` waits for that).
 
 Between submissions, ``prepare`` makes the next working directory and arms its first jail, so
 that a submission without dependencies does not wait for nsjail to start; while a compile stage
-runs, the jail of the run stage is armed. ``aclose`` gives up what is armed.
+runs, the jail of the run stage is armed. ``aclose`` gives up what is armed. A submission with
+tests runs its run stage as ``Grading`` (grading.py) does, test by test, with ``test_started``
+and ``test_finished`` events.
 """
 
 from __future__ import annotations
 
-import asyncio
-import codecs
-import collections
 import contextlib
 import errno
 import os
 import secrets
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellblock.executor.outputs import collect
-from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageOutcome, StageSpec
+from cellblock.executor.grading import Grading
+from cellblock.executor.outputs import attach
+from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageSpec
+from cellblock.executor.streaming import Emit, run_streaming
 from cellblock.service.protocol import (
-    STREAMS,
     DepsResult,
     Event,
     FileSpec,
-    OutputEvent,
     SandboxResult,
+    SandboxStatus,
     StageFinishedEvent,
     StageLimits,
     StageName,
     StageStartedEvent,
-    Stream,
     Submission,
-    TestFinishedEvent,
-    TestResult,
-    TestSpec,
-    TestStartedEvent,
-    aggregate,
-    judge,
     now,
-    test_result,
 )
 
-Emit = Callable[[Event], None]
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
-#: Where a checker finds its test's input, expected and actual output (read-only).
-CHECK_FILES = "/.cellblock/check"
-#: Tests whose snapshot and jail are made ahead, while an earlier one runs.
-TESTS_AHEAD = 2
-#: Bytes of a checker's stdout kept as the test's message.
-CHECKER_MESSAGE = 4096
+NO_SHELL = "no shell in this pure sandbox: add bash or busybox to dependencies"
 
 
 @dataclass(frozen=True)
@@ -210,7 +195,10 @@ class SubmissionRunner:
             except OSError as exc:
                 if exc.errno != errno.EDQUOT:  # ENOSPC: the whole disk is full, a system failure
                     raise
-                emit(_files_over_disk(first, first_limits))
+                message = (
+                    f"the submission's files do not fit the disk limit of {first_limits.disk} bytes"
+                )
+                emit(_refused(first, "disk_limit", first_limits, message))
                 if first == "compile":
                     emit(_skipped("run"))
                 return
@@ -233,26 +221,28 @@ class SubmissionRunner:
                 env = outcome.environment
             pure = self.sandbox.base == "pure"
             shell = find_shell(env, pure)
+            if shell is None:
+                emit(StageStartedEvent(stage=first))
+                emit(_refused(first, "error", first_limits, NO_SHELL))
+                if first == "compile":
+                    emit(_skipped("run"))
+                return
             first_spec = StageSpec(
                 script=request.compile if request.compile is not None else request.run,
                 limits=first_limits,
                 workdir=workdir,
                 env=stage_environment(env, request.env, pure),
                 mounts=[Mount(Path(p), p) for p in env.paths],
-                shell=shell or "",
+                shell=shell,
             )
-            if shell is None:
-                emit(_no_shell(first, first_limits))
-                if first == "compile":
-                    emit(_skipped("run"))
-                return
             if request.compile is not None:
                 emit(StageStartedEvent(stage="compile"))
                 # While the compile stage runs, the run stage's jail starts (a test's cannot:
                 # its working directory is a snapshot of what compile leaves).
-                compiled = await self._execute(
-                    "compile", first_spec, emit, arm_next=None if request.tests else workdir
-                )
+                compiled = await run_streaming(
+                    self.sandbox, "compile", first_spec, emit,
+                    arm_next=None if request.tests else workdir,
+                )  # fmt: skip
                 emit(StageFinishedEvent(stage="compile", result=compiled.result(limits.compile)))
                 if compiled.status != "ok":
                     emit(_skipped("run"))
@@ -261,163 +251,26 @@ class SubmissionRunner:
             if request.tests is None:
                 await self._run(submission, run_spec, emit)
             else:
-                await self._tests(submission, run_spec, emit)
+                await Grading(self.sandbox, submission, run_spec).run(emit)
         finally:
             self.sandbox.retire(workdir)
 
     async def _run(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
         """The run stage, once, with the request's stdin and args."""
-        request = submission.request
+        request, limits = submission.request, submission.limits
         emit(StageStartedEvent(stage="run"))
         spec = replace(spec, args=request.args, stdin=request.stdin_data())
-        result = (await self._execute("run", spec, emit)).result(spec.limits)
-        result = await self._with_outputs(result, submission, spec.workdir)
+        outcome = await run_streaming(self.sandbox, "run", spec, emit)
+        result, _ = await attach(
+            outcome.result(spec.limits), spec.workdir, request.outputs,
+            limits.output_file_size, limits.output_total_size,
+        )  # fmt: skip
         emit(StageFinishedEvent(stage="run", result=result))
 
-    async def _tests(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
-        """The run stage as one sandboxed run per test, each in a fresh snapshot of the working
-        directory as compile left it (so that what one test writes, the next does not see),
-        judged as it ends. The next tests' snapshots and jails are made while one runs."""
-        request, limits = submission.request, submission.limits
-        tests = request.tests or []
-        emit(StageStartedEvent(stage="run"))
-        started = now()
-        results: list[TestResult] = []
-        # Starting a jail takes longer than a short test runs: keep TESTS_AHEAD ready.
-        upcoming = collections.deque(
-            asyncio.create_task(self._fresh(spec)) for _ in tests[:TESTS_AHEAD]
-        )
-        try:
-            for i, test in enumerate(tests):
-                # Shielded: a cancel here must not lose a snapshot its thread goes on making.
-                current = await asyncio.shield(upcoming.popleft())
-                if i + TESTS_AHEAD < len(tests):
-                    upcoming.append(asyncio.create_task(self._fresh(spec)))
-                emit(TestStartedEvent(test=i, name=test.name))
-                test_spec = replace(
-                    spec, workdir=current, limits=limits.tests[i], args=test.args,
-                    stdin=test.stdin_data(),
-                )  # fmt: skip
-                try:
-                    outcome = await self._execute("run", test_spec, emit, test=i)
-                    run = await self._with_outputs(
-                        outcome.result(test_spec.limits), submission, current
-                    )
-                finally:
-                    self.sandbox.retire(current)
-                checker = None
-                if request.checker is not None and run.status == "ok":
-                    checker = await self._check(spec, request.checker, test, outcome.stdout)
-                judgement = judge(
-                    run, outcome.stdout, test.expected_output, test.comparison(), *checker or ()
-                )
-                result = test_result(test.name, run, judgement, test.points, test.expected_output)
-                emit(TestFinishedEvent(test=i, result=result))
-                results.append(result)
-        finally:
-            for task in upcoming:
-                # Not cancelled: its snapshot may be made already, in a thread that cannot be
-                # stopped, and must be removed either way.
-                with contextlib.suppress(Exception):
-                    self.sandbox.retire(await task)
-        emit(StageFinishedEvent(stage="run", result=aggregate(results, started, now())))
 
-    async def _check(
-        self, spec: StageSpec, checker: str, test: TestSpec, actual: bytes
-    ) -> tuple[SandboxResult, str]:
-        """Run the checker on one test's output, in the sandbox, in its own snapshot of the
-        working directory as compile left it: never where the test ran, whose program could
-        have rewritten the checker's files. It reads the test's input, the expected output and
-        the program's stdout as read-only files; its result and what it said (its stdout)."""
-        files = {
-            "input": test.stdin_data(),
-            "expected": (test.expected_output or "").encode(),
-            "actual": actual,
-        }
-        folder = self._check_files(files)
-        workdir = await self._snapshot(spec.workdir)
-        try:
-            check_spec = replace(
-                spec,
-                script=checker,
-                workdir=workdir,
-                env={**spec.env, **{f"CB_{n.upper()}": f"{CHECK_FILES}/{n}" for n in files}},
-                mounts=[*spec.mounts, Mount(folder, CHECK_FILES)],
-            )
-            outcome = await self.sandbox.run(check_spec)
-        finally:
-            self.sandbox.retire(workdir)
-            shutil.rmtree(folder, ignore_errors=True)
-        said = outcome.stdout[:CHECKER_MESSAGE].decode("utf-8", "replace").strip()
-        return outcome.result(check_spec.limits), said
-
-    def _check_files(self, files: Mapping[str, bytes]) -> Path:
-        """A folder of the host holding ``files``, readable (only) by the sandbox."""
-        folder = self.sandbox.disk.root / f"{self.sandbox.uid}-{secrets.token_hex(8)}-check"
-        folder.mkdir()
-        folder.chmod(0o755)
-        for name, data in files.items():
-            path = folder / name
-            path.write_bytes(data)
-            path.chmod(0o444)
-        return folder
-
-    async def _snapshot(self, workdir: Path) -> Path:
-        """A snapshot of ``workdir``, made in a thread: it waits for a btrfs transaction
-        commit, milliseconds that would stall every other slot of this executor."""
-        name = f"{workdir.name}-{secrets.token_hex(4)}"
-        return await asyncio.to_thread(self.sandbox.disk.snapshot, workdir, name)
-
-    async def _fresh(self, spec: StageSpec) -> Path:
-        """A test's fresh working directory, with its jail armed."""
-        path = await self._snapshot(spec.workdir)
-        self.sandbox.arm(path, spec.mounts)
-        return path
-
-    async def _with_outputs(
-        self, result: SandboxResult, submission: Submission, workdir: Path
-    ) -> SandboxResult:
-        """``result`` with the output files the request names, read from ``workdir``."""
-        patterns, limits = submission.request.outputs, submission.limits
-        if not patterns:
-            return result
-        collected = await asyncio.to_thread(
-            collect, workdir, patterns, limits.output_file_size, limits.output_total_size
-        )
-        return result.model_copy(update={"files": collected.files, "missing": collected.missing})
-
-    async def _execute(
-        self,
-        stage: StageName,
-        spec: StageSpec,
-        emit: Emit,
-        *,
-        test: int | None = None,
-        arm_next: Path | None = None,
-    ) -> StageOutcome:
-        """Run one stage (or one test) in the sandbox, its output streaming live."""
-        # Live output is text; a character split across two reads is decoded whole. (The final
-        # result carries the exact bytes, base64 when they are not UTF-8.)
-        decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in STREAMS}
-
-        def output(stream: Stream, data: bytes) -> None:
-            text = decoders[stream].decode(data)
-            if text:
-                emit(OutputEvent(stage=stage, stream=stream, data=text, test=test))
-
-        return await self.sandbox.run(spec, output, arm_next=arm_next)
-
-
-def _no_shell(stage: StageName, limits: StageLimits) -> Event:
-    message = "no shell in this pure sandbox: add bash or busybox to dependencies"
-    result = SandboxResult.refused("error", limits, message)
-    return StageFinishedEvent(stage=stage, result=result)
-
-
-def _files_over_disk(stage: StageName, limits: StageLimits) -> Event:
-    message = f"the submission's files do not fit the disk limit of {limits.disk} bytes"
-    result = SandboxResult.refused("disk_limit", limits, message)
-    return StageFinishedEvent(stage=stage, result=result)
+def _refused(stage: StageName, status: SandboxStatus, limits: StageLimits, message: str) -> Event:
+    """The end of a stage the executor refused before its sandbox ran anything."""
+    return StageFinishedEvent(stage=stage, result=SandboxResult.refused(status, limits, message))
 
 
 def _skipped(stage: StageName) -> Event:

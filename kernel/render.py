@@ -220,8 +220,9 @@ VERDICT_ICONS = {"passed": "✅", "wrong_answer": "❌", "time_limit": "⏱", "m
                  "skipped": "⏭", "error": "⚠"}  # fmt: skip
 #: Outputs longer than this (in lines, either side) also get a unified diff.
 DIFF_LINES = 10
-#: Lines of one output shown at most; the rest is counted, not shown.
+#: Lines and characters of one output shown at most; the rest is counted, not shown.
 SHOWN_LINES = 200
+SHOWN_CHARACTERS = 20_000
 #: Failing test names an error names at most.
 NAMED_TESTS = 10
 
@@ -348,10 +349,15 @@ def output_text(result: SandboxResult, stream: str = "stdout") -> str:
 
 
 def _clip(text: str) -> str:
+    """At most ``SHOWN_LINES`` lines and ``SHOWN_CHARACTERS`` characters of ``text``: a program
+    may print megabytes on one line."""
     lines = text.split("\n")
+    clipped = "\n".join(lines[:SHOWN_LINES])
+    if len(clipped) > SHOWN_CHARACTERS:
+        return clipped[:SHOWN_CHARACTERS] + f"… {len(text) - SHOWN_CHARACTERS} more characters"
     if len(lines) <= SHOWN_LINES:
         return text
-    return "\n".join(lines[:SHOWN_LINES]) + f"\n… {len(lines) - SHOWN_LINES} more lines"
+    return clipped + f"\n… {len(lines) - SHOWN_LINES} more lines"
 
 
 def _is_long(expected: str, actual: str) -> bool:
@@ -359,9 +365,12 @@ def _is_long(expected: str, actual: str) -> bool:
 
 
 def unified_diff(expected: str, actual: str) -> str:
+    """A unified diff of the two, of their first ``SHOWN_CHARACTERS`` each (difflib takes
+    quadratic time on long inputs)."""
     return "".join(
         difflib.unified_diff(
-            expected.splitlines(keepends=True), actual.splitlines(keepends=True),
+            expected[:SHOWN_CHARACTERS].splitlines(keepends=True),
+            actual[:SHOWN_CHARACTERS].splitlines(keepends=True),
             "expected", "actual",
         )
     )  # fmt: skip

@@ -9,6 +9,7 @@ it decides about them is decided here.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -72,8 +73,8 @@ class Compare:
         if self.mode == "lines":
             return _lines(text) == _lines(expected)
         if self.mode == "tokens":
-            return text.split() == expected.split()
-        want, got = expected.split(), text.split()
+            return _tokens(text) == _tokens(expected)
+        want, got = _tokens(expected), _tokens(text)
         return len(want) == len(got) and all(
             self._close(w, g) for w, g in zip(want, got, strict=True)
         )
@@ -81,18 +82,27 @@ class Compare:
     def _close(self, want: str, got: str) -> bool:
         if want == got:
             return True
-        try:
-            a, b = float(want), float(got)
-        except ValueError:
-            return False
-        if not (math.isfinite(a) and math.isfinite(b)):
-            return False
+        if not (_NUMBER.fullmatch(want) and _NUMBER.fullmatch(got)):
+            return False  # float() would also take "1_0", "ⅷ"-like digits and "infinity"
+        a, b = float(want), float(got)
         return math.isclose(a, b, rel_tol=self.tolerance, abs_tol=self.tolerance)
+
+
+#: ASCII whitespace separates tokens and ends lines: a non-breaking space a program printed
+#: is part of what it printed.
+WHITESPACE = " \t\n\r\x0b\x0c"
+_TOKEN = re.compile(f"[^{WHITESPACE}]+")
+#: A decimal number as programs print them, and nothing float() merely accepts.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text)
 
 
 def _lines(text: str) -> list[str]:
     """Lines without trailing whitespace, and without trailing empty lines (as Judge0 does)."""
-    lines = [line.rstrip() for line in text.split("\n")]
+    lines = [line.rstrip(WHITESPACE) for line in text.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     return lines
@@ -121,6 +131,10 @@ def judge(
     """
     if run.status != "ok":
         return Judgement(VERDICT_OF_STATUS[run.status], run.message)
+    if run.stdout_truncated and (expected is not None or checker is not None):
+        # What was kept may be right, but the program wrote more: neither the comparison nor
+        # the checker saw all of it.
+        return Judgement("wrong_answer", "the output is longer than limits.output keeps")
     if checker is not None:
         if checker.status == "ok":
             return Judgement("passed", checker_says or None)
@@ -128,11 +142,7 @@ def judge(
             return Judgement("wrong_answer", checker_says or "the checker rejected the output")
         why = checker.message or checker.status
         return Judgement("error", f"the checker did not finish: {why}")
-    if expected is None:
-        return Judgement("passed")
-    if run.stdout_truncated:  # what was kept may equal it, but the program wrote more
-        return Judgement("wrong_answer", "the output is longer than limits.output keeps")
-    if compare.matches(expected, stdout):
+    if expected is None or compare.matches(expected, stdout):
         return Judgement("passed")
     return Judgement("wrong_answer", f"the output differs from the expected output ({compare})")
 

@@ -33,6 +33,10 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_FILES = 1000
 MAX_DEPENDENCIES = 64
 MAX_OUTPUT_PATTERNS = 64
+#: The most tests any submission holds, whatever the configured cap (``max_tests``) below it.
+MAX_TESTS = 10_000
+#: Points a test is worth at most: far above any grading scale, far below float overflow.
+MAX_POINTS = 1_000_000
 #: Far above any nixpkgs attribute path, and short enough that a name never floods a key,
 #: a log line or nix's command line.
 MAX_DEPENDENCY_NAME = 255
@@ -150,8 +154,8 @@ class TestSpec(_Strict):
     @field_validator("points")
     @classmethod
     def _not_negative(cls, points: float) -> float:
-        if not math.isfinite(points) or points < 0:
-            raise ValueError(f"{points} is not a number of points: give a finite number, 0 or more")
+        if not math.isfinite(points) or not 0 <= points <= MAX_POINTS:
+            raise ValueError(f"{points} is not a number of points: give 0 to {MAX_POINTS}")
         return float(points)
 
     def stdin_data(self) -> bytes:
@@ -176,7 +180,7 @@ class SubmissionRequest(_Strict):
     args: Args = Field(default_factory=list)
     limits: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: Tests: the run script runs once per test instead of once (``None``: no tests).
-    tests: list[TestSpec] | None = Field(default=None, min_length=1)
+    tests: list[TestSpec] | None = Field(default=None, min_length=1, max_length=MAX_TESTS)
     checker: str | None = None
     outputs: list[Annotated[str, AfterValidator(_output_pattern)]] = Field(
         default_factory=list, max_length=MAX_OUTPUT_PATTERNS
@@ -292,7 +296,7 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
     if problems := _file_name_problems(request.files) + _test_problems(request, policy):
         raise InvalidRequest(problems)
     limits = resolve_limits(request.limits, policy, [t.limits for t in request.tests or ()])
-    if problems := _files_over_disk(request, limits) + _tests_over_time(limits, policy):
+    if problems := _files_over_disk(request, limits) + _tests_over_time(request, limits, policy):
         raise InvalidRequest(problems)
     return Submission(request=request, limits=limits)
 
@@ -323,14 +327,22 @@ def _repeated_names(field: str, names: list[str]) -> list[FieldProblem]:
     return problems
 
 
-def _tests_over_time(limits: ResolvedLimits, policy: LimitPolicy) -> list[FieldProblem]:
-    """The tests' wall-time limits together must fit the configured cap."""
-    total, cap = sum(t.wall_time for t in limits.tests), policy.grading.max_tests_wall_time
+def _tests_over_time(
+    request: SubmissionRequest, limits: ResolvedLimits, policy: LimitPolicy
+) -> list[FieldProblem]:
+    """The tests' wall-time limits together must fit the configured cap; a checker's run after
+    each test counts with the run stage's own wall_time."""
+    total = sum(t.wall_time for t in limits.tests)
+    if request.checker is not None:
+        total += len(limits.tests) * limits.run.wall_time
+    cap = policy.grading.max_tests_wall_time
     if total <= cap:
         return []
+    checkers = " with their checker's runs" if request.checker is not None else ""
     return [FieldProblem(
-        "tests", f"the tests' wall_time limits add up to {total:g} s, over the {cap:g} s this "
-        "service allows one submission's tests; run fewer tests or lower their wall_time",
+        "tests", f"the tests' wall_time limits{checkers} add up to {total:g} s, over the "
+        f"{cap:g} s this service allows one submission's tests; run fewer tests or lower their "
+        "wall_time",
     )]  # fmt: skip
 
 

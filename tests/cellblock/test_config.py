@@ -398,6 +398,12 @@ def test_the_grading_caps_have_their_defaults(tmp_path):
     assert grading == GradingPolicy()
 
 
+def test_a_test_cap_above_what_any_submission_holds_is_refused(tmp_path):
+    write_config(tmp_path, "[grading]\nmax_tests = 10001\n")
+    with pytest.raises(ConfigError, match=r"grading\.max_tests: 10001 is above 10000"):
+        load(tmp_path, environ={})
+
+
 def test_the_grading_caps_are_read_from_the_file(tmp_path):
     write_config(
         tmp_path,

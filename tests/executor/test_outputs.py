@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import errno
 import os
+import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -155,3 +157,43 @@ def test_a_name_that_is_not_utf8_is_skipped(tmp_path: Path) -> None:
     (tmp_path / os.fsdecode(b"bad\xff.txt")).write_text("x")
     (tmp_path / "good.txt").write_text("x")
     assert [f.name for f in collect(tmp_path, ["*.txt"], MiB, MiB).files] == ["good.txt"]
+
+
+def test_a_socket_or_a_name_too_long_is_not_a_file_and_no_failure(tmp_path: Path) -> None:
+    """Opening a UNIX socket fails with ENXIO, a path past PATH_MAX with ENAMETOOLONG: the
+    sandbox plants either to make the host fail the whole submission."""
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "x.png"))
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(20):  # 20 x 250 bytes: past PATH_MAX when named from the top
+            os.mkdir("d" * 250, dir_fd=fd)
+            deeper = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = deeper
+        os.close(os.open("f.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        os.close(fd)
+        pattern = "/".join(["*"] * 21)
+        got = collect(tmp_path, ["*.png", "x.png", pattern], MiB, MiB)
+    assert got.files == []
+    assert got.missing == ["*.png", "x.png", pattern]
+    shutil.rmtree(tmp_path / ("d" * 250))
+
+
+def test_a_file_past_the_total_cap_still_has_its_media_type(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"a" * 100)
+    (tmp_path / "b.png").write_bytes(PNG)
+    got = collect(tmp_path, ["a.txt", "b.png"], MiB, 100)
+    assert [(f.name, f.media_type, f.truncated, f.content) for f in got.files][1] == (
+        "b.png", "image/png", True, ""
+    )  # fmt: skip
+    assert got.kept == 100
+
+
+def test_a_pattern_naming_more_files_than_a_result_returns_is_not_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outputs, "MAX_FILES", 3)
+    for i in range(5):
+        (tmp_path / f"{i}.txt").write_text("x")
+    got = collect(tmp_path, ["*.txt", "0.txt"], MiB, MiB)
+    assert len(got.files) == 3 and got.missing == []

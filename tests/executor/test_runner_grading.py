@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from cellblock.executor import host
+from cellblock.executor import grading, host
 from cellblock.executor.runner import SubmissionRunner
 from cellblock.executor.sandbox import Sandbox
-from cellblock.service.protocol import Event, TestStartedEvent, parse_submission
+from cellblock.service.protocol import Event, StageStartedEvent, TestStartedEvent, parse_submission
 
 pytestmark = pytest.mark.timeout(120)
 #: The run_submission fixture of conftest.py: the submission document and every event.
@@ -285,3 +285,55 @@ async def test_cancelling_between_tests_leaves_no_snapshot_behind(
         await work
     await runner.aclose()
     assert list(sandbox_host.disk.root.glob(f"{sandbox.uid}-*")) == []
+
+
+async def test_cancelling_while_the_first_snapshot_is_made_leaves_nothing_behind(
+    sandbox: Sandbox, sandbox_host: host.SandboxHost
+) -> None:
+    submission = parse_submission(
+        {"run": "true", "tests": [{"name": f"t{i}"} for i in range(3)]},
+        sandbox_host.config.limits,
+    )
+    runner = SubmissionRunner(sandbox)
+    stage_started = asyncio.Event()
+
+    def emit(event: Event) -> None:
+        if isinstance(event, StageStartedEvent):
+            stage_started.set()
+
+    work = asyncio.create_task(runner.run(submission, emit))
+    await stage_started.wait()  # the snapshots' threads run now
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work
+    await runner.aclose()
+    assert list(sandbox_host.disk.root.glob(f"{sandbox.uid}-*")) == []
+
+
+async def test_output_files_share_one_budget_across_the_tests(
+    run_submission: RunSubmission, sandbox_host: host.SandboxHost
+) -> None:
+    grading_caps = sandbox_host.config.limits.grading
+    each, total = grading_caps.output_file_size, grading_caps.output_total_size
+    count = total // each + 1  # one test more than the budget holds files of
+    state, _ = await run_submission({
+        "run": f"head -c {each} /dev/zero > out.bin",
+        "tests": [{"name": f"t{i}"} for i in range(count)], "outputs": ["out.bin"],
+    })  # fmt: skip
+    files = [t["files"][0] for t in state.stages["tests"]]
+    assert [len(base64.b64decode(f["content"])) for f in files] == [each] * (count - 1) + [0]
+    assert [f["truncated"] for f in files] == [False] * (count - 1) + [True]
+
+
+async def test_the_tests_kept_output_shares_one_budget_but_each_is_judged_whole(
+    run_submission: RunSubmission, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(grading, "KEPT_OUTPUT", 10)
+    state, _ = await run_submission({
+        "run": "echo 0123456", "limits": {"run": {"output": 100}},
+        "tests": [{"name": n, "expected_output": "0123456\n"} for n in ("a", "b", "c")],
+    })  # fmt: skip
+    tests = state.stages["tests"]
+    assert [t["verdict"] for t in tests] == ["passed"] * 3
+    assert [t["stdout"] for t in tests] == ["0123456\n", "01", ""]
+    assert [t["stdout_truncated"] for t in tests] == [False, True, True]

@@ -599,3 +599,11 @@ def test_a_skipped_stage_shows_no_measures_it_never_had() -> None:
     })  # fmt: skip
     run_row = next(row for row in render.summary_rows(state) if row[0] == "run")
     assert run_row[2:] == ["", "", "", "", ""]
+
+
+def test_an_output_of_one_huge_line_is_clipped_by_characters() -> None:
+    huge = "x" * 1_000_000
+    shown = render._clip(huge)
+    assert len(shown) < render.SHOWN_CHARACTERS + 100
+    assert shown.endswith(f"… {1_000_000 - render.SHOWN_CHARACTERS} more characters")
+    assert len(render.unified_diff(huge, huge + "y")) < 3 * render.SHOWN_CHARACTERS

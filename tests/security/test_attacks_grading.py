@@ -117,3 +117,20 @@ async def test_what_one_test_leaves_the_next_does_not_see(target: Target) -> Non
     tests = {t["name"]: t for t in answer["stages"]["tests"]}
     assert tests["second"]["verdict"] == "passed", tests["second"]
     await target.settled()
+
+
+async def test_a_socket_or_a_path_too_long_does_not_fail_the_submission(target: Target) -> None:
+    """A UNIX socket named as an output makes openat2 fail with ENXIO, a path past PATH_MAX
+    with ENAMETOOLONG: either would otherwise turn a student's run into a system error."""
+    answer = await target.submit({
+        "run": "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('x.png')\";"
+               " d=$(printf 'd%.0s' $(seq 250)); for i in $(seq 20); do mkdir $d; cd $d; done;"
+               " echo deep > f.txt; echo done",
+        "outputs": ["x.png", "*.png", "/".join(["*"] * 21)],
+        "tests": [{"name": "t", "expected_output": "done\n"}],
+    })  # fmt: skip
+    assert answer["status"] == "finished"
+    [test] = answer["stages"]["tests"]
+    assert test["verdict"] == "passed", test
+    assert test["files"] == [] and len(test["missing"]) == 3
+    await target.still_serves()

@@ -536,3 +536,25 @@ def test_a_relative_pattern_is_fine(pattern):
 def test_a_pattern_outside_the_working_directory_is_refused(pattern, fragment):
     problem = pattern_problem(pattern)
     assert problem is not None and fragment in problem, problem
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected", "actual"),
+    [
+        ("number:0.5", "10", "1_0"),  # float() takes it; no program prints a number so
+        ("number:0.5", "8", "\u0668"),  # an Arabic-Indic digit
+        ("number:1e9", "1", "infinity"),
+        ("tokens", "a b", "a\u00a0b"),  # a non-breaking space is part of a token
+        ("lines", "a", "a\u00a0"),
+    ],
+)
+def test_only_ascii_numbers_and_whitespace_count(mode, expected, actual):
+    assert not Compare.parse(mode).matches(expected, actual.encode())
+
+
+def test_a_checker_never_passes_an_output_the_limit_cut():
+    cut = run(stdout_truncated=True)
+    accepting = run()
+    verdict = judge(cut, b"42\n", None, Compare.parse("lines"), accepting, "fine").verdict
+    assert verdict == "wrong_answer"
+    assert judge(cut, b"42\n", None, Compare.parse("lines")).verdict == "passed"  # no judge

@@ -27,7 +27,9 @@ from protocolio import (
 from cellblock.errors import InvalidRequest, LimitExceeded
 from cellblock.service.protocol import (
     MAX_OUTPUT_PATTERNS,
+    MAX_POINTS,
     MAX_SCRIPT_BYTES,
+    MAX_TESTS,
     RLIMITS,
     SANDBOX_LIMITS,
     FileSpec,
@@ -804,6 +806,29 @@ def test_tests_whose_wall_times_add_up_over_the_cap_are_refused_naming_tests(pol
     # A test that leaves wall_time out counts with the run stage's.
     inherited = with_tests(a_test("a"), a_test("b"), limits={"run": {"wall_time": 6}})
     assert_only_problem(rejected(inherited, small), "tests", "add up to 12 s")
+
+
+def test_a_checker_s_runs_count_towards_the_tests_wall_time_cap(policy):
+    small = capped(policy, max_tests_wall_time=9)
+    two = with_tests(a_test("a", limits={"wall_time": 2}), a_test("b", limits={"wall_time": 2}),
+                     limits={"run": {"wall_time": 3}})  # fmt: skip
+    assert parse_submission(two, small).limits.tests  # 4 s of tests
+    exc = rejected({**two, "checker": "true"}, small)  # and 2 x 3 s of checker
+    assert_only_problem(exc, "tests", "with their checker's runs add up to 10 s, over the 9 s")
+    assert_only_problem(rejected({**two, "checker": "true", "limits": {"run": {"wall_time": 4}}},
+                                 small), "tests", "add up to 12 s")  # fmt: skip
+
+
+def test_more_tests_than_any_submission_holds_are_refused_before_they_are_read(policy):
+    many = with_tests(*[a_test(f"t{i}") for i in range(MAX_TESTS + 1)])
+    assert_only_problem(rejected(many, capped(policy, max_tests=MAX_TESTS)), "tests",
+                        f"at most {MAX_TESTS} items")  # fmt: skip
+
+
+@pytest.mark.parametrize("points", [MAX_POINTS + 1, 1e308])
+def test_points_past_any_grading_scale_are_refused(policy, points):
+    assert_only_problem(rejected(with_tests(a_test("a", points=points)), policy),
+                        "tests[0].points", f"give 0 to {MAX_POINTS}")  # fmt: skip
 
 
 @pytest.mark.parametrize(
