@@ -805,7 +805,7 @@ GRADING_PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
     ("malformed test limit", graded(case(limits={"cpu": -1})), "tests[0].limits.cpu"),
     ("unknown test limit", graded(case(limits={"bogus": 1})), "tests[0].limits.bogus"),
     ("tests' wall times over the cap",
-     graded(*(case(f"t{i}", limits={"wall_time": 100}) for i in range(7))), "tests"),
+     graded(*(case(f"t{i}", limits={"wall_time": 100}) for i in range(21))), "tests"),
 ]  # fmt: skip
 
 
