@@ -31,11 +31,14 @@ MAGIC_HELP = {
     "limits": "%%limits\nBody lines stage.limit = value, e.g. run.cpu = 2, run.as = 256M, "
     "compile.wall_time = 20s, run.nproc = 16:32 (soft:hard). Sizes take K, M, G; times ms, s, m.",
     "test": "%%test NAME [ARG ...] [--points N] [--compare lines|exact|tokens|number:TOL] "
-    "[--encoding utf8|hex|base64]\nA test: the body is its stdin (no body: an empty stdin), the "
+    "[--encoding utf8|hex|base64] [--limits NAME=VALUE,...]\nA test: the body is its stdin "
+    "(no body: an empty stdin), the "
     "words after NAME its arguments (after --, even those that look like options). The run "
     "script runs once per staged test, after one compile. --points: what passing earns "
     "(default 1); --compare: how its output is compared with %%expect (default lines: "
-    "trailing whitespace ignored). A test with an existing NAME replaces it.",
+    "trailing whitespace ignored); --limits: this test's own run limits, over the run stage's, "
+    "as %%limits writes them (cpu=1,wall_time=500ms,as=256M). A test with an existing NAME "
+    "replaces it.",
     "expect": "%%expect\nThe expected output of the %%test right above it in the same cell, "
     "whitespace kept. Without it a test passes when the run succeeds (and the checker accepts).",
     "check": "%%check\nThe body is the checker script (bash), run in the sandbox after each "

@@ -47,7 +47,7 @@ OPTIONS: dict[str, dict[str, bool]] = {
     "stdin": {"--encoding": True},
     "env": {},
     "limits": {},
-    "test": {"--points": True, "--compare": True, "--encoding": True},
+    "test": {"--points": True, "--compare": True, "--encoding": True, "--limits": True},
     "expect": {},
     "check": {},
     "outputs": {},
@@ -289,6 +289,11 @@ def _check_test_line(
             Compare.parse(str(options["--compare"]))
         except ValueError as exc:
             raise CellSyntaxError(number, text, f"--compare: {exc}") from None
+    if "--limits" in options:
+        try:
+            per_test_limits(str(options["--limits"]))
+        except ValueError as exc:
+            raise CellSyntaxError(number, text, f"--limits: {exc}") from None
 
 
 def points_value(number: int, text: str, value: str) -> float:
@@ -403,21 +408,41 @@ def limit_settings(section: Section) -> list[LimitSetting]:
             raise CellSyntaxError(
                 number, line, f"unknown stage {stage!r}; use compile, run or deps"
             )
-        known_here = STAGE_LIMITS if stage in SANDBOXED_STAGES else DEPS_LIMITS
-        if name not in known_here:
-            known = ", ".join(known_here)
-            raise CellSyntaxError(number, line, f"unknown limit {stage}.{name}; known: {known}")
         try:
-            parts = value.split(":")
-            if len(parts) > 2 or (len(parts) == 2 and not LIMIT_BY_NAME[name].rlimit):
-                raise ValueError(f"{name} takes one value, not soft:hard")
-            values = [limit_value(name, p) for p in parts]
-            if len(values) == 2 and values[0] > values[1]:
-                raise ValueError(f"the soft limit {values[0]} is above the hard limit {values[1]}")
+            settings.append(limit_setting(stage, name.strip(), value))
         except ValueError as exc:
-            raise CellSyntaxError(number, line, f"{stage}.{name}: {exc}") from None
-        settings.append(LimitSetting(stage, name, values[0] if len(values) == 1 else values))
+            raise CellSyntaxError(number, line, str(exc)) from None
     return settings
+
+
+def limit_setting(stage: str, name: str, value: str) -> LimitSetting:
+    """One limit of ``stage`` from its text (units, ``soft:hard``); ``ValueError`` says what
+    is wrong, naming ``stage.name``."""
+    known_here = STAGE_LIMITS if stage in SANDBOXED_STAGES else DEPS_LIMITS
+    if name not in known_here:
+        raise ValueError(f"unknown limit {stage}.{name}; known: {', '.join(known_here)}")
+    try:
+        parts = value.split(":")
+        if len(parts) > 2 or (len(parts) == 2 and not LIMIT_BY_NAME[name].rlimit):
+            raise ValueError(f"{name} takes one value, not soft:hard")
+        values = [limit_value(name, p) for p in parts]
+        if len(values) == 2 and values[0] > values[1]:
+            raise ValueError(f"the soft limit {values[0]} is above the hard limit {values[1]}")
+    except ValueError as exc:
+        raise ValueError(f"{stage}.{name}: {exc}") from None
+    return LimitSetting(stage, name, values[0] if len(values) == 1 else values)
+
+
+def per_test_limits(text: str) -> dict[str, Any]:
+    """A test's ``--limits NAME=VALUE,...``: run-stage limits of that test alone, written as
+    ``%%limits`` writes them (``cpu=1,wall_time=500ms,as=256M``)."""
+    limits: dict[str, Any] = {}
+    for item in text.split(","):
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"write NAME=VALUE,..., e.g. cpu=1,wall_time=2s, not {item!r}")
+        limits[name.strip()] = limit_setting("run", name.strip(), value).value
+    return limits
 
 
 def _body_lines(section: Section) -> list[str]:

@@ -22,6 +22,7 @@ from cellblock.kernel.sections import (
     env_variables,
     limit_settings,
     output_patterns,
+    per_test_limits,
     points_value,
 )
 
@@ -44,6 +45,8 @@ class StagedTest:
     expected_output: str | None = None
     compare: str = "lines"
     points: float = 1.0
+    #: This test's own run-stage limits (``--limits``), over the staged ``run`` ones.
+    limits: dict[str, Any] = field(default_factory=dict)
 
     def spec(self, name: str) -> dict[str, Any]:
         """The test as the request's ``tests`` carries it; no ``expected_output`` when the test
@@ -56,6 +59,8 @@ class StagedTest:
             "compare": self.compare,
             "points": self.points,
         }
+        if self.limits:
+            spec["limits"] = dict(self.limits)
         if self.expected_output is not None:
             spec["expected_output"] = self.expected_output
         return spec
@@ -124,6 +129,7 @@ def stage(staged: Staged, cell: Cell) -> Staged:
 def _test(section: Section, expected: str | None) -> StagedTest:
     stdin, encoding = encoded_body(section)
     points = section.options.get("--points")
+    limits = section.options.get("--limits")
     return StagedTest(
         stdin=stdin,
         stdin_encoding=encoding,
@@ -131,6 +137,7 @@ def _test(section: Section, expected: str | None) -> StagedTest:
         expected_output=expected,
         compare=str(section.options.get("--compare", "lines")),
         points=1.0 if points is None else points_value(section.line, section.text, str(points)),
+        limits={} if limits is None else per_test_limits(str(limits)),
     )
 
 

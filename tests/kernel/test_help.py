@@ -40,7 +40,7 @@ def test_options_of_the_magic_on_the_line() -> None:
 
 
 def test_options_and_their_values_of_a_test() -> None:
-    assert at_end("%%test a --") == (["--points", "--compare", "--encoding"], 9)
+    assert at_end("%%test a --") == (["--points", "--compare", "--encoding", "--limits"], 9)
     assert at_end("%%test a --compare ") == (["lines", "exact", "tokens", "number:"], 19)
     assert at_end("%%test a --compare t") == (["tokens"], 19)
     assert at_end("%%test a --encoding b") == (["base64"], 20)

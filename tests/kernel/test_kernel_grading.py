@@ -146,6 +146,21 @@ async def test_a_failing_test_fails_the_cell_naming_it(kernel: Kernel) -> None:
     assert kinds[-1] == "error"
 
 
+async def test_a_test_with_its_own_limits_runs_under_them(kernel: Kernel) -> None:
+    _, kc = kernel
+    cell = (
+        "%%limits\nrun.wall_time = 5s\n"
+        "%%test quick --limits wall_time=300ms\n%%expect\nawake\n"
+        "%%test patient --limits wall_time=2s,cpu=1\n%%expect\nawake\n"
+        "%%run\nsleep 0.6; echo awake\n"
+    )
+    out = await execute(kc, cell)
+    assert out.error == ("CellblockTestsFailed", "1 of 2 tests failed: quick")
+    final = live_lines(out)
+    assert final[0].startswith("⏱ quick time limit 0/1 pt")
+    assert final[1].startswith("✅ patient passed 1/1 pt")
+
+
 async def test_a_checker_and_a_skipped_compile(kernel: Kernel) -> None:
     _, kc = kernel
     await execute(kc, SUM_SH)

@@ -730,3 +730,28 @@ def test_nbgrader_hidden_test_markers_between_sections_are_no_part_of_the_cell()
     assert inside.run is not None and inside.run.body == "### BEGIN HIDDEN TESTS\necho hi\n"
     with pytest.raises(CellSyntaxError, match="line 1"):
         parse("# BEGIN HIDDEN TEST\n%%run\necho\n")
+
+
+def test_a_test_takes_its_own_run_limits_with_units() -> None:
+    cell = parse("%%test big --limits cpu=1,wall_time=500ms,as=256M,nproc=16:32\n%%run\n./p\n")
+    request = staging.request(staging.stage(Staged(), cell), cell)
+    assert request is not None
+    assert request["tests"][0]["limits"] == {
+        "cpu": 1, "wall_time": 0.5, "as": 256 * MiB, "nproc": [16, 32]
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("limits", "fragment"),
+    [
+        ("cpu", "write NAME=VALUE"),
+        ("bogus=1", "unknown limit run.bogus"),
+        ("cpu=fast", "run.cpu: 'fast' is not a number"),
+        ("wall_time=1:2", "run.wall_time: wall_time takes one value"),
+        ("nproc=9:3", "the soft limit 9 is above the hard limit 3"),
+    ],
+)
+def test_a_bad_test_limit_names_the_line(limits, fragment) -> None:
+    with pytest.raises(CellSyntaxError, match="line 2") as raised:
+        parse(f"%%files a\n%%test t --limits {limits}\n")
+    assert fragment in str(raised.value)
