@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ctypes
 import errno
 import fnmatch
@@ -108,10 +109,17 @@ async def attach(
 ) -> tuple[SandboxResult, int]:
     """``result`` with the output files ``patterns`` name in ``workdir``, within ``room``
     bytes in all; and the bytes they took. Read in a thread: a result may bring back
-    megabytes. Cancelling it does not stop the thread, which ends within its caps."""
+    megabytes. A thread cannot be stopped, so a cancel waits for it (it ends within its caps)
+    before ``CancelledError`` propagates: the caller may then remove ``workdir``."""
     if not patterns:
         return result, 0
-    collected = await asyncio.to_thread(collect, workdir, patterns, file_cap, room)
+    reading = asyncio.ensure_future(asyncio.to_thread(collect, workdir, patterns, file_cap, room))
+    try:
+        collected = await asyncio.shield(reading)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await reading
+        raise
     update = {"files": collected.files, "missing": collected.missing}
     return result.model_copy(update=update), collected.kept
 

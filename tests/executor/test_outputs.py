@@ -3,18 +3,21 @@ could leave it: symlinks, FIFOs, devices, folders reached through symlinks, huge
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from cellblock.executor import outputs
 from cellblock.executor.outputs import collect, open_beneath
+from cellblock.service.protocol import SandboxResult
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -197,3 +200,26 @@ def test_a_pattern_naming_more_files_than_a_result_returns_is_not_missing(
         (tmp_path / f"{i}.txt").write_text("x")
     got = collect(tmp_path, ["*.txt", "0.txt"], MiB, MiB)
     assert len(got.files) == 3 and got.missing == []
+
+
+async def test_a_cancel_waits_for_the_reading_thread_before_the_directory_may_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reading runs in a thread, which no cancel stops: ``attach`` lets it end before it
+    gives up, so its caller never removes a directory still being read. (The slow ``collect``
+    is a fake, to make the thread's timing certain.)"""
+    done = threading.Event()
+
+    def slow_collect(*args: object) -> outputs.Collected:
+        time.sleep(0.3)
+        done.set()
+        return outputs.Collected([], [])
+
+    monkeypatch.setattr(outputs, "collect", slow_collect)
+    result = SandboxResult(status="ok")
+    task = asyncio.ensure_future(outputs.attach(result, tmp_path, ["*"], MiB, MiB))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert done.is_set()
