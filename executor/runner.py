@@ -241,7 +241,7 @@ class SubmissionRunner:
                 # its working directory is a snapshot of what compile leaves).
                 compiled = await run_streaming(
                     self.sandbox, "compile", first_spec, emit,
-                    arm_next=None if request.tests else workdir,
+                    arm_next=request.tests is None,
                 )  # fmt: skip
                 emit(StageFinishedEvent(stage="compile", result=compiled.result(limits.compile)))
                 if compiled.status != "ok":

@@ -412,10 +412,10 @@ class Sandbox:
         await asyncio.to_thread(self.disk.remove, workdir)  # a btrfs commit: not on the loop
 
     async def run(
-        self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: Path | None = None
+        self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: bool = False
     ) -> StageOutcome:
-        """Run one stage to its end and measure it; with ``arm_next``, arm meanwhile the jail of
-        a next stage in that working directory, with the same mounts.
+        """Run one stage to its end and measure it; with ``arm_next``, arm the jail of a next
+        stage in the same working directory with the same mounts meanwhile.
 
         It returns once the stage's processes are gone and measured; nsjail's own exit and the
         removal of the stage's cgroup follow in the background (``aclose`` waits for them). If
@@ -429,8 +429,8 @@ class Sandbox:
             self._later(jail.end())
             jail = None
         jail = jail or self._start(key)
-        if arm_next is not None:
-            self.arm(arm_next, spec.mounts)
+        if arm_next:
+            self.arm(spec.workdir, spec.mounts)
         outcome = StageOutcome(status="error")
         captures = {s: _Capture(s, limits.output, on_output) for s in STREAMS}
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable
-from pathlib import Path
 
 from cellblock.executor.sandbox import Sandbox, StageOutcome, StageSpec
 from cellblock.service.protocol import STREAMS, Event, OutputEvent, StageName, Stream
@@ -19,7 +18,7 @@ async def run_streaming(
     emit: Emit,
     *,
     test: int | None = None,
-    arm_next: Path | None = None,
+    arm_next: bool = False,
 ) -> StageOutcome:
     """Run one stage (or one test, by index) in ``sandbox``, emitting its output as it comes.
 
