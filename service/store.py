@@ -40,11 +40,9 @@ from cellblock.service.protocol import (
     Event,
     EventRecorder,
     FinishedEvent,
-    OutputEvent,
     StatusEvent,
     Submission,
     SubmissionState,
-    TestStartedEvent,
     decode_event,
     encode_event,
 )
@@ -428,8 +426,9 @@ class EventLog:
                     raise Rejected(str(exc)) from None
                 continue  # perhaps only against what this log remembered: read it again
             new = recorder.state
-            # Output and a test's start change nothing of the document: it is not rewritten.
-            changed = any(not isinstance(e, OutputEvent | TestStartedEvent) for e in events)
+            # An event that changes nothing (output, a test's start) leaves the very same state:
+            # the document is then not rewritten.
+            changed = new is not state
             last = await store._append(
                 keys=[store._sub(sid), store._events(sid), f"{store.p}:queued",
                       f"{store.p}:counters", metrics.key(store)],
