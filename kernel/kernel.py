@@ -41,8 +41,8 @@ from cellblock.service.protocol import (
     DepsResult,
     FinishedEvent,
     InvalidTransition,
-    PlannedTest,
     SandboxResult,
+    SubmissionRequest,
     SubmissionState,
     apply_event,
     decode_event,
@@ -136,7 +136,7 @@ class CellblockKernel(Kernel):
             base = self.staged
             for magic in cell.magics:
                 if magic.name == "reset":
-                    base = base.without_tests() if magic.args else Staged()
+                    base = base.reset(magic.args)
             staged = staging.stage(base, cell)
             request = staging.request(staged, cell)
         except CellSyntaxError as exc:
@@ -190,12 +190,10 @@ class CellblockKernel(Kernel):
                 async for event in stream:
                     if state is None:
                         self.last_id = event["id"]
-                        state = SubmissionState(
-                            id=event["id"],
-                            has_dependencies=bool(request.get("dependencies")),
-                            has_compile=request.get("compile") is not None,
-                            test_plan=_plan(request),
-                        ).restarted()
+                        # The protocol's own reading of what was sent (the service took it):
+                        # which stages it has, and its tests.
+                        sent = SubmissionRequest.model_validate(request)
+                        state = SubmissionState.new(event["id"], sent)
                     state = _advance(state, event)
                     # Run output streams live; compile and deps output is in their results,
                     # shown at the end when they fail (or on request). A test's output is in
@@ -273,12 +271,10 @@ class CellblockKernel(Kernel):
     # -- line magics ---------------------------------------------------------------------------
 
     async def _line_magic(self, magic: sections.LineMagic) -> None:
-        if magic.name == "reset" and magic.args:  # %reset tests
-            self.staged = self.staged.without_tests()
-            self._print("staged tests and checker cleared\n")
-        elif magic.name == "reset":
-            self.staged = Staged()
-            self._print("staged submission cleared\n")
+        if magic.name == "reset":
+            self.staged = self.staged.reset(magic.args)
+            cleared = "staged tests and checker" if magic.args else "staged submission"
+            self._print(f"{cleared} cleared\n")
         elif magic.name == "staged":
             self._print(_describe(self.staged))
         elif magic.name == "packages":
@@ -353,15 +349,6 @@ def _advance(state: SubmissionState, raw: Mapping[str, Any]) -> SubmissionState:
         return apply_event(state, event)
     except InvalidTransition:
         return state  # the final document settles it
-
-
-def _plan(request: Mapping[str, Any]) -> tuple[PlannedTest, ...]:
-    """The request's tests as the state knows them before they run, so that their events
-    apply (and a test that never runs still has its line)."""
-    return tuple(
-        PlannedTest(t["name"], t.get("points", 1.0), t.get("expected_output"))
-        for t in request.get("tests") or ()
-    )
 
 
 def _table(rows: list[list[str]]) -> str:

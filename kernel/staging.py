@@ -80,10 +80,11 @@ class Staged:
     checker: str | None = None
     outputs: tuple[str, ...] = ()
 
-    def without_tests(self) -> Staged:
-        """What ``%reset tests`` leaves: everything but the tests and the checker, which judges
-        only them (a checker left over would judge the next exercise's tests)."""
-        return replace(self, tests={}, checker=None)
+    def reset(self, what: tuple[str, ...] = ()) -> Staged:
+        """What ``%reset`` leaves (nothing), or ``%reset tests``: everything but the tests and
+        the checker, which judges only them (a checker left over would judge the next
+        exercise's tests)."""
+        return replace(self, tests={}, checker=None) if what else Staged()
 
     def summary(self) -> str:
         """One line: what is staged now."""

@@ -226,7 +226,7 @@ def test_checker_and_outputs_replace_and_empty_sections_remove_them() -> None:
 
 def test_reset_tests_forgets_the_tests_and_the_checker_only() -> None:
     staged = cells("%%files a\nx\n%%outputs o.txt\n%%check\ntrue\n%%test t\n")
-    left = staged.without_tests()
+    left = staged.reset(("tests",))
     assert left.tests == {} and left.checker is None
     assert left.files == staged.files and left.outputs == ("o.txt",)
 
