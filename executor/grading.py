@@ -29,9 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from cellblock.executor.outputs import attach
-from cellblock.executor.sandbox import Mount, Sandbox, StageSpec
+from cellblock.executor.sandbox import Mount, Sandbox, StageOutcome, StageSpec
 from cellblock.executor.streaming import Emit, run_streaming
 from cellblock.service.protocol import (
+    STREAMS,
     SandboxResult,
     StageFinishedEvent,
     StageLimits,
@@ -42,7 +43,6 @@ from cellblock.service.protocol import (
     TestSpec,
     TestStartedEvent,
     aggregate,
-    decode,
     encode_output,
     judge,
     now,
@@ -121,13 +121,13 @@ class Grading:
             run, outcome.stdout, test.expected_output, test.comparison(), *(checker or ())
         )
         result = test_result(test.name, run, judgement, test.points, test.expected_output)
-        return self._kept(result)
+        return self._kept(result, outcome)
 
-    def _kept(self, result: TestResult) -> TestResult:
-        """``result`` with its stdout and stderr cut to what is left of ``KEPT_OUTPUT``."""
+    def _kept(self, result: TestResult, outcome: StageOutcome) -> TestResult:
+        """``result`` with its stdout and stderr (``outcome``'s bytes) cut to what is left of
+        ``KEPT_OUTPUT``."""
         update: dict[str, object] = {}
-        for stream in ("stdout", "stderr"):
-            data = decode(getattr(result, stream), getattr(result, f"{stream}_encoding"))
+        for stream, data in zip(STREAMS, (outcome.stdout, outcome.stderr), strict=True):
             kept = data[: self._output_room]
             self._output_room -= len(kept)
             if len(kept) < len(data):

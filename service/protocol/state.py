@@ -144,9 +144,9 @@ class SubmissionState:
             s: (r.wire() if r is not None else None) for s, r in self.stages.items()
         }
         document: dict[str, Any] = {}
-        if self.test_plan:
+        if score := self.score:
             stages["tests"] = [r.wire() if r is not None else None for r in self.tests]
-            document["score"] = self.score.wire() if self.score else None
+            document["score"] = score.wire()
         return {
             "id": self.id,
             "status": self.status,
