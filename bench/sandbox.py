@@ -18,12 +18,13 @@ for. The ways:
     ``await Sandbox.run`` is timed; its jail's end is waited for untimed.
 ``nsjail``
     The same nsjail argv, from ``Sandbox.command`` (same mounts, seccomp policy, uid map,
-    ``cellblock-init`` running ``bash -c true``), run with plain ``subprocess.run``; the stage
-    is written to init's control pipe before the start. Its cgroup options point at one cgroup
-    made once before the runs, so nsjail does its own per-run child-cgroup work as under
-    Cellblock; status and log fds are pipes made once, drained after each run outside the
-    timed part. ``cellblock`` minus this is Cellblock's own overhead: Python orchestration,
-    the per-stage cgroup lifecycle, measurement.
+    ``cellblock-init`` running ``bash -c true``), run with plain ``subprocess.Popen``; the
+    stage is queued on init's control socket before the start, with /dev/null for its stdio
+    and a status socket, which is read and closed (init waits for that) before nsjail is
+    waited for. Its cgroup options point at one cgroup made once before the runs, so nsjail
+    does its own per-run child-cgroup work as under Cellblock; the log fd is a pipe made once,
+    drained after each run outside the timed part. ``cellblock`` minus this is Cellblock's
+    own overhead: Python orchestration, the per-stage cgroup lifecycle, measurement.
 ``nsjail-bash`` / ``nsjail-true``
     That argv with everything from ``cellblock-init`` on replaced by ``bash -c true`` or by
     ``/bin/true``: the same jail without init (and without bash), to show what those cost.
@@ -47,7 +48,9 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -60,7 +63,7 @@ from typing import Any
 from cellblock import config as cellblock_config
 from cellblock.executor.cgroups import StageCgroup
 from cellblock.executor.host import SandboxHost, prepare
-from cellblock.executor.jail import JailFds
+from cellblock.executor.jail import HEADER, MAGIC, JailFds
 from cellblock.executor.runner import StageEnvironment, stage_environment
 from cellblock.executor.sandbox import INIT_PATH, Sandbox, StageSpec, request
 
@@ -125,7 +128,7 @@ class Bench:
         limits = host.config.limits.run.defaults
         env = stage_environment(StageEnvironment(), {}, pure=host.config.sandbox.base == "pure")
         self.spec = StageSpec(script=script, limits=limits, workdir=workdir, env=env)
-        self.status, self.log = Pipe(), Pipe()
+        self.log = Pipe()
         # One cgroup for all bare runs, made here and not timed: nsjail's own options then
         # name a real parent, exactly as they do under Cellblock.
         self.cgroup: StageCgroup = sandbox.cgroups.create(f"bench-{os.getpid()}")
@@ -140,17 +143,25 @@ class Bench:
         self.argv_true = [*jail, "/bin/true"]
 
     def jail_argv(self, control: int) -> list[str]:
-        """The bare nsjail command, with init's control pipe at descriptor ``control``."""
-        fds = JailFds(status=self.status.w, control=control, log=self.log.w)
+        """The bare nsjail command, with init's control socket at descriptor ``control``."""
+        fds = JailFds(control=control, log=self.log.w)
         return self.sandbox.command(self.spec.workdir, (), fds, self.cgroup.nsjail_args())
 
-    def load_control(self, control: int) -> None:
-        """A fresh control pipe at descriptor ``control``, holding the stage, writer closed."""
-        r, w = os.pipe()
-        os.write(w, self.request)
-        os.close(w)
-        os.dup2(r, control)
-        os.close(r)
+    def load_control(self, control: int) -> tuple[socket.socket, socket.socket]:
+        """A fresh control socket at descriptor ``control``, the stage queued on it as
+        ``Jail.serve`` sends it (stdio /dev/null, a status socket); our ends of both."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        status, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        null = os.open(os.devnull, os.O_RDWR)
+        fds = struct.pack("4i", null, null, null, status_jail.fileno())
+        header = HEADER.pack(MAGIC, len(self.request))
+        ours.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        ours.sendall(self.request)
+        os.close(null)
+        status_jail.close()
+        os.dup2(theirs.fileno(), control)
+        theirs.close()
+        return ours, status
 
     def methods(self) -> list[Method]:
         return [
@@ -183,22 +194,30 @@ class Bench:
         return elapsed
 
     async def run_bare(self, argv: list[str], init: bool = True) -> float:
-        self.load_control(self.control)
+        control, status_socket = self.load_control(self.control)
         start = time.perf_counter()
-        result = subprocess.run(
+        proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            pass_fds=(self.status.w, self.log.w, self.control),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            pass_fds=(self.log.w, self.control),
             start_new_session=True,
             env={},
         )
+        status = b""
+        if init:  # init reports, then waits for the host to close the status socket
+            with status_socket.makefile("rb") as lines:
+                status = lines.readline()
+        status_socket.close()
+        _, stderr = proc.communicate()
         elapsed = time.perf_counter() - start
-        status, log = self.status.drain(), self.log.drain()
-        if result.returncode != 0 or (init and not status.startswith(b"exited 0 ")):
+        control.close()
+        log = self.log.drain()
+        if proc.returncode != 0 or (init and not status.startswith(b"exited 0 ")):
             raise RuntimeError(
-                f"bare nsjail: exit {result.returncode}, status {status!r}: "
-                f"{log.decode(errors='replace')}{result.stderr.decode(errors='replace')}"
+                f"bare nsjail: exit {proc.returncode}, status {status!r}: "
+                f"{log.decode(errors='replace')}{stderr.decode(errors='replace')}"
             )
         return elapsed
 
@@ -220,7 +239,6 @@ class Bench:
         os.close(self.control)
         self.cgroup.close()
         self.cgroup.remove()
-        self.status.close()
         self.log.close()
 
 

@@ -7,7 +7,11 @@ nsjail itself: its peak memory is the peak of the stage's whole tree. Our cgroup
 limits, so that an out-of-memory kill is counted where we can read it after nsjail has removed
 its own child cgroup.
 
-Not thread-safe; one ``StageCgroup`` belongs to one running stage.
+A series of stages (a submission's tests, see sandbox.py) shares one cgroup, one stage at a
+time: each stage ``begin``s with its own caps, and is measured on nsjail's child cgroup of its
+own jail, which init keeps until the host has measured it.
+
+Not thread-safe; one ``StageCgroup`` belongs to one running stage at a time.
 """
 
 from __future__ import annotations
@@ -32,17 +36,39 @@ NSJAIL_LOOSE_PIDS = 1 << 22  # PID_MAX_LIMIT
 class StageCgroup(ABC):
     """The cgroup of one stage: its limits, its measurements, and its end."""
 
+    #: The directory of the memory controller's cgroup.
+    memory_dir: Path
+
     @abstractmethod
     def nsjail_args(self) -> list[str]:
         """nsjail options that place the jailed tree under this cgroup."""
 
-    @abstractmethod
-    def limit(self, memory: int, pids: int) -> None:
-        """Cap the stage's memory (without swap) and number of processes; called once."""
+    def begin(self, memory: int, pids: int) -> None:
+        """A stage begins: cap its memory (without swap) and number of processes, and forget
+        an earlier stage's out-of-memory kill."""
+        self.limit(memory, pids)
+        self._forget_oom()
 
     @abstractmethod
+    def limit(self, memory: int, pids: int) -> None:
+        """Cap the stage's memory (without swap) and number of processes."""
+
+    @abstractmethod
+    def _forget_oom(self) -> None:
+        """From now on, ``out_of_memory`` tells only of kills still to come."""
+
     def peak_memory(self) -> int:
-        """Peak memory charged to the stage's tree, in bytes."""
+        """Peak memory charged to the stage's tree, in bytes: from the cgroup nsjail made for
+        the stage's jail while it is there (its init waits until the stage is measured), else
+        from ours."""
+        for child in self.memory_dir.glob("NSJAIL.*"):
+            with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+                return self._peak(child)
+        return self._peak(self.memory_dir)
+
+    @abstractmethod
+    def _peak(self, directory: Path) -> int:
+        """The peak memory of the memory cgroup ``directory``."""
 
     @abstractmethod
     def out_of_memory(self) -> bool:
@@ -220,14 +246,22 @@ class StageCgroupV1(StageCgroup):
         ]  # fmt: skip
 
     def limit(self, memory: int, pids: int) -> None:
-        # Both start unlimited; the memory cap first, as the kernel keeps memsw >= memory.
-        _write(self.memory_dir / "memory.limit_in_bytes", str(memory))
-        if self.owner.swap_accounting:  # swap must not extend the cap
-            _write(self.memory_dir / "memory.memsw.limit_in_bytes", str(memory))
+        # The kernel keeps memsw >= memory: a cap going down is set on memory first, one going
+        # up (a series' next stage) on memsw first. Swap must not extend the cap.
+        caps = ["memory.limit_in_bytes"]
+        if self.owner.swap_accounting:
+            current = int((self.memory_dir / "memory.limit_in_bytes").read_text())
+            caps.insert(0 if memory > current else 1, "memory.memsw.limit_in_bytes")
+        for cap in caps:
+            _write(self.memory_dir / cap, str(memory))
         _write(self.pids_dir / "pids.max", str(pids))
 
-    def peak_memory(self) -> int:
-        return int((self.memory_dir / "memory.max_usage_in_bytes").read_text())
+    def _peak(self, directory: Path) -> int:
+        return int((directory / "memory.max_usage_in_bytes").read_text())
+
+    def _forget_oom(self) -> None:
+        self.out_of_memory()
+        self._oom_seen = False
 
     def out_of_memory(self) -> bool:
         if not self._oom_seen and self._oom_event >= 0:
@@ -265,11 +299,12 @@ class CgroupsV2(Cgroups):
 
 class StageCgroupV2(StageCgroup):
     def __init__(self, directory: Path) -> None:
-        self.directory = directory
+        self.directory = self.memory_dir = directory
         if directory.exists():
             StageCgroupV1._remove_stale(directory)
         directory.mkdir()
         _write(directory / "cgroup.subtree_control", "+memory +pids")
+        self._oom_kills_before = 0
 
     def _dirs(self) -> list[Path]:
         return [self.directory]
@@ -287,16 +322,22 @@ class StageCgroupV2(StageCgroup):
             _write(self.directory / "memory.swap.max", "0")
         _write(self.directory / "pids.max", str(pids))
 
-    def peak_memory(self) -> int:
-        return int((self.directory / "memory.peak").read_text())
+    def _peak(self, directory: Path) -> int:
+        return int((directory / "memory.peak").read_text())
+
+    def _forget_oom(self) -> None:
+        self._oom_kills_before = self._oom_kills()
 
     def out_of_memory(self) -> bool:
+        return self._oom_kills() > self._oom_kills_before
+
+    def _oom_kills(self) -> int:
         # memory.events is hierarchical on v2: a kill in nsjail's child cgroup counts here.
         for line in (self.directory / "memory.events").read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
-                return int(value) > 0
-        return False
+                return int(value)
+        return 0
 
     def procs(self) -> list[int]:
         return _read_procs(self.directory)

@@ -120,7 +120,11 @@ class WorkDisk:
 
     def remove(self, path: Path) -> None:
         """Delete the working directory ``path`` and all it holds (btrfs frees it in the
-        background). A plain directory, left by an older version, is removed as such."""
+        background). A plain directory, left by an older version, is removed as such, and a
+        link (a series', see sandbox.py) is unlinked."""
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+            return
         with _directory(path.parent) as parent:
             try:
                 fcntl.ioctl(parent, SNAP_DESTROY, _vol_args(path.name))

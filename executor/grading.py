@@ -2,8 +2,11 @@
 each from a fresh snapshot of the working directory as compile left it, judged as it ends.
 
 What one test writes, the next never sees: each runs in its own btrfs snapshot (copy on write,
-with its own quota group), in its own jail. A jail takes longer to start than a short test
-runs, so the snapshots and jails of the next ``TESTS_AHEAD`` tests are made while one runs.
+with its own quota group), in its own jail. The snapshots of the next ``TESTS_AHEAD`` tests
+are made while one runs.
+
+The tests are one series of the sandbox: the jail of the next test is made, from its own
+snapshot, as soon as one test's program has ended (see ``Sandbox``).
 
 A checker runs in the sandbox too, in a snapshot of its own (never where the test ran, whose
 program could have rewritten the checker's files), reading read-only copies of the test's
@@ -49,8 +52,10 @@ from cellblock.service.protocol import (
     test_result,
 )
 
-#: Tests whose snapshot and jail are made ahead, while an earlier one runs.
-TESTS_AHEAD = 2
+#: Tests whose snapshot is made ahead, while an earlier one runs.
+TESTS_AHEAD = 3
+#: Series of jails the tests take in turn: while one test runs, the next one's jail is made.
+SERIES = 2
 #: Where a checker finds its test's input, expected and actual output (read-only).
 CHECK_FILES = "/.cellblock/check"
 #: Bytes of a checker's stdout kept as the test's message.
@@ -76,7 +81,8 @@ class Grading:
         started = now()
         results: list[TestResult] = []
         upcoming = collections.deque(
-            asyncio.create_task(self._fresh()) for _ in tests[:TESTS_AHEAD]
+            asyncio.create_task(self._snapshot(series=i < SERIES))
+            for i, _ in enumerate(tests[:TESTS_AHEAD])
         )
         try:
             for i, test in enumerate(tests):
@@ -85,9 +91,11 @@ class Grading:
                 current = await asyncio.shield(upcoming[0])
                 upcoming.popleft()
                 if i + TESTS_AHEAD < len(tests):
-                    upcoming.append(asyncio.create_task(self._fresh()))
+                    upcoming.append(asyncio.create_task(self._snapshot()))
                 emit(TestStartedEvent(test=i, name=test.name))
-                result = await self._test(i, test, current, limits.tests[i], emit)
+                # The test SERIES on: this test's series serves it next.
+                following = upcoming[SERIES - 1] if len(upcoming) >= SERIES else None
+                result = await self._test(i, test, current, following, limits.tests[i], emit)
                 emit(TestFinishedEvent(test=i, result=result))
                 results.append(result)
         finally:
@@ -99,14 +107,24 @@ class Grading:
         emit(StageFinishedEvent(stage="run", result=aggregate(results, started, now())))
 
     async def _test(
-        self, index: int, test: TestSpec, workdir: Path, limits: StageLimits, emit: Emit
+        self,
+        index: int,
+        test: TestSpec,
+        workdir: Path,
+        following: asyncio.Future[Path] | None,
+        limits: StageLimits,
+        emit: Emit,
     ) -> TestResult:
+        """Run one test in ``workdir`` and judge it; ``following`` makes the next test's
+        snapshot, which this series' next jail is made from as soon as this test's program has
+        ended."""
         request = self.submission.request
         spec = replace(
             self.spec, workdir=workdir, limits=limits, args=test.args, stdin=test.stdin_data()
         )
         try:
-            outcome = await run_streaming(self.sandbox, "run", spec, emit, test=index)
+            then = await asyncio.shield(following) if following is not None else None
+            outcome = await run_streaming(self.sandbox, "run", spec, emit, test=index, then=then)
             run, used = await attach(
                 outcome.result(spec.limits), workdir, request.outputs,
                 self.submission.limits.output_file_size, self._file_room,
@@ -179,19 +197,17 @@ class Grading:
             path.chmod(0o444)
         return folder
 
-    async def _snapshot(self) -> Path:
+    async def _snapshot(self, *, series: bool = False) -> Path:
         """A snapshot of the compiled working directory, made in a thread: it waits for a
-        btrfs transaction commit, milliseconds that would stall every other slot."""
+        btrfs transaction commit, milliseconds that would stall every other slot. With
+        ``series``, a series of jails is started there (the first tests')."""
         source = self.spec.workdir
         name = f"{source.name}-{secrets.token_hex(4)}"
-        return await asyncio.to_thread(self.sandbox.disk.snapshot, source, name)
-
-    async def _fresh(self) -> Path:
-        """A test's fresh working directory, with its jail armed."""
-        path = await self._snapshot()
-        try:
-            self.sandbox.arm(path, self.spec.mounts)
-        except BaseException:
-            self.sandbox.retire(path)
-            raise
+        path = await asyncio.to_thread(self.sandbox.disk.snapshot, source, name)
+        if series:
+            try:
+                self.sandbox.arm_series(path, self.spec.mounts)
+            except BaseException:
+                self.sandbox.retire(path)
+                raise
         return path

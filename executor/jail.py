@@ -1,11 +1,15 @@
-"""One jail: an nsjail process, its pipes and its stage's cgroup, from its start to its end.
+"""One jail: an nsjail process, its control socket and its cgroup, from its start to its end.
 
-A jail is started before its stage is known (``Jail.start``); ``serve`` then hands the stage to
-its init over the control pipe (see jailinit.c) and watches it to its end; ``end`` lets nsjail
-finish and releases everything, ``kill`` does it at once. What the stage is, and what its end
-means, is the sandbox's business (sandbox.py).
+A jail is started before its stage is known (``Jail.start``); ``serve`` then hands a stage to
+its init over the control socket (see jailinit.c), with fresh pipes for the stage's standard
+streams and a socket for its status, and watches it to its end; ``dismiss`` lets that init go
+once the stage is measured. A one-shot jail (nsjail's ``--mode o``) serves one stage; a rerun
+jail (``--mode r``) starts a fresh jail (new namespaces, mounts and init) on the same control
+socket each time its init ends, so it serves stages one after another without nsjail being
+loaded again. ``end`` lets nsjail finish and releases everything, ``kill`` does it at once.
+What a stage is, and what its end means, is the sandbox's business (sandbox.py).
 
-Not thread-safe; one ``Jail`` serves one stage, from one task at a time.
+Not thread-safe; one stage at a time, served from one task.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -24,13 +30,17 @@ from cellblock.executor.cgroups import StageCgroup
 
 #: Seconds nsjail gets to end after its jail before it is killed.
 END_TIMEOUT = 5.0
+#: The header of a stage on the control socket (jailinit.c): magic, then the fields' length.
+HEADER = struct.Struct("=II")
+MAGIC = 0x43425231
+#: What init writes on the control socket once its jail is made and it waits for a stage.
+READY = b"R"
 
 
 @dataclass(frozen=True)
 class JailFds:
-    """The jail's ends of the pipes nsjail passes on, by number in nsjail's process."""
+    """The jail's ends of what nsjail passes on, by number in nsjail's process."""
 
-    status: int
     control: int
     log: int
 
@@ -47,54 +57,50 @@ class Seen:
 
 
 class Jail:
-    """One nsjail process, its pipes and its cgroup. It serves one stage, never two."""
+    """One nsjail process, its control socket, its log pipe and its cgroup."""
 
     def __init__(
         self,
         proc: subprocess.Popen[bytes],
         cgroup: StageCgroup,
-        stdin: int,
-        stdout: int,
-        stderr: int,
-        status: int,
-        control: int,
+        control: socket.socket,
         log: int,
+        rerun: bool,
     ) -> None:
-        self.proc, self.cgroup = proc, cgroup
-        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
-        self.status, self.control, self.log = status, control, log
+        self.proc, self.cgroup, self.control, self.log = proc, cgroup, control, log
+        self.rerun = rerun
+        #: Our end of the status socket of the stage served last, until it is dismissed.
+        self.status = -1
         self._exit: asyncio.Task[float] | None = None
         self._released = False
 
     @classmethod
-    def start(cls, command: Callable[[JailFds], list[str]], cgroup: StageCgroup) -> Jail:
-        """Start nsjail with ``command(fds)``, its stdio and the jail's three pipes made here;
-        the jail's ends are closed here once nsjail holds them."""
-        ours: list[int] = []  # our ends, kept
-        theirs: list[int] = []
+    def start(
+        cls, command: Callable[[JailFds], list[str]], cgroup: StageCgroup, *, rerun: bool = False
+    ) -> Jail:
+        """Start nsjail with ``command(fds)`` (in ``--mode r`` if ``rerun``, else ``o``: the
+        command says which); the jail's ends are closed here once nsjail holds them."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_r, log_w = os.pipe()
         try:
-            for jail_reads in (True, False, False, False, True, False):
-                r, w = os.pipe()
-                ours.append(w if jail_reads else r)
-                theirs.append(r if jail_reads else w)
-            stdin_r, stdout_w, stderr_w, status_w, control_r, log_w = theirs
             proc = subprocess.Popen(
-                command(JailFds(status=status_w, control=control_r, log=log_w)),
-                stdin=stdin_r,
-                stdout=stdout_w,
-                stderr=stderr_w,
-                pass_fds=(status_w, control_r, log_w),
+                command(JailFds(control=theirs.fileno(), log=log_w)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(), log_w),
                 start_new_session=True,
                 env={},
             )
         except BaseException:
-            for fd in ours:
-                os.close(fd)
+            ours.close()
+            os.close(log_r)
             raise
         finally:
-            for fd in theirs:
-                os.close(fd)
-        return cls(proc, cgroup, *ours)
+            theirs.close()
+            os.close(log_w)
+        ours.setblocking(False)
+        return cls(proc, cgroup, ours, log_r, rerun)
 
     def running(self) -> bool:
         """Whether nsjail is still running (it is not reaped here: ``end`` does that)."""
@@ -104,7 +110,7 @@ class Jail:
         return os.waitid(os.P_PID, self.proc.pid, flags) is None
 
     def exited(self) -> asyncio.Task[float]:
-        """nsjail's exit: the CPU time of nsjail and of the jail it reaped."""
+        """nsjail's exit: the CPU time of nsjail and of the jails it reaped."""
         if self._exit is None:
             self._exit = asyncio.ensure_future(wait_exit(self.proc))
         return self._exit
@@ -115,11 +121,33 @@ class Jail:
         stdin: bytes,
         outputs: Mapping[str, Callable[[bytes], Any]],
         timeout: float,
+        on_ready: Callable[[], None] | None = None,
     ) -> Seen:
-        """Give the jail its stage and wait until init reports that the stage's processes
-        are gone, or nsjail ends without a report, or ``timeout`` seconds pass (then the
-        stage is killed)."""
+        """Give the jail's waiting init its stage, and wait until init reports that the
+        stage's processes are gone, or init or nsjail ends without a report, or ``timeout``
+        seconds pass (then the stage is killed). ``on_ready`` is called once init is known to
+        be waiting, before the stage is sent: its jail's mounts are made by then.
+
+        After a report, init waits for ``dismiss``; after none, a rerun jail is terminated
+        (its next jail must not be served: the stage's end is unknown)."""
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = loop.time() + timeout
+        exited = self.exited()
+        # nsjail's exit counts the CPU time of every jail it ran, earlier stages' included.
+        earlier_cpu = self._cpu_so_far() if self.rerun else 0.0
+        recv = asyncio.ensure_future(loop.sock_recv(self.control, 1))
+        waited_out = not await _any(recv, exited, deadline=deadline)
+        ready = (
+            recv.done()
+            and not recv.cancelled()
+            and recv.exception() is None  # init or nsjail gone: no ready
+            and recv.result() == READY
+        )
+        if not recv.done():
+            recv.cancel()
+        if ready and on_ready is not None:
+            on_ready()
         status = bytearray()
         reported = loop.create_future()
 
@@ -128,42 +156,57 @@ class Jail:
             if b"\n" in chunk and not reported.done():
                 reported.set_result(None)
 
-        started = time.monotonic()
+        # Each stage's own pipes: their ends of file are this stage's, whatever came before.
+        (stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w) = (os.pipe() for _ in "012")
+        status_host, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.status = status_host.detach()
         readers = [
-            Reader(self.stdout, outputs["stdout"]),
-            Reader(self.stderr, outputs["stderr"]),
+            Reader(stdout_r, outputs["stdout"]),
+            Reader(stderr_r, outputs["stderr"]),
             Reader(self.status, on_status),
         ]
-        log = bytearray()
-        writers = [
-            asyncio.ensure_future(feed(self.control, request)),
-            asyncio.ensure_future(feed(self.stdin, stdin)),
-        ]
-        self.control = self.stdin = -1  # closed by feed
-        exited = self.exited()
+        writers: list[asyncio.Future[None]] = []
         try:
-            done, _ = await asyncio.wait(
-                [reported, exited], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-            wall_killed = not done
+            if ready:
+                header = HEADER.pack(MAGIC, len(request))
+                theirs = struct.pack("4i", stdin_r, stdout_w, stderr_w, status_jail.fileno())
+                with contextlib.suppress(OSError):  # init gone: seen as no report below
+                    self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, theirs)])
+                    writers.append(asyncio.ensure_future(feed(self.control.fileno(), request)))
+        finally:
+            for fd in (stdin_r, stdout_w, stderr_w):
+                os.close(fd)
+            status_jail.close()
+        writers.append(asyncio.ensure_future(feed(stdin_w, stdin, close=True)))
+        log = bytearray()
+        cpu_time = 0.0
+        try:
+            if ready:
+                waited_out = not await _any(reported, readers[2].eof, exited, deadline=deadline)
+            wall_killed = waited_out
             if wall_killed:
                 self.cgroup.kill_all()
-            cpu_time = 0.0
             if reported.done() and not wall_killed:
                 # Init reports once every process of the stage is gone, so all they wrote
                 # is in the pipes already; nsjail, which holds the pipes too, ends later.
                 for reader in readers:
                     reader.flush()
+                if self.rerun:
+                    self._drain_log()
             else:
-                cpu_time = await exited  # nsjail ends once its jail has
+                if self.rerun:
+                    self.terminate()
+                cpu_time = await exited - earlier_cpu  # nsjail ends once its jail has
                 log_reader = Reader(self.log, log.extend)
-                await asyncio.gather(*(r.eof for r in (*readers, log_reader)))
+                await asyncio.gather(*(r.eof for r in (*readers[:2], log_reader)))
             await asyncio.gather(*writers)
         finally:
             for reader in readers:
                 reader.stop()
             for writer in writers:
                 writer.cancel()
+            os.close(stdout_r)
+            os.close(stderr_r)
         for reader in readers:
             reader.check()
         return Seen(
@@ -174,13 +217,48 @@ class Jail:
             log=log.decode(errors="replace"),
         )
 
+    def _drain_log(self) -> None:
+        """Drop what nsjail logged about jails that went well: a rerun jail's log pipe must
+        not fill up over many stages (nsjail would block writing to it)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.set_blocking(self.log, False)
+            while os.read(self.log, 65536):
+                pass
+
+    def _cpu_so_far(self) -> float:
+        """The CPU seconds of nsjail and of the jails it has reaped, from /proc (in ticks)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        # utime, stime, cutime, cstime: fields 14 to 17, counted from the pid.
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+    def dismiss(self) -> None:
+        """Let the init of the stage served last end: the stage is measured."""
+        if self.status >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.status)
+            self.status = -1
+
+    def terminate(self) -> None:
+        """Ask nsjail to end now: it kills its jail and exits."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+
     async def end(self) -> None:
-        """Wait for nsjail to end after its jail (an armed jail's init ends when its control
-        pipe closes unused), then release everything."""
-        with contextlib.suppress(OSError):
-            if self.control >= 0:
-                os.close(self.control)
-        self.control = -1
+        """Wait for nsjail to end after its jail, then release everything: a one-shot jail's
+        init ends when its status or, unused, its control socket closes; a rerun jail is
+        terminated."""
+        if self._released:  # killed already
+            return
+        if self.rerun:
+            self.terminate()  # it kills the waiting init: dismissed, it would make another
+        else:
+            self.dismiss()
+        self.control.close()
         try:
             await asyncio.wait_for(asyncio.shield(self.exited()), timeout=END_TIMEOUT)
         except TimeoutError:
@@ -202,12 +280,12 @@ class Jail:
         self._free()
 
     def _free(self) -> None:
-        for name in ("stdin", "stdout", "stderr", "status", "control", "log"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                setattr(self, name, -1)
+        self.dismiss()
+        self.control.close()
+        if self.log >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.log)
+            self.log = -1
         self.cgroup.close()
         self.cgroup.remove()
 
@@ -216,8 +294,11 @@ class Jail:
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()  # reaped below, not by the task
         if self.proc.returncode is None:
-            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
-            # Killed first, nsjail would orphan the jail's init to the host's pid 1.
+            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself (a
+            # rerun jail's after being told to). Killed first, nsjail would orphan the jail's
+            # init to the host's pid 1.
+            if self.rerun:
+                self.terminate()
             self.cgroup.kill_all()
             try:
                 self.proc.wait(timeout=2)
@@ -225,6 +306,14 @@ class Jail:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.release()
+
+
+async def _any(*futures: asyncio.Future[Any], deadline: float) -> bool:
+    """Wait until one of ``futures`` is done (True) or the loop's clock passes ``deadline``
+    (False); none is cancelled."""
+    timeout = max(deadline - asyncio.get_running_loop().time(), 0)
+    done, _ = await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    return bool(done)
 
 
 class Reader:
@@ -270,9 +359,9 @@ class Reader:
             raise self.error
 
 
-async def feed(fd: int, data: bytes) -> None:
-    """Write ``data`` to the pipe ``fd`` and close it; a reader that goes away early is not
-    an error. The descriptor is closed whatever happens, cancellation included."""
+async def feed(fd: int, data: bytes, *, close: bool = False) -> None:
+    """Write ``data`` to ``fd`` (a pipe or a socket); a reader that goes away early is not an
+    error. With ``close``, the descriptor is closed whatever happens, cancellation included."""
     loop = asyncio.get_running_loop()
     # An Event, not a future: the loop may call the writer back again before this task runs.
     ready = asyncio.Event()
@@ -289,10 +378,11 @@ async def feed(fd: int, data: bytes) -> None:
                     await ready.wait()
                 finally:
                     loop.remove_writer(fd)
-            except BrokenPipeError:
+            except (BrokenPipeError, ConnectionResetError):
                 return
     finally:
-        os.close(fd)
+        if close:
+            os.close(fd)
 
 
 async def wait_exit(proc: subprocess.Popen[bytes]) -> float:

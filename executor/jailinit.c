@@ -1,19 +1,29 @@
 /*
  * cellblock-init: the first process inside every Cellblock sandbox, pid 1 of its PID namespace.
  *
- *   cellblock-init STATUS_FD CONTROL_FD
+ *   cellblock-init CONTROL_FD
  *
- * The jail is made before its stage is known (an "armed" jail, see sandbox.py), so what to run
- * arrives on CONTROL_FD, which the host writes and closes: NUL-terminated fields,
+ * CONTROL_FD is a stream socket to the host. The jail is made before its stage is known (an
+ * "armed" jail, see sandbox.py), so init first writes one byte, 'R', to say it is ready (the host
+ * may then reuse the paths this jail's mounts came from, see Sandbox.series), and then reads its
+ * stage: a header, with four descriptors attached (SCM_RIGHTS),
+ *
+ *   uint32 MAGIC, uint32 LENGTH      fds: STDIN STDOUT STDERR STATUS
+ *
+ * and then LENGTH bytes of NUL-terminated fields,
  *
  *   DEADLINE_S  NLIMITS RESOURCE=SOFT:HARD...  NENV KEY=VALUE...  NARGV PROGRAM ARG...
  *
- * End of file before any byte means the host gave the jail up (or died): init exits quietly.
+ * End of file before a header means the host gave the jail up (or died): init exits quietly.
+ * The control socket is one jail's, and may outlive this init (nsjail's rerun mode starts a
+ * fresh jail, with a fresh init, on the same socket when this one ends): the program never holds
+ * it, nor STATUS, so it can neither read nor forge another stage's request.
  *
- * It forks PROGRAM with exactly the given rlimits and environment (applied in the child only, so
- * that init itself is never starved by them), reaps every process of the namespace, and when
- * PROGRAM exits kills whatever it left behind (daemons included: they are all in this PID
- * namespace), reaps them too, and then writes one line to STATUS_FD:
+ * It forks PROGRAM with STDIN, STDOUT and STDERR as its standard streams and exactly the given
+ * rlimits and environment (applied in the child only, so that init itself is never starved by
+ * them), reaps every process of the namespace, and when PROGRAM exits kills whatever it left
+ * behind (daemons included: they are all in this PID namespace), reaps them too, and then writes
+ * one line to STATUS:
  *
  *   exited CODE UTIME_US STIME_US WALL_US      PROGRAM exited
  *   signaled SIGNO UTIME_US STIME_US WALL_US   PROGRAM was killed by a signal
@@ -21,8 +31,12 @@
  *   rlimit-failed RESOURCE ERRNO               an rlimit could not be applied
  *   seal-failed ERRNO                          the user namespace could not be sealed
  *
- * DEADLINE_S seconds after the start everything in the namespace is killed: the host's own
- * wall-clock timer fires long before, so this only matters when the host died mid-stage.
+ * and waits for the host to close STATUS before it exits: until then the jail's cgroup, which
+ * nsjail removes once init has gone, is there for the host to measure.
+ *
+ * DEADLINE_S seconds after the start everything in the namespace is killed and init exits: the
+ * host's own wall-clock timer fires long before, so this only matters when the host died
+ * mid-stage.
  *
  * The CPU times cover the whole process tree, since every process of the namespace is reaped
  * here or by a reaped ancestor. The host trusts this line no more than the sandboxed program's
@@ -46,7 +60,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <stdint.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -72,8 +88,11 @@ struct limit {
     struct rlimit value;
 };
 
+/* Where init's complaints go: its own stderr (nsjail's), then the stage's once it has it. */
+static int error_fd = 2;
+
 static int usage(const char *why) {
-    fprintf(stderr, "cellblock-init: %s\n", why);
+    dprintf(error_fd, "cellblock-init: %s\n", why);
     return 125;
 }
 
@@ -115,22 +134,45 @@ static long long monotonic_micros(void) {
     return (long long)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* Reads CONTROL_FD to its end; returns the bytes read (0 when the jail was given up). */
-static size_t read_request(int fd, char **out) {
-    size_t len = 0, cap = 65536;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) return 0;
-        if (len == cap) buf = realloc(buf, cap *= 2);
-        if (!buf) return 0;
-        ssize_t n = read(fd, buf + len, cap - len);
+#define MAGIC 0x43425231u /* "CBR1" */
+#define MAX_REQUEST (64u << 20)
+enum { STDIN_FD, STDOUT_FD, STDERR_FD, STATUS_FD, NFDS };
+
+/* Reads exactly LEN bytes; 0 on success. */
+static int read_all(int fd, char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = read(fd, buf, len);
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) break;
-        len += (size_t)n;
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (size_t)n;
     }
-    close(fd);
+    return 0;
+}
+
+/* Reads the stage's header and descriptors, then its fields. Returns the fields' length, 0 when
+ * the host gave the jail up, -1 on a malformed request. */
+static long read_request(int control, int fds[NFDS], char **out) {
+    uint32_t header[2];
+    char cbuf[CMSG_SPACE(sizeof(int) * NFDS)];
+    struct iovec iov = {.iov_base = header, .iov_len = sizeof(header)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
+    ssize_t n;
+    do n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+    while (n < 0 && errno == EINTR);
+    /* A host that closes with our 'R' unread resets the connection: given up all the same. */
+    if (n == 0 || (n < 0 && errno == ECONNRESET)) return 0;
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    if (n != (ssize_t)sizeof(header) || (msg.msg_flags & MSG_CTRUNC) || !cmsg || cmsg->cmsg_level != SOL_SOCKET ||
+        cmsg->cmsg_type != SCM_RIGHTS || cmsg->cmsg_len != CMSG_LEN(sizeof(int) * NFDS))
+        return -1;
+    memcpy(fds, CMSG_DATA(cmsg), sizeof(int) * NFDS);
+    error_fd = fds[STDERR_FD];
+    if (header[0] != MAGIC || header[1] == 0 || header[1] > MAX_REQUEST) return -1;
+    char *buf = malloc(header[1]);
+    if (!buf || read_all(control, buf, header[1])) return -1;
     *out = buf;
-    return len;
+    return (long)header[1];
 }
 
 /* The next NUL-terminated field of the request, or NULL past its end. */
@@ -173,22 +215,43 @@ static int seal_user_namespace(void) {
     return err;
 }
 
+static volatile sig_atomic_t reported;
+
 static void kill_everything(int signo) {
     (void)signo;
     kill(-1, SIGKILL);
+    if (reported) _exit(125); /* only the host's close was still awaited */
+}
+
+/* Waits until the host closes STATUS, or the deadline passes. */
+static void await_host(int status_fd) {
+    char byte;
+    reported = 1;
+    for (;;) {
+        ssize_t n = read(status_fd, &byte, 1);
+        if (n > 0 || (n < 0 && errno == EINTR)) continue;
+        return;
+    }
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3) return usage("usage: cellblock-init STATUS_FD CONTROL_FD");
+    if (argc != 2) return usage("usage: cellblock-init CONTROL_FD");
     /* kill(-1) below must only ever reach one sandbox's PID namespace, never a host. */
     if (getpid() != 1) return usage("refusing to run: not pid 1 of a PID namespace");
-    int status_fd = atoi(argv[1]);
+    int control = atoi(argv[1]);
+    if (fcntl(control, F_SETFD, FD_CLOEXEC) != 0) return usage("no control socket");
     int sealed = seal_user_namespace();
+    if (send(control, "R", 1, MSG_NOSIGNAL) != 1) return 0;
+    int fds[NFDS];
     char *request = NULL;
-    size_t length = read_request(atoi(argv[2]), &request);
+    long length = read_request(control, fds, &request);
     if (length == 0) return 0;
+    if (length < 0) return usage("bad request: header");
+    close(control);
+    int status_fd = fds[STATUS_FD];
     if (sealed != 0) {
         dprintf(status_fd, "seal-failed %d\n", sealed);
+        await_host(status_fd);
         return 126;
     }
     char *cursor = request, *end = request + length;
@@ -207,10 +270,15 @@ int main(int argc, char **argv) {
         return usage("bad request: program");
 
     prctl(PR_SET_DUMPABLE, 0);
+    /* No SA_RESTART: the wait below is interrupted and goes on reaping what the kill ended. */
+    struct sigaction alarm_action = {.sa_handler = kill_everything};
+    sigaction(SIGALRM, &alarm_action, NULL);
+    alarm((unsigned)deadline);
     long long started = monotonic_micros();
     pid_t child = fork();
     if (child < 0) {
         dprintf(status_fd, "exec-failed %d\n", errno);
+        await_host(status_fd);
         return 126;
     }
     if (child == 0) {
@@ -223,18 +291,19 @@ int main(int argc, char **argv) {
                 _exit(126);
             }
         }
-        /* The status descriptor must not outlive exec: the program has no business with it. */
-        close(status_fd);
+        for (int k = STDIN_FD; k <= STDERR_FD; k++)
+            if (dup2(fds[k], k) < 0) _exit(127);
+        /* Nothing but its three streams outlives exec: the program has no business with the
+         * status socket (nor with the control socket, closed above). */
+        for (int k = 0; k < NFDS; k++)
+            if (fds[k] > STDERR_FD) close(fds[k]);
         execve(program[0], program, environment);
         int err = errno;
         dprintf(2, "cellblock: cannot run %s: %s\n", program[0], strerror(err));
         _exit(127);
     }
-
-    /* No SA_RESTART: the wait below is interrupted and goes on reaping what the kill ended. */
-    struct sigaction alarm_action = {.sa_handler = kill_everything};
-    sigaction(SIGALRM, &alarm_action, NULL);
-    alarm((unsigned)deadline);
+    /* The program's streams are its own: their ends of file come when its processes are gone. */
+    for (int k = STDIN_FD; k <= STDERR_FD; k++) close(fds[k]);
 
     int main_status = 0, have_main = 0;
     long long wall = 0;
@@ -252,7 +321,10 @@ int main(int argc, char **argv) {
             kill(-1, SIGKILL); /* everything else in this PID namespace */
         }
     }
-    if (!have_main) return 126;
+    if (!have_main) {
+        await_host(status_fd);
+        return 126;
+    }
     struct rusage usage;
     getrusage(RUSAGE_CHILDREN, &usage);
     if (WIFSIGNALED(main_status))
@@ -261,5 +333,6 @@ int main(int argc, char **argv) {
     else
         dprintf(status_fd, "exited %d %lld %lld %lld\n", WEXITSTATUS(main_status), micros(usage.ru_utime),
                 micros(usage.ru_stime), wall);
+    await_host(status_fd);
     return 0;
 }

@@ -8,8 +8,8 @@ the working disk, capped at the stage's ``disk`` limit: see disk.py), a size-cap
 minimal ``/dev`` and a fresh ``/proc``; a seccomp policy (seccomp.py); only the environment we
 pass.
 
-Inside, ``cellblock-init`` (jailinit.c) is pid 1: it waits for its stage on a control pipe, so
-that the jail can be started before the stage is known (see ``Sandbox``), then applies the
+Inside, ``cellblock-init`` (jailinit.c) is pid 1: it waits for its stage on a control socket,
+so that the jail can be started before the stage is known (see ``Sandbox``), then applies the
 stage's sixteen rlimits to the program, reaps the namespace and reports the program's exact wait
 status and CPU time. Outside, the stage's cgroup caps memory and pids and measures peak memory;
 a wall-clock timer kills the cgroup. Output is read from pipes, never from files the sandbox
@@ -260,7 +260,7 @@ JailKey = tuple[Path, tuple[Mount, ...]]
 
 
 def request(spec: StageSpec) -> bytes:
-    """The stage as cellblock-init reads it from its control pipe (see jailinit.c)."""
+    """The stage's fields as cellblock-init reads them from its control socket (jailinit.c)."""
     limits = [_rlimit_arg(name, spec.limits.rlimits[name]) for name in RLIMITS]
     env = [f"{key}={value}" for key, value in spec.env.items()]
     # `-c` rather than a script file: bash then execs the script's last command itself, so
@@ -285,6 +285,13 @@ class Sandbox:
     stage when it comes; ``run`` takes the armed jail of the stage's working directory and
     mounts if there is one, else starts one. A jail serves one stage and is never reused: an
     armed jail is exactly as fresh as one started on demand.
+
+    Stages that come one after another with the same mounts, each in its own working
+    directory (a submission's tests), share a series: one nsjail in rerun mode, which makes a
+    fresh jail each time the last one's init ends, with ``/box`` bound from a link that only
+    the host can change. When a stage's jail is ready (its mounts made), the link is pointed
+    at the next stage's directory, so the next jail is made with that. Each stage still gets
+    new namespaces, mounts, init and pipes; nsjail is only loaded once (``run``'s ``then``).
     """
 
     def __init__(
@@ -305,6 +312,10 @@ class Sandbox:
         write_etc(etc_dir)
         self._base_mounts = self._base_argv()
         self._armed: dict[JailKey, Jail] = {}
+        #: Series by the working directory their waiting (or next) jail holds.
+        self._series: dict[Path, _Series] = {}
+        #: Working directories a series' jail may still hold, until that jail has ended.
+        self._held: dict[Path, asyncio.Future[None]] = {}
         self._ending: set[asyncio.Task[None]] = set()
 
     def _base_argv(self) -> list[str]:
@@ -338,10 +349,13 @@ class Sandbox:
         mounts: Sequence[Mount],
         fds: JailFds,
         cgroup_args: list[str],
+        *,
+        rerun: bool = False,
     ) -> list[str]:
-        """The nsjail command line of a jail for stages in ``workdir`` with ``mounts``."""
+        """The nsjail command line of a jail for stages in ``workdir`` with ``mounts``; with
+        ``rerun``, a jail made afresh each time its init ends (see ``Jail``)."""
         cmd = [
-            str(self.nsjail), "--mode", "o", "--log_fd", str(fds.log), "--quiet",
+            str(self.nsjail), "--mode", "r" if rerun else "o", "--log_fd", str(fds.log), "--quiet",
             # Our init applies every rlimit exactly; nsjail's own (MB-granular) ones stay off.
             "--disable_rlimits",
             # No time limit of nsjail's: it would count from the start of an armed jail. The
@@ -352,7 +366,7 @@ class Sandbox:
             "--seccomp_string", seccomp.POLICY,
             # For init alone, to seal the user namespace; it drops it before the stage.
             "--cap", "CAP_SYS_RESOURCE",
-            "--pass_fd", str(fds.status), "--pass_fd", str(fds.control),
+            "--pass_fd", str(fds.control),
         ]  # fmt: skip
         cmd += self._base_mounts
         for m in mounts:
@@ -363,7 +377,7 @@ class Sandbox:
         # limit, not the host's.
         cmd += ["--bindmount", f"{USERNS_LIMIT_SYSCTL}:{USERNS_LIMIT_PATH}"]
         cmd += cgroup_args
-        cmd += ["--", INIT_PATH, str(fds.status), str(fds.control)]
+        cmd += ["--", INIT_PATH, str(fds.control)]
         return cmd
 
     def arm(self, workdir: Path, mounts: Sequence[Mount] = ()) -> None:
@@ -378,22 +392,29 @@ class Sandbox:
         in the background, off the path of the stage's result."""
         for key in [key for key in self._armed if key[0] == workdir]:
             self._later(self._armed.pop(key).end())
-        self._later(self._remove_after(workdir, list(self._ending)))
+        if workdir in self._series:
+            self._end_series(self._series.pop(workdir))
+        held = [self._held[workdir]] if workdir in self._held else []
+        self._later(self._remove_after(workdir, [*self._ending, *held]))
 
     async def aclose(self) -> None:
-        """Give up every armed jail and wait until every jail of this sandbox has ended and
-        every retired working directory is gone."""
+        """Give up every armed jail and series and wait until every jail of this sandbox has
+        ended and every retired working directory is gone."""
         for key in list(self._armed):
             self._later(self._armed.pop(key).end())
+        for workdir in list(self._series):
+            self._end_series(self._series.pop(workdir))
         while self._ending:
             await asyncio.gather(*self._ending)
 
-    def _start(self, key: JailKey) -> Jail:
+    def _start(self, key: JailKey, *, rerun: bool = False) -> Jail:
         workdir, mounts = key
         cgroup = self.cgroups.create(f"{self.uid}-{secrets.token_hex(6)}")
         try:
             return Jail.start(
-                lambda fds: self.command(workdir, mounts, fds, cgroup.nsjail_args()), cgroup
+                lambda fds: self.command(workdir, mounts, fds, cgroup.nsjail_args(), rerun=rerun),
+                cgroup,
+                rerun=rerun,
             )
         except BaseException:
             cgroup.close()
@@ -405,17 +426,91 @@ class Sandbox:
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
-    async def _remove_after(self, workdir: Path, jails: Sequence[asyncio.Task[None]]) -> None:
+    async def _remove_after(self, workdir: Path, jails: Sequence[asyncio.Future[None]]) -> None:
         # Once its jails are gone it is no mount point any more: a subvolume still mounted in
         # a jail that is ending cannot be deleted.
         await asyncio.gather(*jails, return_exceptions=True)
         await asyncio.to_thread(self.disk.remove, workdir)  # a btrfs commit: not on the loop
 
+    def arm_series(self, workdir: Path, mounts: Sequence[Mount] = ()) -> None:
+        """Start now a series whose first jail holds ``workdir`` (see ``run``'s ``then``),
+        unless one does already."""
+        if workdir not in self._series:
+            self._series[workdir] = self._start_series(workdir, tuple(mounts))
+
+    def _start_series(self, workdir: Path, mounts: tuple[Mount, ...]) -> _Series:
+        link = self.disk.root / f"{self.uid}-{secrets.token_hex(6)}.box"
+        link.symlink_to(workdir)
+        try:
+            jail = self._start((link, mounts), rerun=True)
+        except BaseException:
+            link.unlink()
+            raise
+        self._hold(workdir)
+        return _Series(jail, link, mounts, [workdir])
+
+    def _hold(self, workdir: Path) -> None:
+        self._held.setdefault(workdir, asyncio.get_running_loop().create_future())
+
+    def _let_go(self, workdir: Path) -> None:
+        held = self._held.pop(workdir, None)
+        if held is not None and not held.done():
+            held.set_result(None)
+
+    def _end_series(self, series: _Series) -> None:
+        self._later(self._after_series(series))
+
+    async def _after_series(self, series: _Series) -> None:
+        try:
+            await series.jail.end()
+        finally:
+            series.link.unlink(missing_ok=True)
+            for workdir in series.held:
+                self._let_go(workdir)
+
+    def _series_jail(
+        self, spec: StageSpec, then: Path | None
+    ) -> tuple[_Series | None, Callable[[], None] | None]:
+        """The series that serves ``spec`` (None: a one-shot jail does), and what to do once its
+        jail is ready: point the link at ``then``, so that its next jail is made there."""
+        series = self._series.pop(spec.workdir, None)
+        if series is not None and (
+            series.mounts != tuple(spec.mounts) or not series.jail.running()
+        ):
+            self._end_series(series)
+            series = None
+        if series is None and then is not None:
+            series = self._start_series(spec.workdir, tuple(spec.mounts))
+        if series is None:
+            return None, None
+        current = series
+
+        def on_ready() -> None:
+            # This jail holds spec.workdir, so the one before it has ended.
+            while current.held[0] != spec.workdir:
+                self._let_go(current.held.pop(0))
+            if then is not None:
+                flip = current.link.with_name(current.link.name + ".new")
+                flip.unlink(missing_ok=True)
+                flip.symlink_to(then)
+                os.replace(flip, current.link)
+                current.held.append(then)
+                self._hold(then)
+
+        return series, on_ready
+
     async def run(
-        self, spec: StageSpec, on_output: OutputSink | None = None, *, arm_next: bool = False
+        self,
+        spec: StageSpec,
+        on_output: OutputSink | None = None,
+        *,
+        arm_next: bool = False,
+        then: Path | None = None,
     ) -> StageOutcome:
         """Run one stage to its end and measure it; with ``arm_next``, arm the jail of a next
-        stage in the same working directory with the same mounts meanwhile.
+        stage in the same working directory with the same mounts meanwhile; with ``then``, the
+        working directory of the next stage with the same mounts, serve this stage from a
+        series (see the class) and make the next stage's jail in ``then`` right after it.
 
         It returns once the stage's processes are gone and measured; nsjail's own exit and the
         removal of the stage's cgroup follow in the background (``aclose`` waits for them). If
@@ -424,35 +519,49 @@ class Sandbox:
         """
         limits = spec.limits
         key = (spec.workdir, tuple(spec.mounts))
-        jail = self._armed.pop(key, None)
-        if jail is not None and not jail.running():  # killed while it waited: start afresh
-            self._later(jail.end())
-            jail = None
-        jail = jail or self._start(key)
+        series, on_ready = self._series_jail(spec, then)
+        if series is not None:
+            jail = series.jail
+        else:
+            armed = self._armed.pop(key, None)
+            if armed is not None and not armed.running():  # killed while it waited: afresh
+                self._later(armed.end())
+                armed = None
+            jail = armed or self._start(key)
         if arm_next:
             self.arm(spec.workdir, spec.mounts)
         outcome = StageOutcome(status="error")
         captures = {s: _Capture(s, limits.output, on_output) for s in STREAMS}
         try:
-            jail.cgroup.limit(limits.memory, limits.pids)
+            jail.cgroup.begin(limits.memory, limits.pids)
             self.disk.limit(spec.workdir, limits.disk)
             outputs: dict[str, Callable[[bytes], None]] = {
                 stream: capture.feed for stream, capture in captures.items()
             }
             seen = await jail.serve(
-                request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE
+                request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE, on_ready
             )
+            report = InitReport.parse(seen.status)
+            outcome.memory = jail.cgroup.peak_memory()
+            out_of_memory = jail.cgroup.out_of_memory()
         except BaseException:
             jail.kill()
+            if series is not None:
+                self._end_series(series)
             raise
-        report = InitReport.parse(seen.status)
+        if series is None:
+            self._later(jail.end())
+        elif report is None or then is None or series.held[-1] != then:
+            self._end_series(series)  # its next jail is not known to hold ``then``
+        else:
+            self._series[then] = series
+            jail.dismiss()
         outcome.wall_time = report.wall_time if report else seen.wall_time
         outcome.cpu_time = report.cpu_time if report else seen.cpu_time
-        outcome.memory = jail.cgroup.peak_memory()
         status, message = classify(
             report,
             wall_killed=seen.wall_killed,
-            out_of_memory=jail.cgroup.out_of_memory(),
+            out_of_memory=out_of_memory,
             # Asked only of a stage that failed: a stage that ended well was not stopped.
             disk_full=bool(report and report.code) and self.disk.full(spec.workdir),
             cpu_time=outcome.cpu_time,
@@ -465,12 +574,23 @@ class Sandbox:
             outcome.exit_code = report.code
         elif report and report.kind == "signaled":
             outcome.signal = report.code
-        self._later(jail.end())
         stdout, stderr = captures["stdout"], captures["stderr"]
         outcome.stdout, outcome.stdout_truncated = bytes(stdout.data), stdout.truncated
         outcome.stderr, outcome.stderr_truncated = bytes(stderr.data), stderr.truncated
         outcome.finished_at = now()
         return outcome
+
+
+@dataclass
+class _Series:
+    """A rerun jail and the link its jails bind ``/box`` from."""
+
+    jail: Jail
+    link: Path
+    mounts: tuple[Mount, ...]
+    #: Working directories this series' jails hold or may still hold, oldest first: the
+    #: last is the one its waiting (or next) jail holds.
+    held: list[Path]
 
 
 def write_etc(etc_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Callable
+from pathlib import Path
 
 from cellblock.executor.sandbox import Sandbox, StageOutcome, StageSpec
 from cellblock.service.protocol import STREAMS, Event, OutputEvent, StageName, Stream
@@ -19,6 +20,7 @@ async def run_streaming(
     *,
     test: int | None = None,
     arm_next: bool = False,
+    then: Path | None = None,
 ) -> StageOutcome:
     """Run one stage (or one test, by index) in ``sandbox``, emitting its output as it comes.
 
@@ -33,4 +35,4 @@ async def run_streaming(
         if text:
             emit(OutputEvent(stage=stage, stream=stream, data=text, test=test))
 
-    return await sandbox.run(spec, output, arm_next=arm_next)
+    return await sandbox.run(spec, output, arm_next=arm_next, then=then)

@@ -30,7 +30,7 @@ def test_init_binary_is_built_once_and_refuses_to_run_outside_a_pid_namespace(
     # Outside a fresh PID namespace its kill(-1) would reach the host's processes.
     import subprocess
 
-    result = subprocess.run([str(first), "1", "0"], capture_output=True, text=True)
+    result = subprocess.run([str(first), "0"], capture_output=True, text=True)
     assert result.returncode == 125 and "not pid 1" in result.stderr
 
 

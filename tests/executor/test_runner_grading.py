@@ -337,3 +337,36 @@ async def test_the_tests_kept_output_shares_one_budget_but_each_is_judged_whole(
     assert [t["verdict"] for t in tests] == ["passed"] * 3
     assert [t["stdout"] for t in tests] == ["0123456\n", "01", ""]
     assert [t["stdout_truncated"] for t in tests] == [False, True, True]
+
+
+async def test_each_test_is_measured_and_limited_alone_in_its_series(
+    run_submission: RunSubmission,
+) -> None:
+    """Tests take turns in a few series of jails sharing a cgroup each: a test's memory, its
+    out-of-memory kill, its time-limit kill (which ends its series) and its own limits are its
+    own, never another's, before or after it in the same series or in another."""
+    big = "python3 -c \"b = bytearray(96 * 1024 * 1024); print('ok')\""
+    tests = [
+        {"name": "big", "stdin": big, "expected_output": "ok\n"},
+        {"name": "small0", "stdin": "echo ok", "expected_output": "ok\n"},
+        {"name": "oom", "stdin": big, "expected_output": "ok\n",
+         "limits": {"memory": 48 * 1024 * 1024}},
+        {"name": "small1", "stdin": "echo ok", "expected_output": "ok\n"},
+        {"name": "slow", "stdin": "sleep 5", "limits": {"wall_time": 0.3}},
+        {"name": "small2", "stdin": "echo ok", "expected_output": "ok\n"},
+        {"name": "small3", "stdin": "echo ok", "expected_output": "ok\n"},
+        {"name": "big2", "stdin": big, "expected_output": "ok\n"},
+    ]  # fmt: skip
+    state, _ = await run_submission({"run": "bash", "tests": tests})
+    got = by_name(state)
+    verdicts = {name: t["verdict"] for name, t in got.items()}
+    assert verdicts == {
+        "big": "passed", "small0": "passed", "oom": "memory_limit", "small1": "passed",
+        "slow": "time_limit", "small2": "passed", "small3": "passed", "big2": "passed",
+    }  # fmt: skip
+    for name in ("big", "big2"):
+        assert got[name]["memory"] > 96 * 1024 * 1024
+    for name in ("small0", "small1", "small2", "small3"):
+        assert got[name]["memory"] < 24 * 1024 * 1024, got[name]
+        assert got[name]["limits"]["memory"] != 48 * 1024 * 1024
+    assert got["oom"]["limits"]["memory"] == 48 * 1024 * 1024

@@ -134,3 +134,54 @@ async def test_a_socket_or_a_path_too_long_does_not_fail_the_submission(target: 
     assert test["verdict"] == "passed", test
     assert test["files"] == [] and len(test["missing"]) == 3
     await target.still_serves()
+
+
+async def test_nothing_a_test_leaves_reaches_any_later_test(target: Target) -> None:
+    """Tests take turns in a few series of jails, each made afresh from the same loaded nsjail:
+    whatever the first test leaves in its jail (files in /box, /tmp and /dev/shm, a SysV
+    shared memory segment, a listening abstract socket, a process that left its session), no
+    later test, in whichever series it runs, sees it."""
+    plant = (
+        "echo dirty > state; echo x > /tmp/planted; echo x > /dev/shm/planted;"
+        " ipcmk -M 4096 >/dev/null;"
+        ' setsid python3 -c "import socket, time; s = socket.socket(socket.AF_UNIX);'
+        " s.bind('\\0cellblock-planted'); s.listen(); time.sleep(30)\" >/dev/null 2>&1 &"
+        " sleep 0.3; echo planted"
+    )
+    look = (
+        "cat state; ls /tmp /dev/shm; ipcs -m | grep -c '^0x' || true;"
+        ' python3 -c "import socket; s = socket.socket(socket.AF_UNIX)\n'
+        "try: s.connect('\\0cellblock-planted'); print('reached')\n"
+        "except OSError: print('alone')\";"
+        " ps -e -o comm= | grep -c python3 || true"
+    )
+    answer = await target.submit({
+        "compile": "echo clean > state",
+        "run": f'read n; if [ "$n" = 0 ]; then {plant}; else {look}; fi',
+        "tests": [{"name": "plant", "stdin": "0\n", "expected_output": "planted\n"}]
+        + [{"name": f"look{i}", "stdin": f"{i}\n", "expected_output": "clean\n/dev/shm:\n\n"
+            "/tmp:\n0\nalone\n0\n"} for i in range(1, 6)],
+    })  # fmt: skip
+    tests = answer["stages"]["tests"]
+    seen = [(t["stdout"], t["stderr"]) for t in tests]
+    assert [t["verdict"] for t in tests] == ["passed"] * 6, seen
+    await target.settled()
+
+
+async def test_a_test_holds_only_its_own_three_streams(target: Target) -> None:
+    """The jail's control socket outlives a test's init (the next test's request comes on it),
+    and each test's status socket is init's: a program that held either could read another
+    test's hidden input or forge its report. It holds neither: only its stdin, stdout and
+    stderr, which are pipes, and it cannot open init's descriptors."""
+    answer = await target.submit({
+        "run": "python3 -c \"import os\n"
+               "fds = sorted(int(f) for f in os.listdir('/proc/self/fd'))\n"
+               "print([f for f in fds if f > 2 and os.path.exists(f'/proc/self/fd/{f}')])\n"
+               "print([os.readlink(f'/proc/self/fd/{f}').split(':')[0] for f in (0, 1, 2)])\n"
+               "try: print(os.listdir('/proc/1/fd'))\n"
+               "except OSError as e: print(e.strerror)\"",
+        "tests": [{"name": f"t{i}", "expected_output": "[]\n['pipe', 'pipe', 'pipe']\n"
+                   "Permission denied\n"} for i in range(3)],
+    })  # fmt: skip
+    assert [t["verdict"] for t in answer["stages"]["tests"]] == ["passed"] * 3, answer
+    await target.still_serves()
