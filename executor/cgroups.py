@@ -262,6 +262,8 @@ class StageCgroupV1(StageCgroup):
     def _forget_oom(self) -> None:
         self.out_of_memory()
         self._oom_seen = False
+        # Our own peak too, the fallback for a stage whose own cgroup went with it.
+        _write(self.memory_dir / "memory.max_usage_in_bytes", "0")
 
     def out_of_memory(self) -> bool:
         if not self._oom_seen and self._oom_event >= 0:

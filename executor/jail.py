@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -30,11 +31,15 @@ from cellblock.executor.cgroups import StageCgroup
 
 #: Seconds nsjail gets to end after its jail before it is killed.
 END_TIMEOUT = 5.0
-#: The header of a stage on the control socket (jailinit.c): magic, then the fields' length.
-HEADER = struct.Struct("=II")
+#: The header of a stage on the control socket (jailinit.c): magic, the fields' length, and
+#: the device and inode of the working directory it is for.
+HEADER = struct.Struct("=IIQQ")
 MAGIC = 0x43425231
 #: What init writes on the control socket once its jail is made and it waits for a stage.
 READY = b"R"
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+#: Seconds a jail may take to be ready for its stage (not counted in the stage's wall time).
+READY_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class Seen:
     wall_time: float
     cpu_time: float
     log: str
+    #: Peak memory measured before the stage was killed or found dead (else None: measured
+    #: after the report, while init waits).
+    memory: int | None = None
 
 
 class Jail:
@@ -83,8 +91,13 @@ class Jail:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_r, log_w = os.pipe()
         try:
+            argv = command(JailFds(control=theirs.fileno(), log=log_w))
+            if rerun:
+                # A one-shot jail ends with its init; a rerun one would make jails forever if
+                # the executor died: nsjail is told to end when its parent does.
+                argv = [SETPRIV, "--pdeathsig", "TERM", "--", *argv]
             proc = subprocess.Popen(
-                command(JailFds(control=theirs.fileno(), log=log_w)),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -118,34 +131,32 @@ class Jail:
     async def serve(
         self,
         request: bytes,
+        box: os.stat_result,
         stdin: bytes,
         outputs: Mapping[str, Callable[[bytes], Any]],
         timeout: float,
         on_ready: Callable[[], None] | None = None,
     ) -> Seen:
-        """Give the jail's waiting init its stage, and wait until init reports that the
-        stage's processes are gone, or init or nsjail ends without a report, or ``timeout``
-        seconds pass (then the stage is killed). ``on_ready`` is called once init is known to
-        be waiting, before the stage is sent: its jail's mounts are made by then.
+        """Give the jail's waiting init its stage, for the working directory ``box`` (init
+        refuses it if its /box is another), and wait until init reports that the stage's
+        processes are gone, or init or nsjail ends without a report, or ``timeout`` seconds
+        pass from the hand-over (then the stage is killed). ``on_ready`` is called once init is
+        known to be waiting, before the stage is sent: its jail's mounts are made by then.
 
         After a report, init waits for ``dismiss``; after none, a rerun jail is terminated
         (its next jail must not be served: the stage's end is unknown)."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        deadline = loop.time() + timeout
         exited = self.exited()
+        recv = asyncio.ensure_future(loop.sock_recv(self.control, 1))
+        try:
+            await _any(recv, exited, deadline=loop.time() + READY_TIMEOUT)
+        finally:
+            if not recv.done():
+                recv.cancel()  # else its reader stays registered on a descriptor reused later
+        ready = not recv.cancelled() and recv.exception() is None and recv.result() == READY
         # nsjail's exit counts the CPU time of every jail it ran, earlier stages' included.
         earlier_cpu = self._cpu_so_far() if self.rerun else 0.0
-        recv = asyncio.ensure_future(loop.sock_recv(self.control, 1))
-        waited_out = not await _any(recv, exited, deadline=deadline)
-        ready = (
-            recv.done()
-            and not recv.cancelled()
-            and recv.exception() is None  # init or nsjail gone: no ready
-            and recv.result() == READY
-        )
-        if not recv.done():
-            recv.cancel()
         if ready and on_ready is not None:
             on_ready()
         status = bytearray()
@@ -168,7 +179,7 @@ class Jail:
         writers: list[asyncio.Future[None]] = []
         try:
             if ready:
-                header = HEADER.pack(MAGIC, len(request))
+                header = HEADER.pack(MAGIC, len(request), box.st_dev, box.st_ino)
                 theirs = struct.pack("4i", stdin_r, stdout_w, stderr_w, status_jail.fileno())
                 with contextlib.suppress(OSError):  # init gone: seen as no report below
                     self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, theirs)])
@@ -179,13 +190,13 @@ class Jail:
             status_jail.close()
         writers.append(asyncio.ensure_future(feed(stdin_w, stdin, close=True)))
         log = bytearray()
-        cpu_time = 0.0
+        cpu_time, memory = 0.0, None
+        wall_killed = False
         try:
             if ready:
-                waited_out = not await _any(reported, readers[2].eof, exited, deadline=deadline)
-            wall_killed = waited_out
-            if wall_killed:
-                self.cgroup.kill_all()
+                deadline = loop.time() + timeout
+                ended = await _any(reported, readers[2].eof, exited, deadline=deadline)
+                wall_killed = not ended
             if reported.done() and not wall_killed:
                 # Init reports once every process of the stage is gone, so all they wrote
                 # is in the pipes already; nsjail, which holds the pipes too, ends later.
@@ -194,11 +205,17 @@ class Jail:
                 if self.rerun:
                     self._drain_log()
             else:
+                # Measured now, while the stage's own cgroup of nsjail's is still there.
+                memory = self.cgroup.peak_memory()
                 if self.rerun:
+                    # nsjail first: killed under it, a jail would only be made again.
                     self.terminate()
+                    await _any(exited, deadline=loop.time() + END_TIMEOUT)
+                if wall_killed or not exited.done():
+                    self.cgroup.kill_all()
                 cpu_time = await exited - earlier_cpu  # nsjail ends once its jail has
-                log_reader = Reader(self.log, log.extend)
-                await asyncio.gather(*(r.eof for r in (*readers[:2], log_reader)))
+                readers.append(Reader(self.log, log.extend))
+                await asyncio.gather(*(r.eof for r in (*readers[:2], readers[3])))
             await asyncio.gather(*writers)
         finally:
             for reader in readers:
@@ -215,6 +232,7 @@ class Jail:
             wall_time=time.monotonic() - started,
             cpu_time=cpu_time,
             log=log.decode(errors="replace"),
+            memory=memory,
         )
 
     def _drain_log(self) -> None:
@@ -255,10 +273,12 @@ class Jail:
         if self._released:  # killed already
             return
         if self.rerun:
-            self.terminate()  # it kills the waiting init: dismissed, it would make another
+            # It kills the waiting init. Dismissed, or its control socket closed, the init
+            # would end and nsjail make another before it sees the signal.
+            self.terminate()
         else:
             self.dismiss()
-        self.control.close()
+            self.control.close()
         try:
             await asyncio.wait_for(asyncio.shield(self.exited()), timeout=END_TIMEOUT)
         except TimeoutError:
@@ -294,11 +314,14 @@ class Jail:
         if self._exit is not None and not self._exit.done():
             self._exit.cancel()  # reaped below, not by the task
         if self.proc.returncode is None:
-            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself (a
-            # rerun jail's after being told to). Killed first, nsjail would orphan the jail's
-            # init to the host's pid 1.
             if self.rerun:
+                # nsjail first: it kills its jail and exits; killed under it, a jail would
+                # only be made again.
                 self.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=2)
+            # Kill the jail, not nsjail: nsjail then reaps its child and exits by itself.
+            # Killed first, nsjail would orphan the jail's init to the host's pid 1.
             self.cgroup.kill_all()
             try:
                 self.proc.wait(timeout=2)

@@ -8,11 +8,15 @@
  * may then reuse the paths this jail's mounts came from, see Sandbox.series), and then reads its
  * stage: a header, with four descriptors attached (SCM_RIGHTS),
  *
- *   uint32 MAGIC, uint32 LENGTH      fds: STDIN STDOUT STDERR STATUS
+ *   uint32 MAGIC, uint32 LENGTH, uint64 BOX_DEV, uint64 BOX_INO
+ *                                    fds: STDIN STDOUT STDERR STATUS
  *
  * and then LENGTH bytes of NUL-terminated fields,
  *
  *   DEADLINE_S  NLIMITS RESOURCE=SOFT:HARD...  NENV KEY=VALUE...  NARGV PROGRAM ARG...
+ *
+ * BOX_DEV and BOX_INO name the working directory the stage is for: a jail whose /box is another
+ * (the host's link was pointed on, and this jail made after, see Sandbox.series) refuses it.
  *
  * End of file before a header means the host gave the jail up (or died): init exits quietly.
  * The control socket is one jail's, and may outlive this init (nsjail's rerun mode starts a
@@ -30,6 +34,7 @@
  *   exec-failed ERRNO                          PROGRAM could not be started
  *   rlimit-failed RESOURCE ERRNO               an rlimit could not be applied
  *   seal-failed ERRNO                          the user namespace could not be sealed
+ *   wrong-box                                  this jail's /box is not the stage's
  *
  * and waits for the host to close STATUS before it exits: until then the jail's cgroup, which
  * nsjail removes once init has gone, is there for the host to measure.
@@ -63,6 +68,7 @@
 #include <stdint.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -152,10 +158,13 @@ static int read_all(int fd, char *buf, size_t len) {
 
 /* Reads the stage's header and descriptors, then its fields. Returns the fields' length, 0 when
  * the host gave the jail up, -1 on a malformed request. */
-static long read_request(int control, int fds[NFDS], char **out) {
-    uint32_t header[2];
+static long read_request(int control, int fds[NFDS], uint64_t box[2], char **out) {
+    struct {
+        uint32_t magic, length;
+        uint64_t dev, ino;
+    } __attribute__((packed)) header;
     char cbuf[CMSG_SPACE(sizeof(int) * NFDS)];
-    struct iovec iov = {.iov_base = header, .iov_len = sizeof(header)};
+    struct iovec iov = {.iov_base = &header, .iov_len = sizeof(header)};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf)};
     ssize_t n;
     do n = recvmsg(control, &msg, MSG_CMSG_CLOEXEC | MSG_WAITALL);
@@ -168,11 +177,13 @@ static long read_request(int control, int fds[NFDS], char **out) {
         return -1;
     memcpy(fds, CMSG_DATA(cmsg), sizeof(int) * NFDS);
     error_fd = fds[STDERR_FD];
-    if (header[0] != MAGIC || header[1] == 0 || header[1] > MAX_REQUEST) return -1;
-    char *buf = malloc(header[1]);
-    if (!buf || read_all(control, buf, header[1])) return -1;
+    if (header.magic != MAGIC || header.length == 0 || header.length > MAX_REQUEST) return -1;
+    box[0] = header.dev;
+    box[1] = header.ino;
+    char *buf = malloc(header.length);
+    if (!buf || read_all(control, buf, header.length)) return -1;
     *out = buf;
-    return (long)header[1];
+    return (long)header.length;
 }
 
 /* The next NUL-terminated field of the request, or NULL past its end. */
@@ -244,11 +255,18 @@ int main(int argc, char **argv) {
     if (send(control, "R", 1, MSG_NOSIGNAL) != 1) return 0;
     int fds[NFDS];
     char *request = NULL;
-    long length = read_request(control, fds, &request);
+    uint64_t box[2];
+    long length = read_request(control, fds, box, &request);
     if (length == 0) return 0;
     if (length < 0) return usage("bad request: header");
     close(control);
     int status_fd = fds[STATUS_FD];
+    struct stat own;
+    if (stat("/box", &own) != 0 || (uint64_t)own.st_dev != box[0] || (uint64_t)own.st_ino != box[1]) {
+        dprintf(status_fd, "wrong-box\n");
+        await_host(status_fd);
+        return 126;
+    }
     if (sealed != 0) {
         dprintf(status_fd, "seal-failed %d\n", sealed);
         await_host(status_fd);

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cellblock.executor import seccomp
-from cellblock.executor.cgroups import Cgroups
+from cellblock.executor.cgroups import NSJAIL_LOOSE_MEMORY, NSJAIL_LOOSE_PIDS, Cgroups
 from cellblock.executor.disk import WorkDisk
 from cellblock.executor.jail import Jail, JailFds
 from cellblock.service.protocol import (
@@ -155,6 +155,8 @@ class InitReport:
         if words[0] in ("exited", "signaled") and len(words) == 5:
             code, utime, stime, wall = (int(w) for w in words[1:])
             return cls(words[0], code, (utime + stime) / 1e6, wall / 1e6)
+        if words[0] == "wrong-box":
+            return cls(words[0], 0, 0.0, 0.0)
         if words[0] in ("exec-failed", "seal-failed"):
             return cls(words[0], 0, 0.0, 0.0, os.strerror(int(words[1])))
         if words[0] == "rlimit-failed":
@@ -180,6 +182,8 @@ def classify(
         return "error", f"the sandbox could not start the stage's shell: {report.detail}"
     if report.kind == "seal-failed":
         return "error", f"the sandbox could not seal its user namespace: {report.detail}"
+    if report.kind == "wrong-box":
+        return "error", "the sandbox's jail was not made for this stage's working directory"
     if report.kind == "rlimit-failed":
         return "error", f"the sandbox could not apply the limit {report.detail}"
     if report.kind == "exited" and report.code == 0:
@@ -314,8 +318,8 @@ class Sandbox:
         self._armed: dict[JailKey, Jail] = {}
         #: Series by the working directory their waiting (or next) jail holds.
         self._series: dict[Path, _Series] = {}
-        #: Working directories a series' jail may still hold, until that jail has ended.
-        self._held: dict[Path, asyncio.Future[None]] = {}
+        #: Every series not yet ended, serving or not.
+        self._live: set[_Series] = set()
         self._ending: set[asyncio.Task[None]] = set()
 
     def _base_argv(self) -> list[str]:
@@ -394,7 +398,7 @@ class Sandbox:
             self._later(self._armed.pop(key).end())
         if workdir in self._series:
             self._end_series(self._series.pop(workdir))
-        held = [self._held[workdir]] if workdir in self._held else []
+        held = [series.held[workdir] for series in self._live if workdir in series.held]
         self._later(self._remove_after(workdir, [*self._ending, *held]))
 
     async def aclose(self) -> None:
@@ -446,16 +450,9 @@ class Sandbox:
         except BaseException:
             link.unlink()
             raise
-        self._hold(workdir)
-        return _Series(jail, link, mounts, [workdir])
-
-    def _hold(self, workdir: Path) -> None:
-        self._held.setdefault(workdir, asyncio.get_running_loop().create_future())
-
-    def _let_go(self, workdir: Path) -> None:
-        held = self._held.pop(workdir, None)
-        if held is not None and not held.done():
-            held.set_result(None)
+        series = _Series(jail, link, mounts, {workdir: asyncio.get_running_loop().create_future()})
+        self._live.add(series)
+        return series
 
     def _end_series(self, series: _Series) -> None:
         self._later(self._after_series(series))
@@ -465,8 +462,8 @@ class Sandbox:
             await series.jail.end()
         finally:
             series.link.unlink(missing_ok=True)
-            for workdir in series.held:
-                self._let_go(workdir)
+            series.let_go(None)
+            self._live.discard(series)
 
     def _series_jail(
         self, spec: StageSpec, then: Path | None
@@ -487,15 +484,16 @@ class Sandbox:
 
         def on_ready() -> None:
             # This jail holds spec.workdir, so the one before it has ended.
-            while current.held[0] != spec.workdir:
-                self._let_go(current.held.pop(0))
+            current.let_go(spec.workdir)
             if then is not None:
                 flip = current.link.with_name(current.link.name + ".new")
-                flip.unlink(missing_ok=True)
-                flip.symlink_to(then)
-                os.replace(flip, current.link)
-                current.held.append(then)
-                self._hold(then)
+                try:
+                    flip.unlink(missing_ok=True)
+                    flip.symlink_to(then)
+                    os.replace(flip, current.link)
+                finally:
+                    flip.unlink(missing_ok=True)
+                current.held[then] = asyncio.get_running_loop().create_future()
 
         return series, on_ready
 
@@ -528,30 +526,42 @@ class Sandbox:
                 self._later(armed.end())
                 armed = None
             jail = armed or self._start(key)
-        if arm_next:
-            self.arm(spec.workdir, spec.mounts)
         outcome = StageOutcome(status="error")
         captures = {s: _Capture(s, limits.output, on_output) for s in STREAMS}
         try:
+            if arm_next:
+                self.arm(spec.workdir, spec.mounts)
             jail.cgroup.begin(limits.memory, limits.pids)
             self.disk.limit(spec.workdir, limits.disk)
             outputs: dict[str, Callable[[bytes], None]] = {
                 stream: capture.feed for stream, capture in captures.items()
             }
+            box = os.stat(spec.workdir)
             seen = await jail.serve(
-                request(spec), spec.stdin, outputs, limits.wall_time + WALL_GRACE, on_ready
+                request(spec), box, spec.stdin, outputs, limits.wall_time + WALL_GRACE, on_ready
             )
             report = InitReport.parse(seen.status)
-            outcome.memory = jail.cgroup.peak_memory()
+            outcome.memory = jail.cgroup.peak_memory() if seen.memory is None else seen.memory
             out_of_memory = jail.cgroup.out_of_memory()
+            keep = (
+                series is not None
+                and report is not None
+                and report.kind in ("exited", "signaled")
+                and then in series.held
+            )
+            if keep:
+                # Loose again until the next stage's own caps: the next jail is made meanwhile.
+                jail.cgroup.limit(NSJAIL_LOOSE_MEMORY, NSJAIL_LOOSE_PIDS)
         except BaseException:
-            jail.kill()
-            if series is not None:
-                self._end_series(series)
+            try:
+                jail.kill()
+            finally:
+                if series is not None:
+                    self._end_series(series)
             raise
         if series is None:
             self._later(jail.end())
-        elif report is None or then is None or series.held[-1] != then:
+        elif not keep or then is None:
             self._end_series(series)  # its next jail is not known to hold ``then``
         else:
             self._series[then] = series
@@ -581,16 +591,25 @@ class Sandbox:
         return outcome
 
 
-@dataclass
+@dataclass(eq=False)
 class _Series:
     """A rerun jail and the link its jails bind ``/box`` from."""
 
     jail: Jail
     link: Path
     mounts: tuple[Mount, ...]
-    #: Working directories this series' jails hold or may still hold, oldest first: the
-    #: last is the one its waiting (or next) jail holds.
-    held: list[Path]
+    #: Working directories this series' jails hold or may still hold, oldest first (the last
+    #: is the one its waiting, or next, jail holds), each with what is done once none does.
+    held: dict[Path, asyncio.Future[None]]
+
+    def let_go(self, kept: Path | None) -> None:
+        """The working directories held before ``kept`` (all, if None) are free now."""
+        for workdir in list(self.held):
+            if workdir == kept:
+                return
+            done = self.held.pop(workdir)
+            if not done.done():
+                done.set_result(None)
 
 
 def write_etc(etc_dir: Path) -> None:

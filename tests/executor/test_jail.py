@@ -58,6 +58,10 @@ def box_dir(sandbox_host: host.SandboxHost, box: Sandbox) -> Iterator[Path]:
     sandbox_host.disk.remove(path)
 
 
+#: The working directory each jail was started for, as init checks it against the stage's.
+BOXES: dict[Jail, os.stat_result] = {}
+
+
 @dataclass
 class Jails:
     """Starts jails as the sandbox would, and kills what a test leaves running."""
@@ -80,6 +84,7 @@ class Jails:
             cgroup.remove()
             raise
         self.started.append(jail)
+        BOXES[jail] = os.stat(workdir)
         return jail
 
 
@@ -114,7 +119,7 @@ async def serve(
     jail: Jail, control: bytes, stdin: bytes = b"", timeout: float = 10
 ) -> tuple[Seen, Outputs]:
     outputs = Outputs()
-    seen = await jail.serve(control, stdin, outputs.consumers(), timeout)
+    seen = await jail.serve(control, BOXES[jail], stdin, outputs.consumers(), timeout)
     return seen, outputs
 
 
@@ -143,8 +148,9 @@ async def hand_over(jail: Jail, request: bytes, *, magic: int = jail_module.MAGI
     status_host, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         theirs = array.array("i", [stdin_r, stdout_w, stderr_w, status_jail.fileno()])
-        header = jail_module.HEADER.pack(magic, len(request))
-        # Eight bytes into an empty socket buffer: a non-blocking sendmsg takes them at once.
+        box = BOXES[jail]
+        header = jail_module.HEADER.pack(magic, len(request), box.st_dev, box.st_ino)
+        # A few bytes into an empty socket buffer: a non-blocking sendmsg takes them at once.
         sent = jail.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, theirs)])
         assert sent == len(header)
         await loop.sock_sendall(jail.control, request)
@@ -218,7 +224,9 @@ async def test_the_consumers_get_output_while_the_stage_runs(jails: Jails, box_d
     jail = jails.start(box_dir)
     arrived: list[tuple[float, bytes]] = []
     consumers = {"stdout": lambda b: arrived.append((time.monotonic(), b)), "stderr": bytes}
-    seen = await jail.serve(stage(box_dir, "echo first; sleep 1; echo second"), b"", consumers, 10)
+    seen = await jail.serve(
+        stage(box_dir, "echo first; sleep 1; echo second"), BOXES[jail], b"", consumers, 10
+    )
     assert seen.status.startswith("exited 0 ")
     assert b"".join(chunk for _, chunk in arrived) == b"first\nsecond\n"
     (first_at, first), (last_at, _) = arrived[0], arrived[-1]
@@ -340,7 +348,7 @@ async def test_a_consumer_that_fails_is_reported_once_the_stage_has_ended(
 
     consumers = {"stdout": refuse, "stderr": lambda _: None}
     with pytest.raises(ValueError, match="cannot take"):
-        await jail.serve(stage(box_dir, "echo out"), b"", consumers, 10)
+        await jail.serve(stage(box_dir, "echo out"), BOXES[jail], b"", consumers, 10)
     await jail.end()  # the stage had ended: the jail ends as after any other stage
     assert_released(jail)
     assert processes_of(box.uid) == []
@@ -651,3 +659,24 @@ async def test_wait_exit_reaps_the_process_and_answers_its_cpu_time() -> None:
     assert 0.25 <= cpu < 5
     assert proc.returncode == 0
     assert not Path(f"/proc/{proc.pid}").exists()  # reaped here, not by Popen
+
+
+async def test_a_jail_refuses_a_stage_for_another_working_directory(
+    jails: Jails, box_dir: Path, sandbox_host: host.SandboxHost, box: Sandbox
+) -> None:
+    """A series points its link at the next test's snapshot once a jail is ready; should that
+    jail die and nsjail make the next one before the stage arrives, the stage must not run in
+    the next test's directory: init compares its /box with the one the stage is for."""
+    other = sandbox_host.disk.create(f"jail-{secrets.token_hex(6)}", box.uid)
+    try:
+        jail = jails.start(box_dir, rerun=True)
+        outputs = Outputs()
+        seen = await jail.serve(
+            stage(box_dir, "touch ran"), os.stat(other), b"", outputs.consumers(), 10
+        )
+        assert seen.status == "wrong-box\n" and not seen.wall_killed
+        assert not (box_dir / "ran").exists() and not (other / "ran").exists()
+        await jail.end()
+        assert_released(jail)
+    finally:
+        sandbox_host.disk.remove(other)

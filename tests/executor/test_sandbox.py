@@ -378,7 +378,9 @@ async def test_after_a_dead_executor_init_kills_the_stage_at_its_deadline(
     jail = sandbox._start((workdir, ()))
     spec = stage(workdir, "sleep 100", wall_time=1)
     ignore = {"stdout": lambda _: None, "stderr": lambda _: None}
-    serving = asyncio.create_task(jail.serve(request(spec), b"", ignore, timeout=100))
+    serving = asyncio.create_task(
+        jail.serve(request(spec), os.stat(workdir), b"", ignore, timeout=100)
+    )
     await until(lambda: left_by_the_program(sandbox), "the stage to start")
     # The executor dies: every descriptor it held closes, nothing watches the clock.
     serving.cancel()
@@ -495,6 +497,7 @@ def test_init_report_parsing() -> None:
         (InitReport("exec-failed", 0, 0.0, 0.0, "No such file"), False, False, 0.0, "error"),
         (InitReport("rlimit-failed", 0, 0.0, 0.0, "nofile"), False, False, 0.0, "error"),
         (InitReport("seal-failed", 0, 0.0, 0.0, "Permission denied"), False, False, 0.0, "error"),
+        (InitReport.parse("wrong-box\n"), False, False, 0.0, "error"),
     ],
 )
 def test_classify(
