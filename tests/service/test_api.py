@@ -952,6 +952,41 @@ async def test_a_killed_executors_job_is_finished_by_another_once(api: Api, laun
     assert events[-1]["data"]["submission"] == state
 
 
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    children = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines())
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if fields.get("PPid", "").strip() == str(pid) and fields["State"][0] not in "ZX":
+            children.append(int(status.parent.name))
+    return children
+
+
+@pytest.mark.timeout(90)
+async def test_a_killed_executor_leaves_no_jail_behind(
+    api: Api, launch: Launch, until: Until
+) -> None:
+    """A submission's tests run in nsjail processes that make jail after jail: were they to
+    outlive their executor, they would go on doing so for nobody. Killed mid-test, the executor
+    takes them all with it (nsjail is told to end with its parent)."""
+    holder = await launch(slots=1)
+    tests = [{"name": f"t{i}", "stdin": "", "limits": {"wall_time": 5}} for i in range(6)]
+    sid = await api.submit({"run": "sleep 2", "tests": tests})
+    await api.running(sid)
+    await until(lambda: len(children_of(holder.proc.pid)) >= 2, "the tests' series of jails")
+    jails = children_of(holder.proc.pid)
+    holder.proc.send_signal(signal.SIGKILL)
+    holder.proc.wait(timeout=10)
+    await until(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in jails),
+        "every nsjail of the killed executor to end",
+        timeout=10,
+    )
+
+
 @pytest.mark.timeout(60)
 async def test_sigterm_drains_an_executor_after_its_running_job(
     api: Api, launch: Launch, until: Until
