@@ -50,7 +50,6 @@ import random
 import shutil
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ from typing import Any
 from cellblock import config as cellblock_config
 from cellblock.executor.cgroups import StageCgroup
 from cellblock.executor.host import SandboxHost, prepare
-from cellblock.executor.jail import HEADER, MAGIC, JailFds
+from cellblock.executor.jail import JailFds, send_header
 from cellblock.executor.runner import StageEnvironment, stage_environment
 from cellblock.executor.sandbox import INIT_PATH, Sandbox, StageSpec, request
 
@@ -153,10 +152,8 @@ class Bench:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         status, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         null = os.open(os.devnull, os.O_RDWR)
-        fds = struct.pack("4i", null, null, null, status_jail.fileno())
-        box = os.stat(self.spec.workdir)
-        header = HEADER.pack(MAGIC, len(self.request), box.st_dev, box.st_ino)
-        ours.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        fds = (null, null, null, status_jail.fileno())
+        send_header(ours, len(self.request), os.stat(self.spec.workdir), fds)
         ours.sendall(self.request)
         os.close(null)
         status_jail.close()

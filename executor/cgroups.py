@@ -45,17 +45,18 @@ class StageCgroup(ABC):
 
     def begin(self, memory: int, pids: int) -> None:
         """A stage begins: cap its memory (without swap) and number of processes, and forget
-        an earlier stage's out-of-memory kill."""
+        an earlier stage's out-of-memory kill (and, where it can be reset, peak)."""
         self.limit(memory, pids)
-        self._forget_oom()
+        self._forget()
 
     @abstractmethod
     def limit(self, memory: int, pids: int) -> None:
         """Cap the stage's memory (without swap) and number of processes."""
 
     @abstractmethod
-    def _forget_oom(self) -> None:
-        """From now on, ``out_of_memory`` tells only of kills still to come."""
+    def _forget(self) -> None:
+        """From now on, ``out_of_memory`` tells only of kills still to come; v1 also resets
+        our own peak."""
 
     def peak_memory(self) -> int:
         """Peak memory charged to the stage's tree, in bytes: from the cgroup nsjail made for
@@ -259,7 +260,7 @@ class StageCgroupV1(StageCgroup):
     def _peak(self, directory: Path) -> int:
         return int((directory / "memory.max_usage_in_bytes").read_text())
 
-    def _forget_oom(self) -> None:
+    def _forget(self) -> None:
         self.out_of_memory()
         self._oom_seen = False
         # Our own peak too, the fallback for a stage whose own cgroup went with it.
@@ -327,7 +328,7 @@ class StageCgroupV2(StageCgroup):
     def _peak(self, directory: Path) -> int:
         return int((directory / "memory.peak").read_text())
 
-    def _forget_oom(self) -> None:
+    def _forget(self) -> None:
         self._oom_kills_before = self._oom_kills()
 
     def out_of_memory(self) -> bool:

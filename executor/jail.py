@@ -23,7 +23,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,7 @@ class Jail:
             theirs.close()
             os.close(log_w)
         ours.setblocking(False)
+        os.set_blocking(log_r, False)
         return cls(proc, cgroup, ours, log_r, rerun)
 
     def running(self) -> bool:
@@ -179,10 +180,9 @@ class Jail:
         writers: list[asyncio.Future[None]] = []
         try:
             if ready:
-                header = HEADER.pack(MAGIC, len(request), box.st_dev, box.st_ino)
-                theirs = struct.pack("4i", stdin_r, stdout_w, stderr_w, status_jail.fileno())
+                theirs = (stdin_r, stdout_w, stderr_w, status_jail.fileno())
                 with contextlib.suppress(OSError):  # init gone: seen as no report below
-                    self.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, theirs)])
+                    send_header(self.control, len(request), box, theirs)
                     writers.append(asyncio.ensure_future(feed(self.control.fileno(), request)))
         finally:
             for fd in (stdin_r, stdout_w, stderr_w):
@@ -214,8 +214,9 @@ class Jail:
                 if wall_killed or not exited.done():
                     self.cgroup.kill_all()
                 cpu_time = await exited - earlier_cpu  # nsjail ends once its jail has
-                readers.append(Reader(self.log, log.extend))
-                await asyncio.gather(*(r.eof for r in (*readers[:2], readers[3])))
+                log_reader = Reader(self.log, log.extend)
+                readers.append(log_reader)
+                await asyncio.gather(readers[0].eof, readers[1].eof, log_reader.eof)
             await asyncio.gather(*writers)
         finally:
             for reader in readers:
@@ -237,9 +238,9 @@ class Jail:
 
     def _drain_log(self) -> None:
         """Drop what nsjail logged about jails that went well: a rerun jail's log pipe must
-        not fill up over many stages (nsjail would block writing to it)."""
+        not fill up over many stages (nsjail would block writing to it). Non-blocking since
+        the start."""
         with contextlib.suppress(BlockingIOError, OSError):
-            os.set_blocking(self.log, False)
             while os.read(self.log, 65536):
                 pass
 
@@ -255,10 +256,7 @@ class Jail:
 
     def dismiss(self) -> None:
         """Let the init of the stage served last end: the stage is measured."""
-        if self.status >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.status)
-            self.status = -1
+        self.status = _close(self.status)
 
     def terminate(self) -> None:
         """Ask nsjail to end now: it kills its jail and exits."""
@@ -302,10 +300,7 @@ class Jail:
     def _free(self) -> None:
         self.dismiss()
         self.control.close()
-        if self.log >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.log)
-            self.log = -1
+        self.log = _close(self.log)
         self.cgroup.close()
         self.cgroup.remove()
 
@@ -329,6 +324,23 @@ class Jail:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.release()
+
+
+def send_header(
+    control: socket.socket, length: int, box: os.stat_result, fds: Sequence[int]
+) -> None:
+    """Send a stage's header on init's control socket (jailinit.c) with the stage's stdin,
+    stdout, stderr and status descriptors attached; ``length`` bytes of fields follow it."""
+    header = HEADER.pack(MAGIC, length, box.st_dev, box.st_ino)
+    control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", *fds))])
+
+
+def _close(fd: int) -> int:
+    """Close ``fd`` unless it is -1 already; -1, for the attribute that held it."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return -1
 
 
 async def _any(*futures: asyncio.Future[Any], deadline: float) -> bool:

@@ -543,13 +543,16 @@ class Sandbox:
             report = InitReport.parse(seen.status)
             outcome.memory = jail.cgroup.peak_memory() if seen.memory is None else seen.memory
             out_of_memory = jail.cgroup.out_of_memory()
-            keep = (
-                series is not None
+            # The working directory the series' next jail holds, if the series goes on.
+            following = (
+                then
+                if series is not None
                 and report is not None
                 and report.kind in ("exited", "signaled")
                 and then in series.held
+                else None
             )
-            if keep:
+            if following is not None:
                 # Loose again until the next stage's own caps: the next jail is made meanwhile.
                 jail.cgroup.limit(NSJAIL_LOOSE_MEMORY, NSJAIL_LOOSE_PIDS)
         except BaseException:
@@ -561,10 +564,10 @@ class Sandbox:
             raise
         if series is None:
             self._later(jail.end())
-        elif not keep or then is None:
+        elif following is None:
             self._end_series(series)  # its next jail is not known to hold ``then``
         else:
-            self._series[then] = series
+            self._series[following] = series
             jail.dismiss()
         outcome.wall_time = report.wall_time if report else seen.wall_time
         outcome.cpu_time = report.cpu_time if report else seen.cpu_time

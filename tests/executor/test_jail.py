@@ -475,6 +475,18 @@ async def test_a_rerun_jail_serves_stages_one_after_another_each_in_a_fresh_jail
     assert processes_of(box.uid) == []
 
 
+async def served(
+    jails: Jails, box: Sandbox, box_dir: Path, until: Until, script: str, *, rerun: bool
+) -> tuple[Jail, int]:
+    """A jail started, its init seen waiting, then ``script`` served to a clean exit: the
+    jail (its init waiting to be dismissed) and that init's pid."""
+    jail = jails.start(box_dir, rerun=rerun)
+    init = await waiting_init(box, until)
+    seen, _ = await serve(jail, stage(box_dir, script))
+    assert seen.status.startswith("exited 0 ")
+    return jail, init
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("rerun", [False, True], ids=["one-shot", "rerun"])
 async def test_a_reported_stage_keeps_its_jail_and_cgroup_until_dismissed(
@@ -482,10 +494,9 @@ async def test_a_reported_stage_keeps_its_jail_and_cgroup_until_dismissed(
 ) -> None:
     # The host measures the stage on nsjail's child cgroup of its jail, which nsjail removes
     # once init has gone: init must not go before the host says so.
-    jail = jails.start(box_dir, rerun=rerun)
-    init = await waiting_init(box, until)
-    seen, _ = await serve(jail, stage(box_dir, "head -c 20000000 /dev/zero | tail -c 1"))
-    assert seen.status.startswith("exited 0 ")
+    jail, init = await served(
+        jails, box, box_dir, until, "head -c 20000000 /dev/zero | tail -c 1", rerun=rerun
+    )
     assert jail.status >= 0
     [child] = nsjail_cgroups(jail)
     await asyncio.sleep(0.3)  # however long the host takes
@@ -511,10 +522,7 @@ async def test_end_terminates_a_rerun_jail_and_releases_everything(
     dismissed: bool, jails: Jails, box: Sandbox, box_dir: Path, until: Until
 ) -> None:
     # A rerun jail never ends by itself: dismissed, its init is followed by another one.
-    jail = jails.start(box_dir, rerun=True)
-    init = await waiting_init(box, until)
-    seen, _ = await serve(jail, stage(box_dir, "echo served"))
-    assert seen.status.startswith("exited 0 ")
+    jail, init = await served(jails, box, box_dir, until, "echo served", rerun=True)
     if dismissed:
         jail.dismiss()
         await waiting_init(box, until, not_=init)
