@@ -1,14 +1,15 @@
 """A submission's tests (PROTOCOL.md, "Tests"): the run stage as one sandboxed run per test,
-each from a fresh snapshot of the working directory as compile left it, judged as it ends.
+each from a fresh copy of the working directory as compile left it, judged as it ends.
 
-What one test writes, the next never sees: each runs in its own btrfs snapshot (copy on write,
-with its own quota group), in its own jail. The snapshots of the next ``TESTS_AHEAD`` tests
+What one test writes, the next never sees: each runs in its own btrfs subvolume (with its own
+quota group), in its own jail. The subvolume is a copy of the compiled directory if that is
+small, else a snapshot of it (see disk.py for why). Those of the next ``TESTS_AHEAD`` tests
 are made while one runs.
 
-The tests are one series of the sandbox: the jail of the next test is made, from its own
-snapshot, as soon as one test's program has ended (see ``Sandbox``).
+The tests are one series of the sandbox: the jail of the next test is made, in its own fresh
+directory, as soon as one test's program has ended (see ``Sandbox``).
 
-A checker runs in the sandbox too, in a snapshot of its own (never where the test ran, whose
+A checker runs in the sandbox too, in a fresh directory of its own (never where the test ran, whose
 program could have rewritten the checker's files), reading read-only copies of the test's
 input, expected output and actual output mounted at ``CHECK_FILES``.
 
@@ -17,7 +18,7 @@ What comes back is bounded for the whole submission, not per test: output files 
 test is judged on all its run kept, up to its ``output`` limit, before its result is cut).
 
 Cancellation: cancelling ``Grading.run`` kills the running test or checker (``Sandbox.run``)
-and removes every snapshot made for it, including those being made in a thread.
+and removes every directory made for it, including those being made in a thread.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from cellblock.executor.disk import NotCopyable
 from cellblock.executor.outputs import attach
 from cellblock.executor.sandbox import Mount, Sandbox, StageOutcome, StageSpec
 from cellblock.executor.streaming import Emit, run_streaming
@@ -52,7 +54,7 @@ from cellblock.service.protocol import (
     test_result,
 )
 
-#: Tests whose snapshot is made ahead, while an earlier one runs.
+#: Tests whose fresh directory is made ahead, while an earlier one runs.
 TESTS_AHEAD = 3
 #: Series of jails the tests take in turn: while one test runs, the next one's jail is made.
 SERIES = 2
@@ -72,6 +74,7 @@ class Grading:
         self.sandbox, self.submission, self.spec = sandbox, submission, spec
         self._file_room = submission.limits.output_total_size
         self._output_room = KEPT_OUTPUT
+        self._copyable = False
 
     async def run(self, emit: Emit) -> None:
         """The run stage: ``stage_started``, each test's events, the aggregate result."""
@@ -80,18 +83,20 @@ class Grading:
         emit(StageStartedEvent(stage="run"))
         started = now()
         results: list[TestResult] = []
+        # Told once: the compiled directory does not change while its tests run.
+        self._copyable = await asyncio.to_thread(self.sandbox.disk.copyable, self.spec.workdir)
         upcoming = collections.deque(
-            asyncio.create_task(self._snapshot(series=i < SERIES))
+            asyncio.create_task(self._fresh(series=i < SERIES))
             for i, _ in enumerate(tests[:TESTS_AHEAD])
         )
         try:
             for i, test in enumerate(tests):
                 # Shielded, and taken off the queue only once made: a cancel here must not
-                # lose a snapshot its thread goes on making.
+                # lose a directory its thread goes on making.
                 current = await asyncio.shield(upcoming[0])
                 upcoming.popleft()
                 if i + TESTS_AHEAD < len(tests):
-                    upcoming.append(asyncio.create_task(self._snapshot()))
+                    upcoming.append(asyncio.create_task(self._fresh()))
                 emit(TestStartedEvent(test=i, name=test.name))
                 # The test SERIES on: this test's series serves it next.
                 following = upcoming[SERIES - 1] if len(upcoming) >= SERIES else None
@@ -100,7 +105,7 @@ class Grading:
                 results.append(result)
         finally:
             for task in upcoming:
-                # Not cancelled: its snapshot may be made already, in a thread that cannot be
+                # Not cancelled: its directory may be made already, in a thread that cannot be
                 # stopped, and must be removed either way.
                 with contextlib.suppress(Exception):
                     self.sandbox.retire(await task)
@@ -116,7 +121,7 @@ class Grading:
         emit: Emit,
     ) -> TestResult:
         """Run one test in ``workdir`` and judge it; ``following`` makes the next test's
-        snapshot, which this series' next jail is made from as soon as this test's program has
+        directory, which this series' next jail is made from as soon as this test's program has
         ended."""
         request = self.submission.request
         spec = replace(
@@ -166,7 +171,7 @@ class Grading:
         folder = await asyncio.to_thread(self._check_files, files)
         workdir: Path | None = None
         try:
-            made = asyncio.create_task(self._snapshot())
+            made = asyncio.create_task(self._fresh())
             workdir = await asyncio.shield(made)
             spec = replace(
                 self.spec,
@@ -177,7 +182,7 @@ class Grading:
             )
             outcome = await self.sandbox.run(spec)
         finally:
-            if workdir is None:  # cancelled while its snapshot was being made
+            if workdir is None:  # cancelled while its directory was being made
                 with contextlib.suppress(Exception):
                     workdir = await made
             if workdir is not None:
@@ -185,6 +190,16 @@ class Grading:
             await asyncio.to_thread(shutil.rmtree, folder, True)
         said = outcome.stdout[:CHECKER_MESSAGE].decode("utf-8", "replace").strip()
         return outcome.result(spec.limits), said
+
+    def _made(self, name: str) -> Path:
+        """The fresh directory ``name``: a copy if the compiled one is small, else a snapshot."""
+        disk, source = self.sandbox.disk, self.spec.workdir
+        if self._copyable:
+            try:
+                return disk.copy(source, name)
+            except NotCopyable:
+                self._copyable = False  # the rest are snapshots; racing threads agree
+        return disk.snapshot(source, name)
 
     def _check_files(self, files: Mapping[str, bytes]) -> Path:
         """A folder of the host holding ``files``, readable (only) by the sandbox."""
@@ -197,13 +212,13 @@ class Grading:
             path.chmod(0o444)
         return folder
 
-    async def _snapshot(self, *, series: bool = False) -> Path:
-        """A snapshot of the compiled working directory, made in a thread: it waits for a
-        btrfs transaction commit, milliseconds that would stall every other slot. With
-        ``series``, a series of jails is started there (the first tests')."""
-        source = self.spec.workdir
-        name = f"{source.name}-{secrets.token_hex(4)}"
-        path = await asyncio.to_thread(self.sandbox.disk.snapshot, source, name)
+    async def _fresh(self, *, series: bool = False) -> Path:
+        """A fresh copy of the compiled working directory, made in a thread: a copy reads and
+        writes files, a snapshot waits for a btrfs transaction commit, either of which would
+        stall every other slot. With ``series``, a series of jails is started there (the first
+        tests')."""
+        name = f"{self.spec.workdir.name}-{secrets.token_hex(4)}"
+        path = await asyncio.to_thread(self._made, name)
         if series:
             try:
                 self.sandbox.arm_series(path, self.spec.mounts)

@@ -12,7 +12,13 @@ import pytest
 
 from cellblock.errors import SandboxError
 from cellblock.executor import host
-from cellblock.executor.disk import HEADROOM, WorkDisk
+from cellblock.executor.disk import (
+    COPY_MAX_BYTES,
+    COPY_MAX_ENTRIES,
+    HEADROOM,
+    NotCopyable,
+    WorkDisk,
+)
 
 MiB = 1024 * 1024
 
@@ -147,3 +153,83 @@ def test_a_snapshot_name_must_be_one_component(disk: WorkDisk, directory: Path) 
     for name in ("a/b", "..", ""):
         with pytest.raises(ValueError):
             disk.snapshot(directory, name)
+
+
+def test_a_copy_keeps_names_bytes_owners_modes_and_times(disk: WorkDisk, directory: Path) -> None:
+    (directory / "main.c").write_text("int main(void) { return 0; }\n")
+    (directory / "prog").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    (directory / "sub" / "deeper").mkdir(parents=True)
+    (directory / "sub" / "deeper" / "data").write_bytes(b"")
+    (directory / "sub").chmod(0o750)
+    os.symlink("/etc/passwd", directory / "trap")
+    os.symlink("sub/deeper", directory / "inside")
+    for path in [directory / "main.c", directory / "prog", directory / "sub"]:
+        os.chown(path, 4242, 4343)
+    os.chown(directory / "trap", 4242, 4242, follow_symlinks=False)
+    (directory / "prog").chmod(0o4755)  # kept as a mode (the disk is nosuid); after chown
+    os.utime(directory / "main.c", ns=(1, 1_000_000_123))
+    os.utime(directory / "sub", ns=(2, 2_000_000_456))
+    assert disk.copyable(directory)
+    copy = disk.copy(directory, f"disk-test-{secrets.token_hex(4)}")
+    try:
+        assert copy.stat().st_ino == 256  # a subvolume of its own, with its own quota group
+        assert tree(copy) == tree(directory)
+        assert os.readlink(copy / "trap") == "/etc/passwd"  # made anew, never followed
+        assert (copy / "prog").stat().st_mode & 0o7777 == 0o4755
+        assert (copy / "main.c").stat().st_mtime_ns == 1_000_000_123
+        (copy / "main.c").write_text("changed by a test")
+        assert (directory / "main.c").read_text().startswith("int main")
+        disk.limit(copy, 2 * MiB)
+        assert 0 < fill(copy, 8 * MiB) <= 2 * MiB
+        assert fill(directory, 3 * MiB) == 3 * MiB  # the source's cap is its own
+    finally:
+        disk.remove(copy)
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int, int, bytes]]:
+    """Each entry under ``root``: its owner, group, mode, mtime (but a symlink's), content."""
+    entries = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        info = path.lstat()
+        link = path.is_symlink()
+        content = os.fsencode(os.readlink(path)) if link else (
+            path.read_bytes() if path.is_file() else b""
+        )  # fmt: skip
+        mtime = 0 if link else info.st_mtime_ns
+        entries[str(path.relative_to(root))] = (
+            info.st_uid, info.st_gid, info.st_mode, mtime, content
+        )  # fmt: skip
+    return entries
+
+
+@pytest.mark.parametrize("strange", ["fifo", "hard link", "xattr", "too many", "too large"])
+def test_only_a_small_plain_tree_is_copyable(disk: WorkDisk, directory: Path, strange: str) -> None:
+    """What a copy would not keep as it is makes the tree a snapshot's, and ``copy`` refuses
+    it leaving nothing behind."""
+    (directory / "sub").mkdir()
+    target = directory / "sub"
+    if strange == "fifo":
+        os.mkfifo(target / "fifo")
+    elif strange == "hard link":
+        (target / "a").write_text("x")
+        os.link(target / "a", target / "b")
+    elif strange == "xattr":
+        (target / "a").write_text("x")
+        os.setxattr(target / "a", "user.note", b"kept only by a snapshot")
+    elif strange == "too many":
+        for i in range(COPY_MAX_ENTRIES):
+            (target / str(i)).touch()
+    else:
+        (target / "big").write_bytes(b"x" * (COPY_MAX_BYTES + 1))
+    assert not disk.copyable(directory)
+    name = f"disk-test-{secrets.token_hex(4)}"
+    with pytest.raises(NotCopyable):
+        disk.copy(directory, name)
+    assert not (disk.root / name).exists()
+
+
+def test_a_sparse_file_counts_its_size(disk: WorkDisk, directory: Path) -> None:
+    """A file of holes would be written out whole by a copy: it counts as its size."""
+    with (directory / "holes").open("wb") as f:
+        f.truncate(1024 * MiB)
+    assert not disk.copyable(directory)

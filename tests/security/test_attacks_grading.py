@@ -185,3 +185,36 @@ async def test_a_test_holds_only_its_own_three_streams(target: Target) -> None:
     })  # fmt: skip
     assert [t["verdict"] for t in answer["stages"]["tests"]] == ["passed"] * 3, answer
     await target.still_serves()
+
+
+@pytest.mark.parametrize("way", ["copy", "snapshot"])
+async def test_traps_the_compile_stage_plants_reach_each_test_as_what_they_are(
+    target: Target, way: str
+) -> None:
+    """Each test's directory is a copy of the compiled one (a small tree), or a snapshot (a
+    tree with a FIFO, a hard link or a huge sparse file, which a copy would not keep). The
+    host makes the copy, so the compile stage plants what would make it read a host file or
+    write without end: symlinks out (absolute, escaping by ``..``, to a directory) and holes.
+    Every test sees them as what they are, links never followed, and nothing hangs."""
+    plant = (
+        "echo clean > state; ln -s /etc/passwd abs; ln -s ../../../../../../../etc/hostname up;"
+        " ln -s /etc etcdir; mkdir sub; ln -s ../../../../../../.. sub/root; truncate -s 256K holes"
+    )
+    if way == "snapshot":
+        plant += "; mkfifo fifo; ln state hard; truncate -s 8M huge"
+    look = (
+        'for f in abs up etcdir sub/root; do test -L $f && echo "$f -> $(readlink $f)"; done;'
+        " stat -c %s holes; cat state; echo dirty > state"
+    )
+    answer = await target.submit({
+        "compile": plant,
+        "run": look,
+        "tests": [{"name": f"t{i}", "expected_output":
+                   "abs -> /etc/passwd\nup -> ../../../../../../../etc/hostname\n"
+                   "etcdir -> /etc\nsub/root -> ../../../../../../..\n262144\nclean\n"}
+                  for i in range(4)],
+    })  # fmt: skip
+    tests = answer["stages"]["tests"]
+    assert [t["verdict"] for t in tests] == ["passed"] * 4, answer["stages"]
+    assert Path("/etc/hostname").read_text().strip() not in answer_text(answer)
+    await target.settled()
