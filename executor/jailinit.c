@@ -14,6 +14,7 @@
  * and then LENGTH bytes of NUL-terminated fields,
  *
  *   DEADLINE_S  NLIMITS RESOURCE=SOFT:HARD...  NENV KEY=VALUE...  NARGV PROGRAM ARG...
+ *   NFALLBACK FALLBACK ARG...
  *
  * BOX_DEV and BOX_INO name the working directory the stage is for: a jail whose /box is another
  * (the host's link was pointed on, and this jail made after, see Sandbox.series) refuses it.
@@ -25,7 +26,8 @@
  *
  * It forks PROGRAM with STDIN, STDOUT and STDERR as its standard streams and exactly the given
  * rlimits and environment (applied in the child only, so that init itself is never starved by
- * them), reaps every process of the namespace, and when PROGRAM exits kills whatever it left
+ * them; should PROGRAM not exec, it execs FALLBACK if there is one: the stage's shell running
+ * the script PROGRAM was taken from, see sandbox.direct_argv), reaps every process of the namespace, and when PROGRAM exits kills whatever it left
  * behind (daemons included: they are all in this PID namespace), reaps them too, and then writes
  * one line to STATUS:
  *
@@ -286,6 +288,10 @@ int main(int argc, char **argv) {
         return usage("bad request: environment");
     if (next_count(&cursor, end, 1UL << 20, &nargv) || nargv == 0 || !(program = next_list(&cursor, end, nargv)))
         return usage("bad request: program");
+    unsigned long nfallback;
+    char **fallback;
+    if (next_count(&cursor, end, 1UL << 20, &nfallback) || !(fallback = next_list(&cursor, end, nfallback)))
+        return usage("bad request: fallback");
 
     prctl(PR_SET_DUMPABLE, 0);
     /* No SA_RESTART: the wait below is interrupted and goes on reaping what the kill ended. */
@@ -315,9 +321,11 @@ int main(int argc, char **argv) {
          * status socket (nor with the control socket, closed above). */
         for (int k = 0; k < NFDS; k++)
             if (fds[k] > STDERR_FD) close(fds[k]);
-        execve(program[0], program, environment);
+        char *tried = program[0];
+        execve(tried, program, environment);
+        if (nfallback > 0) execve(tried = fallback[0], fallback, environment);
         int err = errno;
-        dprintf(2, "cellblock: cannot run %s: %s\n", program[0], strerror(err));
+        dprintf(2, "cellblock: cannot run %s: %s\n", tried, strerror(err));
         _exit(127);
     }
     /* The program's streams are its own: their ends of file come when its processes are gone. */

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import resource
 import secrets
 import signal
@@ -266,16 +267,48 @@ JailKey = tuple[Path, tuple[Mount, ...]]
 def request(spec: StageSpec) -> bytes:
     """The stage's fields as cellblock-init reads them from its control socket (jailinit.c)."""
     limits = [_rlimit_arg(name, spec.limits.rlimits[name]) for name in RLIMITS]
-    env = [f"{key}={value}" for key, value in spec.env.items()]
     # `-c` rather than a script file: bash then execs the script's last command itself, so
     # a program that dies of a signal is seen dying of it, not as the shell's exit status.
-    argv = [spec.shell, "-c", spec.script, os.path.basename(spec.shell), *spec.args]
+    shell = [spec.shell, "-c", spec.script, os.path.basename(spec.shell), *spec.args]
+    variables = dict(spec.env)
+    direct = direct_argv(spec.script, spec.args) if spec.shell.endswith("/bash") else None
+    if direct is None:
+        argv, fallback = shell, []
+    else:
+        # What bash itself would add before it execs the command.
+        variables |= {"PWD": WORKDIR, "SHLVL": variables.get("SHLVL", "0"), "_": direct[0]}
+        argv, fallback = direct, shell
+    env = [f"{key}={value}" for key, value in variables.items()]
     deadline = math.ceil(spec.limits.wall_time) + INIT_DEADLINE_SLACK
-    fields = [str(deadline), str(len(limits)), *limits, str(len(env)), *env, str(len(argv)), *argv]
+    fields = [str(deadline), str(len(limits)), *limits, str(len(env)), *env,
+              str(len(argv)), *argv, str(len(fallback)), *fallback]  # fmt: skip
     encoded = [os.fsencode(f) for f in fields]
     if any(b"\0" in f for f in encoded):
         raise ValueError("a stage's script, arguments and environment cannot hold NUL bytes")
     return b"".join(f + b"\0" for f in encoded)
+
+
+#: A word of a script that bash would pass on as it is: nothing to quote, expand or assign.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./+-]+")
+
+
+def direct_argv(script: str, args: Sequence[str]) -> list[str] | None:
+    """The program and arguments bash would exec for ``script`` with positional parameters
+    ``args``, if the script is one simple command of plain words naming its program by a path
+    (``./prog``, ``./prog "$@"``, ``/usr/bin/python3 main.py``); else ``None``.
+
+    Such a script is run by init directly: bash would only start, parse it and exec the same
+    argv, which costs a short test more CPU than its program. Should the exec fail (no such
+    file, a script without ``#!``), init runs the script with bash after all, which reports or
+    runs it as it always would. A word with a ``/`` is never a builtin, function or alias.
+    """
+    words = re.split(r"[ \t]+", script.strip(" \t\n"))
+    tail: list[str] = []
+    if words[-1] == '"$@"':
+        words, tail = words[:-1], list(args)
+    if not words or "/" not in words[0] or not all(_PLAIN_WORD.fullmatch(w) for w in words):
+        return None
+    return [*words, *tail]
 
 
 class Sandbox:

@@ -31,6 +31,7 @@ from cellblock.executor.sandbox import (
     StageSpec,
     _Capture,
     classify,
+    direct_argv,
     request,
 )
 from cellblock.service.protocol import LimitPolicy, parse_submission
@@ -84,6 +85,78 @@ async def test_a_c_program_runs_with_stdin_and_args(run_stage: RunStage, workdir
     assert out.exit_code == 0 and out.signal is None
     assert 0 < out.wall_time < 2 and 0 <= out.cpu_time < 2
     assert out.memory > 0
+
+
+SHOW_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {
+    for (int i = 0; i < argc; i++) printf("[%s]", argv[i]);
+    const char *names[] = {"PWD", "SHLVL", "_", "PATH"};
+    for (int i = 0; i < 4; i++) printf(" %s=%s", names[i], getenv(names[i]) ?: "(unset)");
+    printf("\n");
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("script", ['./show "$@"', "./show -x", "./nothing", "./script"])
+async def test_a_simple_command_runs_as_bash_would_run_it(
+    run_stage: RunStage, workdir: Path, script: str
+) -> None:
+    """Run by init directly (``direct_argv``), or through bash should the exec fail (no such
+    file, a script without ``#!``): the same argv, environment, output and exit status as
+    when bash runs it (a script of two commands always goes through bash)."""
+    compile_c(workdir, "show", SHOW_C)
+    (workdir / "script").write_text("echo from a script without a shebang $0\n")
+    (workdir / "script").chmod(0o755)
+    direct = await run_stage(script, args=("a b", "c"))
+    shell = await run_stage(f"true; {script}", args=("a b", "c"))
+    assert (direct.status, direct.exit_code, direct.stdout, direct.stderr) == (
+        shell.status, shell.exit_code, shell.stdout, shell.stderr
+    ), (direct, shell)  # fmt: skip
+    assert direct.stdout or b"No such file" in direct.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("./sum", ["./sum"]),
+        ("./sum\n", ["./sum"]),
+        ('  ./prog --fast\t"$@"\n', ["./prog", "--fast", "a b", "c"]),
+        ("/usr/bin/python3 main.py -O2", ["/usr/bin/python3", "main.py", "-O2"]),
+        ("python3 main.py", None),  # found on PATH: could be a function, an alias, a builtin
+        ("echo hi", None),
+        ("./a; ./b", None),
+        ("./a\n./b", None),
+        ("./a > out", None),
+        ("./a < in", None),
+        ("./a | ./b", None),
+        ("./a &", None),
+        ("./a $HOME", None),
+        ("X=1 ./a", None),
+        ("./a X=1", None),
+        ("./a '*'", None),
+        ("./a *.c", None),
+        ("./a ~", None),
+        ("./a # no", None),
+        ('./a "$@" x', None),
+        ('"$@"', None),
+        ("./a\\ b", None),
+        ("", None),
+    ],
+)
+def test_direct_argv_takes_only_one_plain_command(script: str, argv: list[str] | None) -> None:
+    assert direct_argv(script, ("a b", "c")) == argv
+
+
+def test_a_direct_request_carries_bash_as_its_fallback(workdir: Path) -> None:
+    fields = request(stage(workdir, "./sum")).split(b"\0")
+    assert b"./sum" in fields and b"_=./sum" in fields and b"PWD=/box" in fields
+    assert fields[-6:] == [b"4", b"/bin/bash", b"-c", b"./sum", b"bash", b""]
+    plain = request(stage(workdir, "./sum; true")).split(b"\0")
+    assert plain[-7:] == [b"4", b"/bin/bash", b"-c", b"./sum; true", b"bash", b"0", b""]
+    assert b"_=./sum" not in plain
 
 
 async def test_failed_exit_code(run_stage: RunStage) -> None:
