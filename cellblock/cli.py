@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -18,7 +19,8 @@ from cellblock import logs
 from cellblock.errors import CellblockError, InvalidRequest
 
 if TYPE_CHECKING:
-    from cellblock.service.client import Client
+    from cellblock.service.client import Client, Stream
+    from cellblock.terminal import Lent
     from cellblock.up import UpOptions
 
 DEFAULT_STATE_DIR = Path(os.environ.get("CELLBLOCK_STATE_DIR", "~/.local/state/cellblock"))
@@ -296,6 +298,14 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
     submit.add_argument("submission", help="submission request JSON file, or - for stdin")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")
     submit.add_argument("--stream", action="store_true", help="print events as JSON lines")
+    submit.add_argument(
+        "--interactive",
+        action="store_true",
+        help="run it on this terminal, like `docker run -it`: what you type goes to the "
+        "program (Ctrl-C interrupts it, Ctrl-D ends its input), its output comes here, and "
+        "its exit status (128+N for signal N) is this command's; other stages' output goes "
+        "to stderr",
+    )
     _client_options(submit, admin=False)
 
     workers = commands.add_parser(
@@ -398,11 +408,9 @@ async def _packages(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _submit(client: Client, args: argparse.Namespace) -> int:
-    from cellblock.errors import FieldProblem
-
-    request = _read_json(args.submission)
-    if not isinstance(request, dict):
-        raise InvalidRequest([FieldProblem("", "the submission must be a JSON object")])
+    if args.interactive:
+        return await _submit_interactive(client, args)
+    request = _read_request(args.submission)
     if not (args.wait or args.stream):
         _print_json(await client.submit(request))
         return EXIT_OK
@@ -420,6 +428,91 @@ async def _submit(client: Client, args: argparse.Namespace) -> int:
     if not args.stream:
         _print_json(stream.submission, indent=2)
     return _submission_exit_status(stream.submission)
+
+
+async def _submit_interactive(client: Client, args: argparse.Namespace) -> int:
+    """The submission's run stage on this terminal; the program's exit status."""
+    from cellblock.service.protocol.interactive import MAX_TTY_SIDE
+    from cellblock.terminal import size
+
+    refusal = None
+    if args.wait or args.stream:
+        refusal = "--interactive shows the program's output itself: leave out --wait and --stream"
+    elif args.submission == "-":
+        refusal = "--interactive needs the submission in a file: standard input is the terminal"
+    elif not sys.stdin.isatty():
+        refusal = "--interactive needs a terminal: standard input is not one"
+    if refusal is not None:
+        print(f"cellblock: {refusal}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    request = {**_read_request(args.submission), "stdin_mode": "interactive", "tty": True}
+    if (rows_cols := size(sys.stdin.fileno())) is not None:
+        request["tty_size"] = [min(side, MAX_TTY_SIDE) for side in rows_cols]
+    stream = client.stream(request)
+    try:
+        async with stream:
+            await _converse(stream)
+    except asyncio.CancelledError:  # Ctrl-C before the run stage: asyncio.run cancels this task
+        if stream.id is not None:
+            await _cancel_quietly(client, stream.id)
+        raise
+    assert stream.submission is not None
+    return _program_exit_status(stream.submission)
+
+
+async def _converse(stream: Stream) -> None:
+    """Follow the stream to its end, lending this terminal to the run stage while it runs."""
+    from cellblock.terminal import Lent
+
+    async with contextlib.AsyncExitStack() as lent:
+        async for event in stream:
+            kind, stage = event.get("type"), event.get("stage")
+            if kind == "output":
+                # Only the program's own output on stdout: compile's goes with the messages.
+                run_stdout = stage == "run" and event.get("stream") == "stdout"
+                out = sys.stdout if run_stdout else sys.stderr
+                out.buffer.write(str(event.get("data", "")).encode())
+                out.flush()
+            elif kind == "stage_started" and stage == "run":
+                terminal = lent.enter_context(Lent(sys.stdin.fileno()))
+                forwarding = asyncio.create_task(_forward(stream, terminal))
+                lent.push_async_callback(_stop, forwarding)
+            elif kind == "stage_finished" and stage == "run":
+                await lent.aclose()
+
+
+async def _forward(stream: Stream, terminal: Lent) -> None:
+    """Keystrokes and size changes to the running stage, in the order they came."""
+    async for item in terminal:
+        if isinstance(item, bytes):
+            await stream.send_stdin(item)
+        else:
+            await stream.resize(*item)
+    await stream.close_stdin()  # the terminal hung up: nothing more can come
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait for it; what it raised before, it raises here."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def _program_exit_status(submission: dict[str, Any]) -> int:
+    """The run stage's exit status as a shell gives it (128+N for signal N); when there is
+    none, the reason on stderr and ``_submission_exit_status``'s status."""
+    run = submission["stages"].get("run")
+    if run is not None and run["status"] in ("ok", "failed", "signaled"):
+        return 128 + run["signal"] if run["signal"] is not None else int(run["exit_code"])
+    stages = submission["stages"].items()
+    failed = next(((name, s["status"]) for name, s in stages if s and s["status"] != "ok"), None)
+    if submission["status"] == "finished" and failed is not None:
+        reason = f"the {failed[0]} stage ended with status {failed[1]}"
+    else:
+        error = submission.get("error")
+        reason = f"the submission is {submission['status']}" + (f": {error}" if error else "")
+    print(f"cellblock: {reason}", file=sys.stderr)
+    return _submission_exit_status(submission)
 
 
 async def _cancel_quietly(client: Client, submission_id: str) -> None:
@@ -493,6 +586,15 @@ def _kernel(args: argparse.Namespace) -> int:
     prefix = args.prefix or (sys.prefix if args.sys_prefix else None)
     print(f"installed the cellblock kernelspec in {install(user=args.user, prefix=prefix)}")
     return EXIT_OK
+
+
+def _read_request(source: str) -> dict[str, Any]:
+    from cellblock.errors import FieldProblem
+
+    request = _read_json(source)
+    if not isinstance(request, dict):
+        raise InvalidRequest([FieldProblem("", "the submission must be a JSON object")])
+    return request
 
 
 def _read_json(source: str) -> object:
