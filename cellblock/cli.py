@@ -293,7 +293,8 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "as they happen (a dropped connection is resumed). Ctrl-C while waiting cancels the "
         "submission. Exit status: 0 when it was accepted (or, waiting, every stage succeeded), "
         "1 when a stage did not succeed or it was cancelled, 2 for bad input, 3 when the "
-        "service or the system failed.",
+        "service or the system failed. With --interactive, the run stage's exit status when it "
+        "ran to an exit or a signal.",
     )
     submit.add_argument("submission", help="submission request JSON file, or - for stdin")
     submit.add_argument("--wait", action="store_true", help="wait and print the result")

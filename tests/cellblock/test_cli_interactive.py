@@ -177,6 +177,20 @@ async def test_resize_and_ctrl_d(
     assert terminal.mode() == before
 
 
+async def test_a_failed_compile_says_so_and_never_takes_the_terminal(
+    terminal: Terminal, service: Any, launch: Any, tmp_path: Path
+) -> None:
+    await launch()
+    before = terminal.mode()
+    request = {"files": [{"name": "bad.c", "content": "int main(void) { return x; }"}],
+               "compile": "gcc -o bad bad.c", "run": "./bad"}  # fmt: skip
+    cli = await on(terminal, service, tmp_path, request)
+    assert await exit_status(cli) == 1
+    await terminal.shows(b"cellblock: the compile stage ended with status failed\r\n")
+    assert b"bad.c:1:25: error: " in terminal.screen  # gcc's message, on stderr
+    assert terminal.mode() == before
+
+
 async def test_standard_input_that_is_no_terminal_is_refused(service: Any, tmp_path: Path) -> None:
     cli = await interactive(
         service, tmp_path, {"run": "cat"},
