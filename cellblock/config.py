@@ -24,6 +24,7 @@ from cellblock.service.protocol import (
     SANDBOX_LIMITS,
     SIZE_LIMITS,
     GradingPolicy,
+    InteractivePolicy,
     LimitPolicy,
     StageLimits,
     StagePolicy,
@@ -132,6 +133,11 @@ DEFAULTS: dict[str, Any] = {
         "output_file_size": 4 * MiB,  # bytes of one output file brought back
         "output_total_size": 16 * MiB,  # bytes of all the output files of one result
     },
+    # Interactive stdin (PROTOCOL.md, "Interactive standard input").
+    "interactive": {
+        "max_message": 64 * 1024,  # bytes of one stdin message
+        "max_stage_input": 1 * MiB,  # bytes of all the stdin one run stage is sent
+    },
     "tokens": {},
 }
 
@@ -233,6 +239,7 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
                 "limits.deps.max_wall_time", limits["deps"]["max_wall_time"]
             ),
             grading=_grading_policy(raw["grading"]),
+            interactive=_interactive_policy(raw["interactive"]),
         )
         if policy.deps_wall_time > policy.deps_max_wall_time:
             raise ConfigError("limits.deps.wall_time is above limits.deps.max_wall_time")
@@ -331,6 +338,14 @@ def _grading_policy(raw: Mapping[str, Any]) -> GradingPolicy:
         output_file_size=raw["output_file_size"],
         output_total_size=raw["output_total_size"],
     )
+
+
+def _interactive_policy(raw: Mapping[str, Any]) -> InteractivePolicy:
+    for name in ("max_message", "max_stage_input"):
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"interactive.{name}: {value!r} is not a positive integer")
+    return InteractivePolicy(max_message=raw["max_message"], max_stage_input=raw["max_stage_input"])
 
 
 def _seconds(where: str, value: Any) -> float:

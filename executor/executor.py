@@ -157,8 +157,12 @@ class Executor:
     ) -> str:
         sid = events.sid
         pending: asyncio.Queue[Event | None] = asyncio.Queue()
-        work = asyncio.create_task(runner.run(submission, pending.put_nowait))
-        publisher = asyncio.create_task(self._publish(events, attempt, pending))
+        interactive = submission.request.stdin_mode == "interactive"
+        inputs = self.store.inputs(sid) if interactive else None
+        work = asyncio.create_task(runner.run(submission, pending.put_nowait, inputs))
+        # A person waits on each output of an interactive stage: none lingers for more.
+        linger = 0.0 if interactive else OUTPUT_LINGER
+        publisher = asyncio.create_task(self._publish(events, attempt, pending, linger))
         watcher = asyncio.create_task(self._watch(job, sid, work))
         outcome = "finished"
         try:
@@ -191,13 +195,17 @@ class Executor:
         return outcome
 
     async def _publish(
-        self, events: EventLog, attempt: int, pending: asyncio.Queue[Event | None]
+        self,
+        events: EventLog,
+        attempt: int,
+        pending: asyncio.Queue[Event | None],
+        linger: float,
     ) -> bool:
         """Publish events in order until the end marker, in batches (see ``next_batch``);
         False if the store refused one."""
         accepted, ended = True, False
         while not ended:
-            batch, ended = await next_batch(pending)
+            batch, ended = await next_batch(pending, linger)
             if not accepted or not batch:
                 continue
             try:
@@ -228,25 +236,26 @@ LINGERING = (OutputEvent, TestStartedEvent, TestFinishedEvent)
 
 
 async def next_batch(
-    pending: asyncio.Queue[Event | None],
+    pending: asyncio.Queue[Event | None], linger: float = OUTPUT_LINGER
 ) -> tuple[list[Event], bool]:
     """The next events to publish together, and whether the end marker (``None``) came.
 
     Whatever has queued up goes together, and so does what the same turn of the event loop
     adds (a stage's end and the job's ``finished``). Live output and a test's start and end
-    wait up to ``OUTPUT_LINGER`` for what follows: a short stage's output then goes in one round
-    trip with its end, a chatty program's lines go a batch at a time, and short tests a few at
-    a time (each batch rewrites the stored document, which holds every test's result).
+    wait up to ``linger`` seconds (``OUTPUT_LINGER``) for what follows: a short stage's output
+    then goes in one round trip with its end, a chatty program's lines go a batch at a time,
+    and short tests a few at a time (each batch rewrites the stored document, which holds
+    every test's result).
     """
     loop = asyncio.get_running_loop()
-    linger_until = loop.time() + OUTPUT_LINGER
+    linger_until = loop.time() + linger
     batch: list[Event] = []
     body = await pending.get()
     while body is not None:
         batch.append(body)
         if pending.empty():
             await asyncio.sleep(0)
-        if pending.empty() and isinstance(body, LINGERING):
+        if pending.empty() and linger > 0 and isinstance(body, LINGERING):
             try:
                 body = await asyncio.wait_for(pending.get(), linger_until - loop.time())
             except TimeoutError:

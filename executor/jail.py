@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -133,7 +134,7 @@ class Jail:
         self,
         request: bytes,
         box: os.stat_result,
-        stdin: bytes,
+        streams: StageStreams,
         outputs: Mapping[str, Callable[[bytes], Any]],
         timeout: float,
         on_ready: Callable[[], None] | None = None,
@@ -168,8 +169,8 @@ class Jail:
             if b"\n" in chunk and not reported.done():
                 reported.set_result(None)
 
-        # Each stage's own pipes: their ends of file are this stage's, whatever came before.
-        (stdin_r, stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w) = (os.pipe() for _ in "012")
+        # Each stage's own streams: their ends of file are this stage's, whatever came before.
+        jail_ends, stdout_r, stderr_r = streams.open()
         status_host, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.status = status_host.detach()
         readers = [
@@ -180,15 +181,15 @@ class Jail:
         writers: list[asyncio.Future[None]] = []
         try:
             if ready:
-                theirs = (stdin_r, stdout_w, stderr_w, status_jail.fileno())
+                theirs = (*jail_ends, status_jail.fileno())
                 with contextlib.suppress(OSError):  # init gone: seen as no report below
                     send_header(self.control, len(request), box, theirs)
                     writers.append(asyncio.ensure_future(feed(self.control.fileno(), request)))
         finally:
-            for fd in (stdin_r, stdout_w, stderr_w):
+            for fd in set(jail_ends):  # a terminal is all three
                 os.close(fd)
             status_jail.close()
-        writers.append(asyncio.ensure_future(feed(stdin_w, stdin, close=True)))
+        attending = asyncio.ensure_future(streams.attend(readers[0], self.cgroup))
         log = bytearray()
         cpu_time, memory = 0.0, None
         wall_killed = False
@@ -221,8 +222,11 @@ class Jail:
         finally:
             for reader in readers:
                 reader.stop()
-            for writer in writers:
+            for writer in [*writers, attending]:
                 writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await attending
+            streams.close()
             os.close(stdout_r)
             os.close(stderr_r)
         for reader in readers:
@@ -326,6 +330,34 @@ class Jail:
         self.release()
 
 
+class StageStreams:
+    """A stage's standard streams, the host's side: stdin given up front through a pipe, and
+    pipes for stdout and stderr. A console (console.py) streams stdin as the stage runs.
+
+    ``open`` makes them: the jail's ends (stdin, stdout, stderr; closed by the caller once
+    sent) and the host's ends of stdout and stderr (read and closed by the caller). ``attend``
+    runs from the hand-over until the stage's end, when it is cancelled; ``close`` then
+    closes what the streams still hold.
+    """
+
+    def __init__(self, stdin: bytes = b"") -> None:
+        self.stdin = stdin
+        self._stdin_w = -1
+
+    def open(self) -> tuple[tuple[int, int, int], int, int]:
+        (stdin_r, self._stdin_w), (stdout_r, stdout_w), (stderr_r, stderr_w) = (
+            os.pipe() for _ in "012"
+        )
+        return (stdin_r, stdout_w, stderr_w), stdout_r, stderr_r
+
+    async def attend(self, stdout: Reader, cgroup: StageCgroup) -> None:
+        fd, self._stdin_w = self._stdin_w, -1
+        await feed(fd, self.stdin, close=True)
+
+    def close(self) -> None:
+        self._stdin_w = _close(self._stdin_w)
+
+
 def send_header(
     control: socket.socket, length: int, box: os.stat_result, fds: Sequence[int]
 ) -> None:
@@ -368,6 +400,10 @@ class Reader:
             chunk = os.read(self.fd, 65536)
         except BlockingIOError:
             return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            chunk = b""  # a terminal's end of file: its last program is gone
         if chunk:
             try:
                 self.consume(chunk)

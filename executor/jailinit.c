@@ -66,6 +66,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <stdint.h>
 #include <sys/resource.h>
@@ -317,6 +318,10 @@ int main(int argc, char **argv) {
         }
         for (int k = STDIN_FD; k <= STDERR_FD; k++)
             if (dup2(fds[k], k) < 0) _exit(127);
+        /* A terminal for stdin (an interactive stage, see console.py) becomes the controlling
+         * terminal of a session of the program's own: Ctrl-C typed on it is SIGINT for the
+         * program's process group, and /dev/tty is it. */
+        if (isatty(STDIN_FILENO) && (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) != 0)) _exit(127);
         /* Nothing but its three streams outlives exec: the program has no business with the
          * status socket (nor with the control socket, closed above). */
         for (int k = 0; k < NFDS; k++)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from cellblock.executor.console import Console, InputSource
 from cellblock.executor.grading import Grading
 from cellblock.executor.outputs import attach
 from cellblock.executor.sandbox import WORKDIR, Mount, Sandbox, StageSpec
@@ -34,6 +35,7 @@ from cellblock.service.protocol import (
     DepsResult,
     Event,
     FileSpec,
+    InputWantedEvent,
     SandboxResult,
     SandboxStatus,
     StageFinishedEvent,
@@ -43,6 +45,7 @@ from cellblock.service.protocol import (
     Submission,
     now,
 )
+from cellblock.service.protocol.interactive import DEFAULT_TTY_SIZE
 
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin"
 NO_SHELL = "no shell in this pure sandbox: add bash or busybox to dependencies"
@@ -181,7 +184,11 @@ class SubmissionRunner:
         name = f"{self.sandbox.uid}-{secrets.token_hex(8)}"
         return self.sandbox.disk.create(name, self.sandbox.uid)
 
-    async def run(self, submission: Submission, emit: Emit) -> None:
+    async def run(
+        self, submission: Submission, emit: Emit, inputs: InputSource | None = None
+    ) -> None:
+        """Run ``submission``'s stages, emitting their events; ``inputs`` is the input of an
+        interactive run stage."""
         request, limits = submission.request, submission.limits
         workdir, self._next = self._next or self._new_workdir(), None
         try:
@@ -249,18 +256,31 @@ class SubmissionRunner:
                     return
             run_spec = replace(first_spec, script=request.run, limits=limits.run)
             if request.tests is None:
-                await self._run(submission, run_spec, emit)
+                await self._run(submission, run_spec, emit, inputs)
             else:
                 await Grading(self.sandbox, submission, run_spec).run(emit)
         finally:
             self.sandbox.retire(workdir)
 
-    async def _run(self, submission: Submission, spec: StageSpec, emit: Emit) -> None:
-        """The run stage, once, with the request's stdin and args."""
+    async def _run(
+        self, submission: Submission, spec: StageSpec, emit: Emit, inputs: InputSource | None
+    ) -> None:
+        """The run stage, once, with the request's stdin (or ``inputs``) and args."""
         request, limits = submission.request, submission.limits
         emit(StageStartedEvent(stage="run"))
         spec = replace(spec, args=request.args, stdin=request.stdin_data())
-        outcome = await run_streaming(self.sandbox, "run", spec, emit)
+        if request.stdin_mode == "interactive" and inputs is not None:
+            size = (request.tty_size or DEFAULT_TTY_SIZE) if request.tty else None
+            console = Console(inputs, size, lambda: emit(InputWantedEvent()))
+            # Programs that draw (clear, curses) look the terminal up by name, as under
+            # docker run -t.
+            env = {"TERM": "xterm", **spec.env} if request.tty else spec.env
+            spec = replace(spec, console=console, env=env)
+        try:
+            outcome = await run_streaming(self.sandbox, "run", spec, emit)
+        finally:
+            if spec.console is not None and inputs is not None:
+                await inputs.discard()  # input nobody read is not kept
         result, _ = await attach(
             outcome.result(spec.limits), spec.workdir, request.outputs,
             limits.output_file_size, limits.output_total_size,

@@ -36,8 +36,9 @@ from typing import Any, Literal
 
 from cellblock.executor import seccomp
 from cellblock.executor.cgroups import NSJAIL_LOOSE_MEMORY, NSJAIL_LOOSE_PIDS, Cgroups
+from cellblock.executor.console import Console
 from cellblock.executor.disk import WorkDisk
-from cellblock.executor.jail import Jail, JailFds
+from cellblock.executor.jail import Jail, JailFds, StageStreams
 from cellblock.service.protocol import (
     RLIMITS,
     STREAMS,
@@ -64,7 +65,9 @@ INIT_DEADLINE_SLACK = 5
 HOSTNAME = "cellblock"
 BASE_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr")
 BASE_ETC = ("alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime")
-DEVICES = ("null", "zero", "full", "random", "urandom")
+#: ``tty`` is the opener's own controlling terminal (an interactive stage's, see console.py),
+#: and no device at all (ENXIO) to a stage without one.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (
     ("fd", "/proc/self/fd"),
     ("stdin", "/proc/self/fd/0"),
@@ -94,6 +97,8 @@ class StageSpec:
     stdin: bytes = b""
     mounts: Sequence[Mount] = ()
     shell: str = "/bin/bash"
+    #: Interactive stdin (then ``stdin`` is not used): one stage's, never reused.
+    console: Console | None = None
 
 
 @dataclass
@@ -570,8 +575,9 @@ class Sandbox:
                 stream: capture.feed for stream, capture in captures.items()
             }
             box = os.stat(spec.workdir)
+            streams = spec.console or StageStreams(spec.stdin)
             seen = await jail.serve(
-                request(spec), box, spec.stdin, outputs, limits.wall_time + WALL_GRACE, on_ready
+                request(spec), box, streams, outputs, limits.wall_time + WALL_GRACE, on_ready
             )
             report = InitReport.parse(seen.status)
             outcome.memory = jail.cgroup.peak_memory() if seen.memory is None else seen.memory

@@ -36,8 +36,10 @@ AF_NETLINK, NETLINK_ROUTE = 16, 0
 #: ext4), and so is copy_file_range, which reflinks on btrfs (ENOSYS: callers then copy).
 BTRFS_IOCTL_TYPE = 0x94
 REFLINK_IOCTLS = (0x40049409, 0x4020940D, 0xC0189436)
-#: TIOCSTI and TIOCLINUX push input into, or drive, a terminal the program may share.
-TERMINAL_IOCTLS = (0x5412, 0x541C)
+#: TIOCSTI and TIOCLINUX push input into, or drive, a terminal the program may share;
+#: TIOCSETD swaps a terminal's line discipline for another (n_gsm, n_hdlc: kernel code with
+#: a history of exploits that no program of a sandbox needs).
+TERMINAL_IOCTLS = (0x5412, 0x541C, 0x5423)
 
 
 #: Calls newer than the syscall table of nsjail's kafel, by their x86_64 number, and the
@@ -221,7 +223,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         EPERM,
-        "faking terminal input (TIOCSTI) and driving the console (TIOCLINUX)",
+        "faking terminal input (TIOCSTI), driving the console (TIOCLINUX) and changing a "
+        "terminal's line discipline (TIOCSETD)",
         (
             "ioctl(fd, request) { "
             + " || ".join(f"{_int('request')} == {v:#x}" for v in TERMINAL_IOCTLS)

@@ -205,6 +205,11 @@ class SubmissionsHandler(BaseHandler):
         self.request.body = b"".join(self._chunks)
         submissions = self.services.submissions
         submission = submissions.parse(self.json_body())
+        if submission.request.stdin_mode == "interactive":
+            raise InvalidRequest([FieldProblem(
+                "stdin_mode", "interactive stdin is typed over the WebSocket (/api/v1/ws): "
+                "submit there, or give stdin with the submission",
+            )])  # fmt: skip
         # Every query parameter is checked before the submission is stored: a bad one must
         # not leave an accepted submission behind its 422.
         wait = self.get_query_argument("wait", "false").lower() in ("true", "1", "yes")

@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 
 from cellblock.errors import CellblockError, ErrorCode
 from cellblock.service import metrics
+from cellblock.service.inputs import StageInputs
 from cellblock.service.protocol import (
     TERMINAL,
     Event,
@@ -224,6 +225,10 @@ class Store:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    def inputs(self, sid: str) -> StageInputs:
+        """The queued input of the submission's interactive run stage."""
+        return StageInputs(self.redis, self.p, sid, self.retention)
 
     def _sub(self, sid: str) -> str:
         return f"{self.p}:sub:{sid}"

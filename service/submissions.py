@@ -27,6 +27,7 @@ from cellblock.service.protocol import (
     SubmissionState,
     parse_submission,
 )
+from cellblock.service.protocol.interactive import Input, StdinData
 from cellblock.service.store import QueueAtCapacity, Rejected, Store
 
 log = logging.getLogger("cellblock.service")
@@ -88,6 +89,28 @@ class Submissions:
             raise ErrorResponse(409, ErrorCode.CONFLICT, message) from None
         log.info("submission cancelled", extra={"submission": sid, "by": principal.name})
         return state
+
+    async def send_input(self, sid: str, principal: Principal, item: Input) -> None:
+        """Queue input for the interactive run stage of a submission ``principal`` owns (404
+        for anyone else, exactly as for an unknown id); 409 if it has no such stage to come,
+        413 over a cap. Input sent before the run stage starts waits for it."""
+        owner, state = await asyncio.gather(self.store.owner(sid), self.store.state(sid))
+        if state is None or owner != principal.name:
+            raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no submission {sid}")
+        if not state.interactive:
+            message = f"{sid} is not interactive: its stdin was given with it"
+            raise ErrorResponse(409, ErrorCode.CONFLICT, message)
+        if state.done or state.stages.get("run") is not None:
+            message = f"the run stage of {sid} has ended: it takes no more input"
+            raise ErrorResponse(409, ErrorCode.CONFLICT, message)
+        caps = self.policy.interactive
+        if isinstance(item, StdinData) and len(item.data) > caps.max_message:
+            raise ErrorResponse(
+                413, ErrorCode.LIMIT_EXCEEDED,
+                f"a stdin message holds at most {caps.max_message} bytes, this one "
+                f"{len(item.data)}: send it in parts",
+            )  # fmt: skip
+        await self.store.inputs(sid).put(item, caps.max_stage_input)
 
     async def wait(self, sid: str, timeout: float) -> SubmissionState | None:
         """Wait for the submission to end, or ``timeout`` seconds; its state then."""

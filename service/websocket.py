@@ -1,4 +1,5 @@
-"""The WebSocket API: ``submit``, ``watch``, ``status``, ``cancel`` and ``packages``.
+"""The WebSocket API: ``submit``, ``watch``, ``status``, ``cancel`` and ``packages``; and
+``stdin``, ``signal`` and ``resize`` for a running interactive stage, answered only if refused.
 
 Each ``submit`` or ``watch`` starts a task that relays that submission's events until its
 ``finished`` event; several can run on one connection. Answers echo the client's ``request_id``.
@@ -26,6 +27,7 @@ from cellblock.service.protocol.messages import (
     ClientMessage,
     ErrorAnswer,
     PackagesAnswer,
+    StageMessage,
     StatusQuery,
     SubmissionAnswer,
     Submit,
@@ -33,6 +35,7 @@ from cellblock.service.protocol.messages import (
     encode_message,
     parse_client_message,
     request_id_of,
+    stage_input,
 )
 
 
@@ -99,6 +102,8 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         elif isinstance(msg, StatusQuery):
             state = await self.visible_state(msg.id)
             self._send(SubmissionAnswer(submission=state.as_json(), request_id=msg.request_id))
+        elif isinstance(msg, StageMessage):
+            await submissions.send_input(msg.id, self.principal, stage_input(msg))
         elif isinstance(msg, Cancel):
             await submissions.cancel(msg.id, self.principal)
             self._send(Cancelled(id=msg.id, request_id=msg.request_id))

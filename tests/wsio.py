@@ -60,3 +60,42 @@ class Socket:
         self.conn.close()
         # Wait for the closing handshake, so that no socket outlives the test.
         assert await self.ended(), f"{self.peer} did not complete the closing handshake"
+
+
+class Conversation:
+    """One submission followed over one WebSocket (``ws``), as an interactive client follows
+    it: its events as they come, input typed, answers read past the events."""
+
+    def __init__(self, ws: Socket, sid: str) -> None:
+        self.ws, self.sid = ws, sid
+        self.events: list[dict[str, Any]] = []
+
+    async def next(self, timeout: float = 30) -> dict[str, Any]:
+        while True:
+            message = await self.ws.receive(timeout)
+            if "seq" in message:
+                self.events.append(message)
+                return message
+
+    async def until(self, kind: str, timeout: float = 30) -> list[dict[str, Any]]:
+        """The events up to and including the next one of type ``kind``."""
+        seen = []
+        while not seen or seen[-1]["type"] != kind:
+            seen.append(await self.next(timeout))
+        return seen
+
+    async def answer(self, message: dict[str, Any], request_id: int = 9) -> dict[str, Any]:
+        """The answer to ``message``, whatever events come meanwhile."""
+        await self.ws.send({**message, "request_id": request_id})
+        while True:
+            received = await self.ws.receive()
+            if received.get("request_id") == request_id:
+                return received
+            if "seq" in received:
+                self.events.append(received)
+
+    async def type(self, data: str) -> None:
+        await self.ws.send({"type": "stdin", "id": self.sid, "data": data})
+
+    def output(self, events: list[dict[str, Any]] | None = None) -> str:
+        return "".join(e["data"] for e in events or self.events if e["type"] == "output")

@@ -14,8 +14,9 @@ submission.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,14 @@ from cellblock.service.client.errors import (
     protocol_error,
 )
 from cellblock.service.client.websocket import Dropped, receive, send
-from cellblock.service.protocol.messages import Submit, Watch
+from cellblock.service.protocol.messages import (
+    ClientMessage,
+    ResizeMessage,
+    SignalMessage,
+    StdinMessage,
+    Submit,
+    Watch,
+)
 
 if TYPE_CHECKING:
     from cellblock.service.client.rest import Client
@@ -57,6 +65,11 @@ class Stream:
       nothing else: the submission goes on. ``Client.cancel(stream.id)`` stops it.
     - ``connection`` is the current WebSocket (``None`` between connections), ``reconnects``
       how many reconnection attempts the stream has made.
+    - An interactive submission's stage takes input from ``send_stdin``, ``close_stdin``,
+      ``send_signal`` and ``resize`` once ``id`` is set. Each goes over the current connection
+      (waiting up to the client's timeout for one while the stream reconnects) and is not
+      acknowledged: the service only answers a refusal (the stage has ended, a cap), which
+      the stream ignores, as the stage may end at any moment.
     """
 
     def __init__(
@@ -75,6 +88,42 @@ class Stream:
         self.reconnects = 0
         self._sequence = _Sequence(id or "", since)
         self._events = self._follow()
+
+    async def send_stdin(self, data: str | bytes) -> None:
+        """Write ``data`` to the running stage's stdin (text as UTF-8)."""
+        if isinstance(data, str):
+            await self._to_stage(lambda i, r: StdinMessage(id=i, data=data, request_id=r))
+        else:
+            text = base64.b64encode(data).decode()
+            await self._to_stage(
+                lambda i, r: StdinMessage(id=i, data=text, encoding="base64", request_id=r)
+            )
+
+    async def close_stdin(self) -> None:
+        """End the stage's stdin (on a terminal: its end-of-file character)."""
+        await self._to_stage(lambda i, r: StdinMessage(id=i, eof=True, request_id=r))
+
+    async def send_signal(self, name: str) -> None:
+        """Send the signal ``name`` (SIGINT, SIGTERM, SIGQUIT, SIGKILL) to the stage."""
+        await self._to_stage(lambda i, r: SignalMessage(id=i, signal=name, request_id=r))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Give the stage's terminal a new size."""
+        await self._to_stage(lambda i, r: ResizeMessage(id=i, tty_size=(rows, cols), request_id=r))
+
+    async def _to_stage(self, message: Callable[[str, str], ClientMessage]) -> None:
+        if self.id is None:
+            raise ValueError("the submission has no id yet: send input after its first event")
+        request_id = self.client._websockets.request_id()  # its refusal is not the stream's
+        async with asyncio.timeout(self.client.timeout):
+            while True:
+                while self.connection is None:
+                    await asyncio.sleep(0.05)
+                try:
+                    await send(self.connection, message(self.id, request_id))
+                    return
+                except Dropped:
+                    await asyncio.sleep(0.05)  # the stream reconnects as it is read
 
     @property
     def last_seq(self) -> int:

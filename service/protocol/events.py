@@ -79,6 +79,14 @@ class OutputEvent(EventBase):
     test: int | None = Field(default=None, exclude_if=absent_if_none)
 
 
+class InputWantedEvent(EventBase):
+    """The interactive run stage's program is blocked reading its stdin, nothing buffered;
+    every output before it has been sent."""
+
+    type: Literal["input_wanted"] = "input_wanted"
+    stage: Literal["run"] = "run"
+
+
 class StageFinishedEvent(EventBase):
     type: Literal["stage_finished"] = "stage_finished"
     stage: StageName
@@ -125,6 +133,7 @@ Event = (
     StatusEvent
     | StageStartedEvent
     | OutputEvent
+    | InputWantedEvent
     | StageFinishedEvent
     | TestStartedEvent
     | TestFinishedEvent

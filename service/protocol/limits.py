@@ -126,7 +126,8 @@ class StagePolicy:
     maxima: StageLimits
 
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,22 @@ class GradingPolicy:
 
 
 @dataclass(frozen=True)
+class InteractivePolicy:
+    """The administrator's caps on what a client types into an interactive stage."""
+
+    #: Bytes of one ``stdin`` message, and of all the stdin one run stage is sent.
+    max_message: int = 64 * KiB
+    max_stage_input: int = MiB
+
+
+@dataclass(frozen=True)
 class LimitPolicy:
     compile: StagePolicy
     run: StagePolicy
     deps_wall_time: float
     deps_max_wall_time: float
     grading: GradingPolicy = GradingPolicy()
+    interactive: InteractivePolicy = InteractivePolicy()
 
     def stage(self, name: str) -> StagePolicy:
         policy: StagePolicy = getattr(self, name)

@@ -1,28 +1,54 @@
 """The WebSocket's messages (``/api/v1/ws``), besides the events it relays.
 
 A client sends ``submit``, ``watch``, ``status``, ``cancel`` or ``packages``, each with an
-optional ``request_id`` that the answer echoes. ``parse_client_message`` validates one and names
-the first bad field the way every Cellblock error does; ``encode_message`` is the JSON of an
-answer.
+optional ``request_id`` that the answer echoes; and, to an interactive submission's running
+stage, ``stdin``, ``signal`` and ``resize`` (interactive.py), answered only when refused.
+``parse_client_message`` validates one and names the first bad field the way every Cellblock
+error does; ``encode_message`` is the JSON of an answer.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from cellblock.errors import FieldProblem, InvalidRequest
+from cellblock.service.protocol.interactive import (
+    MAX_TTY_SIDE,
+    SIGNALS,
+    Input,
+    Resize,
+    SignalInput,
+    StdinData,
+    StdinEnd,
+)
 from cellblock.service.protocol.results import WireModel, absent_if_none
 
-CLIENT_TYPES = ("submit", "watch", "status", "cancel", "packages")
+CLIENT_TYPES = ("submit", "watch", "status", "cancel", "packages", "stdin", "signal", "resize")
 #: What each field must be, in the words an ``error`` answer uses.
 _FIELD_RULES = {
     "submission": "must be a submission object",
     "id": "must be a submission id",
     "since": "must be a whole number",
+    "data": 'must be a string: the input (UTF-8 text, or base64 with "encoding": "base64")',
+    "encoding": "must be utf8 or base64",
+    "eof": "must be true (to close stdin) or left out",
+    "signal": f"must be one of {', '.join(SIGNALS)}",
+    "tty_size": f"must be [rows, cols], each a whole number from 1 to {MAX_TTY_SIDE}",
 }
 
 
@@ -59,7 +85,62 @@ class PackagesQuery(_ClientMessage):
     type: Literal["packages"] = "packages"
 
 
-ClientMessage = Submit | Watch | StatusQuery | Cancel | PackagesQuery
+class StdinMessage(_ClientMessage):
+    """Input for the running stage (``data``), or the end of it (``eof``)."""
+
+    type: Literal["stdin"] = "stdin"
+    id: Annotated[str, Field(min_length=1)]
+    data: StrictStr | None = None
+    encoding: Literal["utf8", "base64"] = "utf8"
+    eof: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _data_or_eof(self) -> StdinMessage:
+        if (self.data is None) == (self.eof is None):
+            raise ValueError("give either data or eof")
+        if self.data is not None and self.encoding == "base64":
+            try:
+                base64.b64decode(self.data, validate=True)
+            except binascii.Error:
+                raise ValueError("data is not base64") from None
+        return self
+
+    def input(self) -> StdinData | StdinEnd:
+        if self.data is None:
+            return StdinEnd()
+        raw = self.data.encode()
+        return StdinData(base64.b64decode(raw) if self.encoding == "base64" else raw)
+
+
+class SignalMessage(_ClientMessage):
+    type: Literal["signal"] = "signal"
+    id: Annotated[str, Field(min_length=1)]
+    signal: Literal["SIGINT", "SIGTERM", "SIGQUIT", "SIGKILL"]
+
+
+class ResizeMessage(_ClientMessage):
+    """The terminal of the running stage takes a new size (its programs get SIGWINCH)."""
+
+    type: Literal["resize"] = "resize"
+    id: Annotated[str, Field(min_length=1)]
+    tty_size: tuple[
+        Annotated[StrictInt, Field(ge=1, le=MAX_TTY_SIDE)],
+        Annotated[StrictInt, Field(ge=1, le=MAX_TTY_SIDE)],
+    ]
+
+
+ClientMessage = (
+    Submit
+    | Watch
+    | StatusQuery
+    | Cancel
+    | PackagesQuery
+    | StdinMessage
+    | SignalMessage
+    | ResizeMessage
+)
+#: The messages that go to a running stage: as what they arrive there.
+StageMessage = StdinMessage | SignalMessage | ResizeMessage
 _CLIENT: TypeAdapter[ClientMessage] = TypeAdapter(
     Annotated[ClientMessage, Field(discriminator="type")]
 )
@@ -80,10 +161,24 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
     try:
         return _CLIENT.validate_python(data)
     except ValidationError as exc:
-        field = str(exc.errors(include_url=False)[0]["loc"][1])
+        error = exc.errors(include_url=False)[0]
+        if len(error["loc"]) < 2:  # a rule across fields (StdinMessage's)
+            raise InvalidRequest(
+                [FieldProblem("data", str(error["msg"]).removeprefix("Value error, "))]
+            ) from None
+        field = str(error["loc"][1])
         raise InvalidRequest(
             [FieldProblem(field, _FIELD_RULES.get(field, "is not valid"))]
         ) from None
+
+
+def stage_input(message: StageMessage) -> Input:
+    """What a stage message hands the running stage."""
+    if isinstance(message, StdinMessage):
+        return message.input()
+    if isinstance(message, SignalMessage):
+        return SignalInput(message.signal)
+    return Resize(*message.tty_size)
 
 
 def request_id_of(raw: str | bytes) -> Any:

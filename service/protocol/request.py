@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,7 @@ from pydantic import (
 from cellblock.errors import FieldProblem, InvalidRequest
 from cellblock.service.protocol.content import Encoding, decode
 from cellblock.service.protocol.grading import Compare, pattern_problem
+from cellblock.service.protocol.interactive import tty_size_problem
 from cellblock.service.protocol.limits import LimitPolicy, ResolvedLimits, resolve_limits
 
 #: One argv or environment string ("NAME=value"), which Linux caps at MAX_ARG_STRLEN (128 KiB
@@ -185,6 +186,18 @@ class SubmissionRequest(_Strict):
     outputs: list[Annotated[str, AfterValidator(_output_pattern)]] = Field(
         default_factory=list, max_length=MAX_OUTPUT_PATTERNS
     )
+    #: ``interactive``: the run stage's stdin comes over the WebSocket as the program runs.
+    stdin_mode: Literal["buffered", "interactive"] = "buffered"
+    #: The run stage on a pseudo-terminal of ``tty_size`` (rows, columns).
+    tty: StrictBool = False
+    tty_size: tuple[int, int] | None = None
+
+    @field_validator("tty_size", mode="before")
+    @classmethod
+    def _tty_size(cls, size: object) -> object:
+        if size is not None and (problem := tty_size_problem(size)):
+            raise ValueError(problem)
+        return size
 
     @field_validator("compile", "run", "checker")
     @classmethod
@@ -293,12 +306,34 @@ def parse_submission(raw: object, policy: LimitPolicy) -> Submission:
         request = SubmissionRequest.model_validate(raw)
     except ValidationError as exc:
         raise _invalid(exc) from None
-    if problems := _file_name_problems(request.files) + _test_problems(request, policy):
+    problems = _file_name_problems(request.files) + _test_problems(request, policy)
+    if problems := problems + _interactive_problems(request):
         raise InvalidRequest(problems)
     limits = resolve_limits(request.limits, policy, [t.limits for t in request.tests or ()])
     if problems := _files_over_disk(request, limits) + _tests_over_time(request, limits, policy):
         raise InvalidRequest(problems)
     return Submission(request=request, limits=limits)
+
+
+def _interactive_problems(request: SubmissionRequest) -> list[FieldProblem]:
+    """What interactive stdin and a terminal cannot go with."""
+    problems = []
+    if request.stdin_mode == "interactive":
+        if request.tests is not None:
+            problems.append(FieldProblem(
+                "stdin_mode", "tests run with their own stdin: interactive stdin cannot go "
+                "with tests",
+            ))  # fmt: skip
+        if request.stdin:
+            problems.append(FieldProblem(
+                "stdin", "with stdin_mode interactive, stdin comes over the WebSocket "
+                "('stdin' messages): leave stdin out",
+            ))  # fmt: skip
+    elif request.tty:
+        problems.append(FieldProblem("tty", 'a terminal needs "stdin_mode": "interactive"'))
+    if request.tty_size is not None and not request.tty:
+        problems.append(FieldProblem("tty_size", 'is the size of a terminal: give "tty": true'))
+    return problems
 
 
 def _test_problems(request: SubmissionRequest, policy: LimitPolicy) -> list[FieldProblem]:

@@ -10,6 +10,7 @@ from typing import Any
 from cellblock.service.protocol.events import (
     Event,
     FinishedEvent,
+    InputWantedEvent,
     OutputEvent,
     StageFinishedEvent,
     StageStartedEvent,
@@ -91,6 +92,8 @@ class SubmissionState:
     #: Which stages the request has; a stage it lacks counts as done from the start.
     has_dependencies: bool = True
     has_compile: bool = True
+    #: The run stage's stdin comes from the client (``stdin_mode: "interactive"``).
+    interactive: bool = False
     #: The closing ``finished`` event came: nothing more is taken.
     closed: bool = False
     #: The request's tests, and each one's result once it has one (a submission with tests).
@@ -107,6 +110,7 @@ class SubmissionState:
             created_at=created_at or now(),
             has_dependencies=bool(request.dependencies),
             has_compile=request.compile is not None,
+            interactive=request.stdin_mode == "interactive",
             test_plan=tuple(
                 PlannedTest(t.name, t.points, t.expected_output) for t in request.tests or ()
             ),
@@ -171,6 +175,7 @@ class SubmissionState:
             **self.as_json(),
             "has_dependencies": self.has_dependencies,
             "has_compile": self.has_compile,
+            "interactive": self.interactive,
             "closed": self.closed,
             "test_plan": [
                 {"name": t.name, "max_points": t.max_points, "expected_output": t.expected_output}
@@ -209,6 +214,10 @@ def apply_event(state: SubmissionState, event: Event) -> SubmissionState:
     if state.closed or (state.done and kind != "finished"):
         raise InvalidTransition(f"{state.id} is {state.status}; it takes no {kind} event")
     if isinstance(event, OutputEvent):
+        return state
+    if isinstance(event, InputWantedEvent):
+        if state.status != "running" or state.stage != "run" or not state.interactive:
+            raise InvalidTransition(f"{state.id}: only an interactive run stage wants input")
         return state
     if isinstance(event, StatusEvent):
         new = event.status

@@ -30,7 +30,7 @@ import pytest
 from cellblock import config
 from cellblock.executor import host
 from cellblock.executor import jail as jail_module
-from cellblock.executor.jail import Jail, JailFds, Seen, feed, wait_exit
+from cellblock.executor.jail import Jail, JailFds, Seen, StageStreams, feed, wait_exit
 from cellblock.executor.sandbox import Mount, Sandbox, StageSpec
 from cellblock.executor.sandbox import request as control_request
 from cellblock.service.protocol import parse_submission
@@ -119,7 +119,7 @@ async def serve(
     jail: Jail, control: bytes, stdin: bytes = b"", timeout: float = 10
 ) -> tuple[Seen, Outputs]:
     outputs = Outputs()
-    seen = await jail.serve(control, BOXES[jail], stdin, outputs.consumers(), timeout)
+    seen = await jail.serve(control, BOXES[jail], StageStreams(stdin), outputs.consumers(), timeout)
     return seen, outputs
 
 
@@ -224,9 +224,8 @@ async def test_the_consumers_get_output_while_the_stage_runs(jails: Jails, box_d
     jail = jails.start(box_dir)
     arrived: list[tuple[float, bytes]] = []
     consumers = {"stdout": lambda b: arrived.append((time.monotonic(), b)), "stderr": bytes}
-    seen = await jail.serve(
-        stage(box_dir, "echo first; sleep 1; echo second"), BOXES[jail], b"", consumers, 10
-    )
+    script = stage(box_dir, "echo first; sleep 1; echo second")
+    seen = await jail.serve(script, BOXES[jail], StageStreams(), consumers, 10)
     assert seen.status.startswith("exited 0 ")
     assert b"".join(chunk for _, chunk in arrived) == b"first\nsecond\n"
     (first_at, first), (last_at, _) = arrived[0], arrived[-1]
@@ -348,7 +347,7 @@ async def test_a_consumer_that_fails_is_reported_once_the_stage_has_ended(
 
     consumers = {"stdout": refuse, "stderr": lambda _: None}
     with pytest.raises(ValueError, match="cannot take"):
-        await jail.serve(stage(box_dir, "echo out"), BOXES[jail], b"", consumers, 10)
+        await jail.serve(stage(box_dir, "echo out"), BOXES[jail], StageStreams(), consumers, 10)
     await jail.end()  # the stage had ended: the jail ends as after any other stage
     assert_released(jail)
     assert processes_of(box.uid) == []
@@ -680,7 +679,7 @@ async def test_a_jail_refuses_a_stage_for_another_working_directory(
         jail = jails.start(box_dir, rerun=True)
         outputs = Outputs()
         seen = await jail.serve(
-            stage(box_dir, "touch ran"), os.stat(other), b"", outputs.consumers(), 10
+            stage(box_dir, "touch ran"), os.stat(other), StageStreams(), outputs.consumers(), 10
         )
         assert seen.status == "wrong-box\n" and not seen.wall_killed
         assert not (box_dir / "ran").exists() and not (other / "ran").exists()

@@ -20,6 +20,7 @@ import pytest
 from cellblock import config
 from cellblock.executor import host
 from cellblock.executor.cgroups import CgroupsV1
+from cellblock.executor.jail import StageStreams
 from cellblock.executor.sandbox import (
     INIT_DEADLINE_SLACK,
     INIT_PATH,
@@ -317,7 +318,7 @@ async def test_filesystem_is_read_only_except_box_and_tmp(run_stage: RunStage) -
     assert "touch: cannot touch '/dev/x': Permission denied" in lines
     assert "no-shadow" in lines
     devices = set(lines[lines.index("no-shadow") + 1 :])
-    assert devices == {"null", "zero", "full", "random", "urandom", "fd", "shm", "stdin",
+    assert devices == {"null", "zero", "full", "random", "urandom", "tty", "fd", "shm", "stdin",
                        "stdout", "stderr"}  # fmt: skip
 
 
@@ -452,7 +453,7 @@ async def test_after_a_dead_executor_init_kills_the_stage_at_its_deadline(
     spec = stage(workdir, "sleep 100", wall_time=1)
     ignore = {"stdout": lambda _: None, "stderr": lambda _: None}
     serving = asyncio.create_task(
-        jail.serve(request(spec), os.stat(workdir), b"", ignore, timeout=100)
+        jail.serve(request(spec), os.stat(workdir), StageStreams(), ignore, timeout=100)
     )
     await until(lambda: left_by_the_program(sandbox), "the stage to start")
     # The executor dies: every descriptor it held closes, nothing watches the clock.

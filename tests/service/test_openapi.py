@@ -24,7 +24,8 @@ ALICE, ADMIN = "alice-token", "admin-token"
 METHODS = ("get", "post", "put", "patch", "delete")
 #: The protocol's submission request fields (PROTOCOL.md, "Submission request").
 REQUEST_FIELDS = {"files", "dependencies", "compile", "run", "env", "stdin", "stdin_encoding",
-                  "args", "limits", "tests", "checker", "outputs"}  # fmt: skip
+                  "args", "limits", "tests", "checker", "outputs",
+                  "stdin_mode", "tty", "tty_size"}  # fmt: skip
 #: The fields of one test (PROTOCOL.md v1.1, "Tests").
 TEST_FIELDS = {"name", "stdin", "stdin_encoding", "args", "expected_output", "compare", "points",
                "limits"}  # fmt: skip
@@ -245,9 +246,10 @@ async def test_events_and_websocket_messages_are_described_from_the_protocols_mo
         return {member["properties"]["type"]["const"] for member in members}
 
     assert types_of("Event") == {
-        "status", "stage_started", "output", "stage_finished", "test_started", "test_finished",
-        "finished"}  # fmt: skip
-    assert types_of("ClientMessage") == {"submit", "watch", "status", "cancel", "packages"}
+        "status", "stage_started", "output", "input_wanted", "stage_finished", "test_started",
+        "test_finished", "finished"}  # fmt: skip
+    assert types_of("ClientMessage") == {
+        "submit", "watch", "status", "cancel", "packages", "stdin", "signal", "resize"}  # fmt: skip
     assert types_of("Answer") == {"accepted", "cancelled", "submission", "packages", "error"}
     finished = document["components"]["schemas"]["StageFinishedEvent"]["properties"]["result"]
     assert {ref["$ref"].rsplit("/", 1)[1] for ref in finished["anyOf"]} == {

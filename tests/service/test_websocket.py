@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -16,28 +16,7 @@ from cellblock.cachebuilder.environments import Environment, EnvironmentCache, P
 ALICE, BOB, ADMIN = "alice-token", "bob-token", "admin-token"
 
 
-Connect = Callable[..., Awaitable[Socket]]
-
-
-@pytest.fixture
-async def connect(service: Any) -> AsyncIterator[Connect]:
-    opened: list[Socket] = []
-
-    async def open_socket(token: str | None = ALICE, query: bool = False) -> Socket:
-        url, headers = service.ws_url, {}
-        if token is not None and query:
-            url += f"?token={token}"
-        elif token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        conn = await tornado.websocket.websocket_connect(HTTPRequest(url, headers=headers))
-        ws = Socket(conn)
-        opened.append(ws)
-        return ws
-
-    yield open_socket
-    for ws in opened:
-        if not ws.closed:
-            await ws.close()
+Connect = Callable[..., Awaitable[Socket]]  # the connect fixture of conftest.py
 
 
 async def http(service: Any, method: str, path: str, body: Any = None, token: str = ALICE) -> Any:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from cellblock.errors import InvalidRequest
+from cellblock.service.protocol.interactive import Resize, SignalInput, StdinData, StdinEnd
 from cellblock.service.protocol.messages import (
     Accepted,
     ErrorAnswer,
@@ -16,6 +17,7 @@ from cellblock.service.protocol.messages import (
     encode_message,
     parse_client_message,
     request_id_of,
+    stage_input,
 )
 
 
@@ -28,6 +30,19 @@ def test_each_message_type_parses_to_its_model():
     assert isinstance(watch, Watch) and (watch.id, watch.since) == ("s1", 3)
     assert parse_client_message('{"type": "watch", "id": "s1"}').since == 0  # type: ignore[union-attr]
     assert isinstance(parse_client_message('{"type": "packages"}'), PackagesQuery)
+
+
+def test_stage_messages_parse_to_the_input_they_hand_the_stage():
+    def parsed(raw: str) -> object:
+        return stage_input(parse_client_message(raw))  # type: ignore[arg-type]
+
+    assert parsed('{"type": "stdin", "id": "s", "data": "4\\n"}') == StdinData(b"4\n")
+    assert parsed('{"type": "stdin", "id": "s", "data": "AP8=", "encoding": "base64"}') == (
+        StdinData(b"\x00\xff")
+    )
+    assert parsed('{"type": "stdin", "id": "s", "eof": true}') == StdinEnd()
+    assert parsed('{"type": "signal", "id": "s", "signal": "SIGINT"}') == SignalInput("SIGINT")
+    assert parsed('{"type": "resize", "id": "s", "tty_size": [30, 90]}') == Resize(30, 90)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +62,17 @@ def test_each_message_type_parses_to_its_model():
         ('{"type": "watch", "id": "s", "since": true}', "since", "must be a whole number"),
         ('{"type": "watch", "id": "s", "since": 1.5}', "since", "must be a whole number"),
         ('{"type": "watch", "id": 1, "since": -1}', "id", "must be a submission id"),
+        ('{"type": "stdin", "id": "s"}', "data", "give either data or eof"),
+        ('{"type": "stdin", "id": "s", "data": "x", "eof": true}', "data", "give either data"),
+        ('{"type": "stdin", "id": "s", "data": 5}', "data", "must be a string"),
+        ('{"type": "stdin", "id": "s", "data": "!", "encoding": "base64"}', "data", "not base64"),
+        ('{"type": "stdin", "id": "s", "data": "x", "encoding": "hex"}', "encoding", "utf8 or"),
+        ('{"type": "stdin", "id": "s", "eof": false}', "eof", "must be true"),
+        ('{"type": "stdin", "data": "x"}', "id", "must be a submission id"),
+        ('{"type": "signal", "id": "s", "signal": "SIGSTOP"}', "signal", "SIGINT, SIGTERM"),
+        ('{"type": "signal", "id": "s"}', "signal", "must be one of"),
+        ('{"type": "resize", "id": "s", "tty_size": [24]}', "tty_size", "[rows, cols]"),
+        ('{"type": "resize", "id": "s", "tty_size": [24, 0]}', "tty_size", "[rows, cols]"),
     ],
 )
 def test_a_bad_message_names_its_first_bad_field(raw, field, message):

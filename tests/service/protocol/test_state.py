@@ -754,3 +754,26 @@ def test_the_clients_view_reads_back_with_its_test_results():
     assert again.tests == rec.state.tests
     assert again.as_json()["stages"]["tests"] == view["stages"]["tests"]
     assert again.test_plan[0].name == "small"
+
+
+# -- interactive stdin --------------------------------------------------------------------------
+
+WANTED = {"type": "input_wanted", "stage": "run"}
+
+
+def test_input_is_wanted_only_by_an_interactive_run_stage_and_changes_nothing():
+    rec = recorder_for(stdin_mode="interactive", tty=True)
+    assert rec.state.interactive and rec.state.as_record()["interactive"] is True
+    play(rec, QUEUED, RUNNING)
+    with pytest.raises(InvalidTransition, match="only an interactive run stage wants input"):
+        rec.record(WANTED)  # no stage yet
+    rec.record(started("run"))
+    before = rec.state
+    rec.record(WANTED)
+    rec.record(WANTED)
+    assert rec.state is before
+    plain = recorder_for()
+    play(plain, QUEUED, RUNNING, started("run"))
+    with pytest.raises(InvalidTransition):
+        plain.record(WANTED)
+    assert SubmissionState.from_record(before.as_record()).interactive
