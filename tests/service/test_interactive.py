@@ -132,15 +132,27 @@ async def test_a_program_that_never_reads_gets_no_input_wanted(session: Any) -> 
 
 
 async def test_a_program_waiting_forever_ends_at_its_wall_time_without_cpu(
-    session: Any,
+    session: Any, service: Any, until: Any
 ) -> None:
-    s = await session(interactive("read x", limits={"run": {"wall_time": 2}}))
+    """Its slot counts busy meanwhile (as the executor's next heartbeat says); only
+    wall_time ends it."""
+    s = await session(interactive("read x", limits={"run": {"wall_time": 4}}))
     started = time.monotonic()
     await s.until("input_wanted")
+    rest_api = Rest(service.url)
+
+    async def busy() -> bool:
+        capacity = await rest_api.call("GET", "/api/v1/capacity")
+        return bool(capacity["busy"] == 1)
+
+    try:
+        await until(busy, "the slot to count busy", timeout=3)
+    finally:
+        rest_api.close()
     rest = await s.until("finished")
     run = rest[-1]["submission"]["stages"]["run"]
     assert run["status"] == "time_limit", run
-    assert time.monotonic() - started >= 1.5
+    assert time.monotonic() - started >= 3.5
     assert run["cpu_time"] < 0.2
 
 
