@@ -17,7 +17,11 @@ new input may not have left its read yet). The wait channel would not do: a task
 pipe read and one sleeping in any other wait queue look alike there.
 
 Everything read here was written by the sandbox's program, which is hostile: every number is
-bounded, every failure (a process that ends meanwhile, a bad pointer) means "not waiting".
+bounded, every failure (a process that ends meanwhile, a bad pointer) means "not waiting", and
+one check looks at no more than ``MAX_LOOKS`` tasks and descriptors in all (a program of many
+threads each polling a thousand descriptors would otherwise make every check cost the
+executor, and the other slots it serves, a large share of a second). Past that, the program
+is taken as not waiting: it gets no ``input_wanted``, and nothing else changes.
 Reading /proc/PID/syscall and /proc/PID/mem takes ptrace access: the executor runs as root.
 """
 
@@ -47,47 +51,71 @@ SYSCALLS = {
 _NUMBERS = SYSCALLS.get(platform.machine(), SYSCALLS["x86_64"])
 #: The most descriptors of one poll or select looked at.
 MAX_FDS = 1024
+#: The most tasks and descriptors one check looks at.
+MAX_LOOKS = 512
 POLLIN, EPOLLIN = 0x1, 0x1
 POLLFD = struct.Struct("=ihh")
+
+
+class _Exhausted(Exception):
+    """The check looked at ``MAX_LOOKS`` things."""
+
+
+class _Check:
+    """One check of one stage, within its budget of looks."""
+
+    def __init__(self, stdin: tuple[int, int]) -> None:
+        self.stdin, self.looks = stdin, MAX_LOOKS
+
+    def look(self) -> None:
+        self.looks -= 1
+        if self.looks < 0:
+            raise _Exhausted
+
+    def task_reads(self, pid: int, tid: int) -> bool:
+        self.look()
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+            number, args = int(fields[0]), [int(a, 16) for a in fields[1:7]]
+        except (OSError, ValueError, IndexError):  # "running", or gone
+            return False
+        if number in _NUMBERS["read"]:
+            fds = [args[0]]
+        elif number in _NUMBERS["poll"]:
+            fds = _polled(pid, args[0], args[1])
+        elif number in _NUMBERS["select"]:
+            fds = _selected(pid, args[0], args[1])
+        elif number in _NUMBERS["epoll"]:
+            fds = _epolled(pid, args[0])
+        else:
+            return False
+        return any(self.is_stdin(pid, fd) for fd in fds)
+
+    def is_stdin(self, pid: int, fd: int) -> bool:
+        self.look()
+        if not 0 <= fd < 1 << 20:
+            return False
+        try:
+            info = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, not a path it names
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self.stdin
 
 
 def waiting_for_stdin(pids: Iterable[int], stdin: tuple[int, int]) -> bool:
     """Whether a task of the processes ``pids`` is blocked reading the file whose device and
     inode are ``stdin``."""
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                if _task_reads(pid, int(tid), stdin):
-                    return True
-    return False
-
-
-def _task_reads(pid: int, tid: int, stdin: tuple[int, int]) -> bool:
+    check = _Check(stdin)
     try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-            fields = f.read().split()
-        number, args = int(fields[0]), [int(a, 16) for a in fields[1:7]]
-    except (OSError, ValueError, IndexError):  # "running", or gone
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    if check.task_reads(pid, int(tid)):
+                        return True
+    except _Exhausted:
         return False
-    if number in _NUMBERS["read"]:
-        return _is_stdin(pid, args[0], stdin)
-    if number in _NUMBERS["poll"]:
-        return any(_is_stdin(pid, fd, stdin) for fd in _polled(pid, args[0], args[1]))
-    if number in _NUMBERS["select"]:
-        return any(_is_stdin(pid, fd, stdin) for fd in _selected(pid, args[0], args[1]))
-    if number in _NUMBERS["epoll"]:
-        return any(_is_stdin(pid, fd, stdin) for fd in _epolled(pid, args[0]))
     return False
-
-
-def _is_stdin(pid: int, fd: int, stdin: tuple[int, int]) -> bool:
-    if not 0 <= fd < 1 << 20:
-        return False
-    try:
-        info = os.stat(f"/proc/{pid}/fd/{fd}")  # the open file itself, not a path it names
-    except OSError:
-        return False
-    return (info.st_dev, info.st_ino) == stdin
 
 
 def _memory(pid: int, address: int, size: int) -> bytes:
