@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import secrets
@@ -55,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from cellblock.executor.disk import WorkDisk
 from cellblock.service.client import Client
 from cellblock.service.protocol import Compare
-from service import TOKEN, private_deployment
+from service import TOKEN, finish, private_deployment
 
 TARGET_RATIO = 5.0
 TESTS = 50
@@ -237,12 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dir-runs", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    figures = asyncio.run(bench(args))
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print_report(figures)
-    return 0
+    return finish(asyncio.run(bench(args)), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cellblock.service.client import Client, Stream
-from service import TOKEN, private_deployment, stats
+from service import TOKEN, finish, private_deployment, stats
 
 TARGET_MEDIAN_MS = 5.0
 #: The order of the programs in each round (seeded: a run can be repeated exactly).
@@ -220,12 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    figures = asyncio.run(bench(args))
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print_report(figures)
-    return 0
+    return finish(asyncio.run(bench(args)), args.json, print_report)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,15 @@ def print_report(f: dict[str, Any]) -> None:
     print(f"throughput vs bare nsjail: {t['ratio']:.2f} ({target}): {verdict}")
 
 
+def finish(figures: dict[str, Any], as_json: bool, report: Callable[[dict[str, Any]], None]) -> int:
+    """Print a bench's figures, as JSON or as its ``report``; the exit status."""
+    if as_json:
+        print(json.dumps(figures, indent=2))
+    else:
+        report(figures)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=300)
@@ -327,11 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    figures = asyncio.run(bench(args))
-    print(json.dumps(figures, indent=2) if args.json else "", end="")
-    if not args.json:
-        print_report(figures)
-    return 0
+    return finish(asyncio.run(bench(args)), args.json, print_report)
 
 
 if __name__ == "__main__":
