@@ -24,8 +24,12 @@ MAGIC_HELP = {
     "line and/or in the body. Replaces the staged dependencies.",
     "compile": "%%compile [--show-output]\nThe body is the compile script (bash). Its output is "
     "shown when it fails, or always with --show-output.",
-    "run": "%%run [ARG ...]\nThe body is the run script (bash); the words after %%run are its "
-    'arguments ("$@"). This section submits everything staged plus the cell\'s sections.',
+    "run": "%%run [--interactive] [ARG ...]\nThe body is the run script (bash); the words after "
+    '%%run are its arguments ("$@"). This section submits everything staged plus the cell\'s '
+    "sections. --interactive (first word only) runs it on a terminal: when the program waits "
+    "for input, an input box asks for it, and what is typed goes to the program. Where the "
+    "notebook takes no input (nbclient, papermill), it runs on the staged %%stdin instead. Not "
+    "with tests staged: they run on their own stdin.",
     "stdin": "%%stdin [--encoding utf8|hex|base64]\nThe body is the run stage's standard input.",
     "env": "%%env\nBody lines NAME=value: environment variables of compile and run.",
     "limits": "%%limits\nBody lines stage.limit = value, e.g. run.cpu = 2, run.as = 256M, "

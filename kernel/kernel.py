@@ -9,16 +9,18 @@ cell ends in error when a stage fails, hits a limit, a test does not pass, or th
 cannot be installed; when every test passed, the cell's result is its points (for nbgrader).
 
 Interrupting the kernel (SIGINT, which Jupyter sends) cancels the running submission on the
-service. A dropped connection is resumed by the client without losing or repeating events.
+service (an interactive one gets SIGINT first: interactive.py). A dropped connection is resumed
+by the client without losing or repeating events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from types import FrameType
 from typing import Any
 
@@ -27,6 +29,8 @@ from ipykernel.kernelbase import Kernel
 from cellblock import __version__
 from cellblock.kernel import render, sections, staging
 from cellblock.kernel.help import MAGIC_HELP, complete, inspect_text
+from cellblock.kernel.interactive import Conversation, StdinChannel
+from cellblock.kernel.replay import OutputLog
 from cellblock.kernel.sections import CellSyntaxError
 from cellblock.kernel.staging import Staged
 from cellblock.service.client import (
@@ -74,6 +78,8 @@ class CellblockKernel(Kernel):
         self.last_id: str | None = None
         self._clients: dict[bool, Client] = {}
         self._packages: tuple[float, list[str]] = (0.0, [])
+        #: What the running cell has shown, while an input box may have to be cleared away.
+        self._log: OutputLog | None = None
 
     # -- talking to the service ------------------------------------------------------------
 
@@ -90,8 +96,13 @@ class CellblockKernel(Kernel):
 
     # -- output helpers -----------------------------------------------------------------------
 
+    def _iopub(self, msg_type: str, content: dict[str, Any]) -> None:
+        self.send_response(self.iopub_socket, msg_type, content)
+        if self._log is not None:
+            self._log.add(msg_type, content)
+
     def _print(self, text: str, name: str = "stdout") -> None:
-        self.send_response(self.iopub_socket, "stream", {"name": name, "text": text})
+        self._iopub("stream", {"name": name, "text": text})
 
     def _display(
         self, html: str, text: str, display_id: str | None = None, update: bool = False
@@ -99,20 +110,16 @@ class CellblockKernel(Kernel):
         content: dict[str, Any] = {"data": {"text/html": html, "text/plain": text}, "metadata": {}}
         if display_id is not None:
             content["transient"] = {"display_id": display_id}
-        self.send_response(
-            self.iopub_socket, "update_display_data" if update else "display_data", content
-        )
+        self._iopub("update_display_data" if update else "display_data", content)
 
     def _error(self, ename: str, evalue: str) -> dict[str, Any]:
         traceback = [f"\x1b[0;31m{ename}\x1b[0m: {evalue}"]
-        self.send_response(self.iopub_socket, "error",
-                           {"ename": ename, "evalue": evalue, "traceback": traceback})  # fmt: skip
+        self._iopub("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
         return {"status": "error", "execution_count": self.execution_count, "ename": ename,
                 "evalue": evalue, "traceback": traceback}  # fmt: skip
 
     def _show(self, display: render.Display) -> None:
-        self.send_response(self.iopub_socket, "display_data",
-                           {"data": display.data, "metadata": display.metadata})  # fmt: skip
+        self._iopub("display_data", {"data": display.data, "metadata": display.metadata})
 
     def _ok(self) -> dict[str, Any]:
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
@@ -138,9 +145,21 @@ class CellblockKernel(Kernel):
                 if magic.name == "reset":
                     base = base.reset(magic.args)
             staged = staging.stage(base, cell)
-            request = staging.request(staged, cell)
+            request = staging.request(staged, cell, stdin_allowed=allow_stdin)
         except CellSyntaxError as exc:
             return self._error("CellSyntaxError", str(exc))
+        # An input box left up is cleared away with the cell's outputs, which are then shown
+        # again (replay.py): from here on, what the cell shows is kept.
+        if request is not None and request.get("stdin_mode") == "interactive":
+            self._log = OutputLog()
+        try:
+            return await self._execute(cell, staged, request, silent)
+        finally:
+            self._log = None
+
+    async def _execute(
+        self, cell: sections.Cell, staged: Staged, request: dict[str, Any] | None, silent: bool
+    ) -> dict[str, Any]:
         try:
             for magic in cell.magics:
                 await self._line_magic(magic)
@@ -151,8 +170,15 @@ class CellblockKernel(Kernel):
             if cell.sections and not silent:
                 self._print(f"staged: {staged.summary()}\n")
             return self._ok()
+        stdin = None
+        if request.get("stdin_mode") == "interactive":
+            assert self.session is not None  # a kernel that took an execute request has one
+            stdin = StdinChannel(self.session, self.stdin_socket, self.get_parent("shell"),
+                                 self._parent_ident["shell"])  # fmt: skip
+        elif cell.interactive and not silent:
+            self._print("(no interactive input here: ran with the staged %%stdin)\n")
         try:
-            return await self._submit(request, staged.show_compile_output, silent)
+            return await self._submit(request, staged.show_compile_output, silent, stdin)
         except ClientError as exc:
             return self._client_error(exc)
 
@@ -167,7 +193,11 @@ class CellblockKernel(Kernel):
         return self._error(type(exc).__name__, exc.message)
 
     async def _submit(
-        self, request: dict[str, Any], show_compile: bool, silent: bool = False
+        self,
+        request: dict[str, Any],
+        show_compile: bool,
+        silent: bool = False,
+        stdin: StdinChannel | None = None,
     ) -> dict[str, Any]:
         display_id = uuid.uuid4().hex
         state: SubmissionState | None = None
@@ -178,15 +208,23 @@ class CellblockKernel(Kernel):
         loop = asyncio.get_running_loop()
         interrupted = False
 
+        stream = self.client().stream(request)
+        conversation = None
+        if stdin is not None:
+            assert self._log is not None  # kept since the cell began (do_execute)
+            conversation = Conversation(stream, stdin, self._log)
+
         def on_interrupt(signum: int, frame: FrameType | None) -> None:
             nonlocal interrupted
             interrupted = True
-            loop.call_soon_threadsafe(task.cancel)
+            if conversation is not None:
+                loop.call_soon_threadsafe(conversation.interrupt, task.cancel)
+            else:
+                loop.call_soon_threadsafe(task.cancel)
 
         previous = signal.signal(signal.SIGINT, on_interrupt)
-        stream = self.client().stream(request)
         try:
-            async with stream:
+            async with stream, self._conversing(conversation):
                 async for event in stream:
                     if state is None:
                         self.last_id = event["id"]
@@ -201,7 +239,13 @@ class CellblockKernel(Kernel):
                     # table.
                     if (event["type"] == "output" and event["stage"] == "run"
                             and event.get("test") is None):  # fmt: skip
-                        self._print(event["data"], event["stream"])
+                        text = event["data"]
+                        if conversation is not None:
+                            text = conversation.terminal.feed(text)
+                        if text:
+                            self._print(text, event["stream"])
+                    elif conversation is not None:
+                        conversation.on_event(event)
                     text = render.status_text(state)
                     if text != shown:
                         shown = text
@@ -249,11 +293,25 @@ class CellblockKernel(Kernel):
         if (points := render.points_result(final)) is not None and not silent:
             # The points as the cell's result: nbgrader's autograder reads a test cell's
             # execute_result as the points it earned.
-            self.send_response(self.iopub_socket, "execute_result", {
+            self._iopub("execute_result", {
                 "execution_count": self.execution_count,
                 "data": {"text/plain": points}, "metadata": {},
             })  # fmt: skip
         return self._ok()
+
+    @contextlib.asynccontextmanager
+    async def _conversing(self, conversation: Conversation | None) -> AsyncIterator[None]:
+        """The end of an interactive run, however it ends: no more waiting for an answer, the
+        terminal's last text shown, and the cell shown again without a box left up."""
+        try:
+            yield
+        finally:
+            if conversation is not None:
+                if tail := conversation.terminal.flush():
+                    self._print(tail)
+                if await conversation.close():
+                    for msg_type, content in conversation.log.replay():
+                        self.send_response(self.iopub_socket, msg_type, content)
 
     async def _interrupted(self, submission_id: str | None, display_id: str) -> dict[str, Any]:
         """The user interrupted: cancel the submission on the service and show where it was."""

@@ -43,7 +43,7 @@ OPTIONS: dict[str, dict[str, bool]] = {
     "files": {"--encoding": True, "--executable": False},
     "deps": {},
     "compile": {"--show-output": False},
-    "run": {},
+    "run": {},  # every word is the program's, but a first --interactive (_run_flag)
     "stdin": {"--encoding": True},
     "env": {},
     "limits": {},
@@ -101,6 +101,11 @@ class Cell:
     def run(self) -> Section | None:
         runs = [s for s in self.sections if s.magic == "run"]
         return runs[-1] if runs else None
+
+    @property
+    def interactive(self) -> bool:
+        """``%%run --interactive``: its stdin typed in as it runs, on a terminal."""
+        return self.run is not None and bool(self.run.options.get("--interactive"))
 
 
 def lines_of(text: str) -> list[str]:
@@ -220,6 +225,8 @@ def _section(number: int, line: str, body: str) -> Section:
     args: list[str] = []
     options: dict[str, str | bool] = {}
     takes = OPTIONS[magic]
+    if magic == "run":
+        options, rest = _run_flag(number, text, rest)
     i = 0
     while i < len(rest):
         word = rest[i]
@@ -268,6 +275,17 @@ def _section(number: int, line: str, body: str) -> Section:
     if magic == "test":
         _check_test_line(number, text, args, options)
     return Section(magic, tuple(args), options, body, number, text)
+
+
+def _run_flag(number: int, text: str, words: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """``%%run``'s ``--interactive``, as its first word only: every word after it (and any
+    word at all of a plain ``%%run``) is the program's, ``--verbose`` or not."""
+    first = words[0] if words else ""
+    if first.startswith("--interactive="):
+        raise CellSyntaxError(number, text, "--interactive takes no value")
+    if first == "--interactive":
+        return {"--interactive": True}, words[1:]
+    return {}, words
 
 
 def _check_test_line(

@@ -171,8 +171,10 @@ def _apply(staged: Staged, section: Section) -> Staged:
     return staged  # %%run: not staged; %%expect: staged with its %%test
 
 
-def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
-    """The submission request the cell sends, or None when it only stages."""
+def request(staged: Staged, cell: Cell, stdin_allowed: bool = False) -> dict[str, Any] | None:
+    """The submission request the cell sends, or None when it only stages. A ``%%run
+    --interactive`` cell asks for interactive stdin on a terminal when the frontend can take
+    input (``stdin_allowed``); otherwise (nbclient, papermill) it runs on the staged stdin."""
     args: tuple[str, ...] = ()
     if cell.plain_run is not None:
         script = cell.plain_run
@@ -184,6 +186,15 @@ def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
             # With tests the service runs the script with each test's args, never these.
             message = "with tests staged, each %%test line gives its own arguments, not %%run"
             raise CellSyntaxError(run.line, run.text, message + " (or %reset tests)")
+        if cell.interactive and staged.tests:
+            # A teacher's tests run on their own stdin, a person's typing would grade nothing:
+            # say so rather than silently run the tests (or play and leave them unrun).
+            message = (
+                "--interactive runs the program once with its input typed in, and tests are "
+                "staged (each runs on its own stdin): drop --interactive to run the tests, or "
+                "%reset tests to play"
+            )
+            raise CellSyntaxError(run.line, run.text, message)
     else:
         return None
     body: dict[str, Any] = {
@@ -199,6 +210,9 @@ def request(staged: Staged, cell: Cell) -> dict[str, Any] | None:
         "stdin_encoding": staged.stdin_encoding,
         "limits": {stage: dict(values) for stage, values in staged.limits.items()},
     }
+    if cell.interactive and stdin_allowed:
+        del body["stdin"], body["stdin_encoding"]  # it comes as the program runs
+        body.update(stdin_mode="interactive", tty=True)
     if staged.compile is not None:
         body["compile"] = staged.compile
     if staged.tests:
