@@ -378,6 +378,27 @@ def check_limits(nb: NotebookNode) -> None:
     assert stream(last) == "staged submission cleared\nfine\n"
 
 
+def check_interactive(nb: NotebookNode) -> None:
+    # nbclient allows no stdin: each interactive run read the staged %%stdin, and says so.
+    note = "(no interactive input here: ran with the staged %%stdin)\n"
+    game = cell(nb, "%%run --interactive 2025")
+    finished_ok(game)
+    guesses = "".join(f"Your guess: {n} is too {w}.\n" for n, w in (
+        (50, "low"), (75, "low"), (88, "high"), (81, "high"), (78, "high"),
+    ))  # fmt: skip
+    assert stream(game) == (
+        f"{note}I am thinking of a number from 1 to 100.\n{guesses}"
+        "Your guess: 76 it is, in 6 tries!\n"
+    )
+    menu = cell(nb, "%%run --interactive\npython3 shopping.py")
+    finished_ok(menu)
+    # The menu, then what each choice printed (a prompt's input does not show: a pipe).
+    menu_text = "1) add an item   2) show the list   3) done\nChoose: "
+    replies = ["  (empty)\n", "Item: ", "Item: ", "  1. bread\n  2. cheese\n",
+               "No option '4': type 1, 2 or 3.\n", "Bye! 2 item(s) on the list.\n"]  # fmt: skip
+    assert stream(menu) == note + "".join(menu_text + reply for reply in replies)
+
+
 EXPECTED: dict[str, Callable[[NotebookNode], None]] = {
     "welcome.ipynb": check_welcome,
     "assignment-c.ipynb": check_assignment_c,
@@ -385,6 +406,7 @@ EXPECTED: dict[str, Callable[[NotebookNode], None]] = {
     "assignment-shell.ipynb": check_assignment_shell,
     "drawing.ipynb": check_drawing,
     "limits.ipynb": check_limits,
+    "interactive.ipynb": check_interactive,
 }
 
 
