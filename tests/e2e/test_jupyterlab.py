@@ -3,8 +3,9 @@ deployment (the extension starts `cellblock up` itself: no CELLBLOCK_URL), headl
 chromium driven by Playwright. A student opens a notebook, runs a Cellblock cell, watches its
 status line and output come live, then opens the status page. A teacher's graded cell shows
 its tests live, then their table with what failed, and the picture the program drew (an SVG
-shown as an image, its script never run). And a kernel that JupyterLab started before the
-deployment was up still finds it.
+shown as an image, its script never run). An interactive program asks for its input in an
+input box, which goes away when the program ends, answered or not. And a kernel that JupyterLab
+started before the deployment was up still finds it.
 
 Needs what `make` installs: Debian's chromium and playwright in the venv (its own browser
 download is not used). Screenshots go to the test's temporary directory.
@@ -96,6 +97,34 @@ RECORD_TESTS = """() => {
   }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 
+#: An interactive game (guess 37), and a program whose box nobody answers before its wall time.
+GUESS = r"""%%files guess.c
+#include <stdio.h>
+int main(void) {
+    int guess;
+    do {
+        printf("Guess a number (1-100): ");
+        if (scanf("%d", &guess) != 1) return 1;
+        if (guess != 37) printf("%d is too %s\n", guess, guess < 37 ? "low" : "high");
+    } while (guess != 37);
+    printf("Right: 37!\n");
+    return 0;
+}
+%%compile
+gcc -O2 -o guess guess.c
+%%run --interactive
+./guess"""
+UNANSWERED = """%%limits
+run.wall_time = 3s
+%%run --interactive
+read -p "Name? " name"""
+#: The text of a cell's outputs above its input box.
+ABOVE_THE_BOX = """area => {
+  const children = [...area.querySelectorAll(".jp-OutputArea-child")];
+  const box = children.findIndex(child => child.querySelector(".jp-Stdin"));
+  return children.slice(0, box).map(child => child.textContent).join("");
+}"""
+
 
 def _notebook(path: Path, *cells: str, title: str) -> None:
     nb = new_notebook(cells=[new_markdown_cell(title), *map(new_code_cell, cells)])
@@ -124,6 +153,7 @@ def lab_server(tmp_path: Path, sandbox_root: Path) -> Iterator[Lab]:
     root.mkdir()
     _notebook(root / "hello.ipynb", CELL, title="# Hello from Cellblock")
     _notebook(root / "circles.ipynb", CIRCLES_C, GRADED, title="# Circles, graded")
+    _notebook(root / "guess.ipynb", GUESS, UNANSWERED, title="# Guess")
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     # No "get notified about Jupyter news?" toast over the screenshots.
@@ -282,6 +312,53 @@ def test_a_graded_cell_shows_its_tests_and_the_picture_it_drew_in_jupyterlab(
         inlined = browser.new_page()
         inlined.set_content(f"<!doctype html><body>{svgs[0]}</body>")
         assert inlined.evaluate("window.cellblockPwned") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_interactive_program_asks_in_an_input_box_in_jupyterlab(
+    lab: str, tmp_path: Path
+) -> None:
+    with chromium(tmp_path, 1280, 900) as browser:
+        page = browser.new_page()
+        page.goto(f"{lab}/lab/tree/guess.ipynb?token={TOKEN}")
+        game, unanswered = page.locator(".jp-CodeCell").nth(0), page.locator(".jp-CodeCell").nth(1)
+        expect(game).to_contain_text("%%run --interactive", timeout=60_000)
+        expect(page.get_by_role("button", name="Cellblock | Idle")).to_be_visible(timeout=60_000)
+        game.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Control+Enter")
+
+        # The box comes when the program waits, below its prompt; what is typed goes to it.
+        area = game.locator(".jp-OutputArea")
+        for guess, answer in (("50", "50 is too high"), ("37", "Right: 37!")):
+            box = game.locator(".jp-Stdin-input")
+            expect(box).to_have_count(1, timeout=30_000)
+            assert area.evaluate(ABOVE_THE_BOX).endswith("Guess a number (1-100): ")
+            box.fill(guess)
+            if guess == "37":
+                page.screenshot(path=tmp_path / "interactive.png")
+            box.press("Enter")
+            expect(area).to_contain_text(answer)
+        expect(game.locator(".cellblock-status")).to_contain_text("→ finished", timeout=30_000)
+        expect(game.locator(".cellblock-status")).to_contain_text("run: ok")
+        expect(game.locator(".jp-Stdin")).to_have_count(0)
+        # What was typed shows once (the frontend's own), not again as the terminal's echo.
+        stdout = "[data-mime-type='application/vnd.jupyter.stdout']"
+        assert game.locator(f".jp-OutputArea-output{stdout}").all_inner_texts() == [
+            "Guess a number (1-100): ", " 50\n", "50 is too high\nGuess a number (1-100): ",
+            " 37\n", "Right: 37!\n",
+        ]  # fmt: skip
+
+        # Nobody answers: the program's wall time ends it, and its box goes with it.
+        unanswered.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Control+Enter")
+        expect(unanswered.locator(".jp-Stdin-input")).to_have_count(1, timeout=30_000)
+        status = unanswered.locator(".cellblock-status")
+        expect(status).to_contain_text("→ finished", timeout=30_000)
+        expect(status).to_contain_text("run: time_limit")
+        expect(unanswered.locator(".jp-Stdin")).to_have_count(0)
+        expect(unanswered.locator(".jp-OutputArea")).to_contain_text("Name? ")
+        expect(unanswered.locator(".jp-OutputArea")).to_contain_text("CellblockStageFailed")
 
 
 def _environ(pid: int) -> dict[str, str]:
