@@ -73,7 +73,6 @@ class Conversation:
         self.log = log
         self.terminal = TerminalText()
         self._box: asyncio.Task[None] | None = None
-        self._left_up = False
         self._signalled = False
         self._deadline: asyncio.TimerHandle | None = None
         self._signal: asyncio.Task[None] | None = None
@@ -85,14 +84,17 @@ class Conversation:
 
     async def _answer(self) -> None:
         value = await self.stdin.ask()
-        if value == EOF_REPLY:
-            await self.stream.close_stdin()
-            return
         line = value + "\n"
-        self.terminal.typed(line)
+        try:
+            if value == EOF_REPLY:
+                await self.stream.close_stdin()
+                return
+            self.terminal.typed(line)
+            await self.stream.send_stdin(line)
+        except (ClientError, TimeoutError):
+            return  # the connection is lost: if it does not come back, the stream says so
         # Where a terminal shows it, for when the cell's outputs are shown again.
         self.log.add("stream", {"name": "stdout", "text": line})
-        await self.stream.send_stdin(line)
 
     def interrupt(self, cancel: Callable[[], object]) -> None:
         """SIGINT to the program, ``cancel`` if it goes on; ``cancel`` at once the second
@@ -107,7 +109,7 @@ class Conversation:
         async def send() -> None:
             try:
                 await self.stream.send_signal("SIGINT")
-            except ClientError:
+            except (ClientError, TimeoutError):
                 cancel()
 
         self._signal = asyncio.create_task(send())
@@ -116,11 +118,10 @@ class Conversation:
         """Stop waiting for an answer; whether a box was still up."""
         if self._deadline is not None:
             self._deadline.cancel()
-        box = self._box
-        if box is not None and not box.done():
-            box.cancel()
-            self._left_up = True
-        if box is not None:
-            with contextlib.suppress(asyncio.CancelledError, ClientError):
-                await box
-        return self._left_up
+        box, self._box = self._box, None
+        if box is None:
+            return False
+        left_up = box.cancel()  # False when it is done: answered
+        with contextlib.suppress(asyncio.CancelledError):
+            await box
+        return left_up
