@@ -98,6 +98,10 @@ def complete(code: str, cursor_pos: int, packages: Sequence[str]) -> tuple[list[
         before = line[: len(line) - len(word)].split()
         if before and before[-1] in OPTION_VALUES and before[-1] in OPTIONS.get(magic, {}):
             return [v for v in OPTION_VALUES[before[-1]] if v.startswith(word)], start
+        if magic == "run" and word.startswith("-"):
+            # Only the first word can be the flag: every later one is the program's.
+            first = before == ["%%run"] and "--interactive".startswith(word)
+            return (["--interactive"] if first else []), start
         if word.startswith("-"):
             return [o for o in OPTIONS.get(magic, {}) if o.startswith(word)], start
         if magic == "deps":

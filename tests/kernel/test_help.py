@@ -35,7 +35,9 @@ def test_options_of_the_magic_on_the_line() -> None:
     assert at_end("%%files a.c --ex") == (["--executable"], 12)
     assert at_end("%%stdin --") == (["--encoding"], 8)
     assert at_end("%%compile --s") == (["--show-output"], 10)
-    assert at_end("%%run --") == ([], 6)  # every word after %%run is an argument
+    assert at_end("%%run --") == (["--interactive"], 6)  # its one flag, first
+    assert at_end("%%run --interactive --") == ([], 20)  # every later word is an argument
+    assert at_end("%%run x --i") == ([], 8)
     assert at_end("%%bogus --") == ([], 8)
 
 
