@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from cellblock import config as config_module
 from cellblock import logs
-from cellblock.errors import CellblockError, InvalidRequest
+from cellblock.errors import CellblockError, FieldProblem, InvalidRequest
 
 if TYPE_CHECKING:
     from cellblock.service.client import Client, Stream
@@ -215,6 +215,11 @@ async def _exec(config: config_module.Config, args: argparse.Namespace) -> int:
 
     raw = _read_json(args.submission)
     submission = parse_submission(raw, config.limits)
+    if submission.request.stdin_mode == "interactive":
+        raise InvalidRequest([FieldProblem(
+            "stdin_mode", "interactive stdin comes through the service: use cellblock submit "
+            "--interactive, or give stdin with the submission",
+        )])  # fmt: skip
     sandboxes = host.prepare(config)
     runner = SubmissionRunner(sandboxes.sandbox(args.slot))
     submission_id = secrets.token_urlsafe(18)

@@ -14,10 +14,12 @@ to stdin; its end (a pipe is closed; a terminal is sent its end-of-file characte
 a read at the start of a line as at a real terminal); a signal to every process of the stage
 but its init; a terminal's new size (the kernel sends SIGWINCH).
 
-``input_wanted`` (``on_wanted``): checked (waiting.py) once input and output have been quiet
-for a moment, then less and less often while the program runs; once announced, not again
-until input has come: an idle stage that waits for input costs no CPU here, and each read
-that waits is announced once. The output the program wrote before it blocked goes first.
+``input_wanted`` (``on_wanted``): checked (waiting.py, in a thread) once input and output
+have been quiet for a moment, then less and less often while the program runs; once
+announced, not looked for again until input has come, and not announced again while the
+same task is still in the same wait (keystrokes of a line not yet ended, say): an idle stage
+that waits for input costs no CPU here, and each wait is announced once. The output the
+program wrote before it blocked goes first.
 
 A console serves one stage; ``Jail.serve`` drives it (``StageStreams``).
 """
@@ -27,31 +29,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import struct
 import termios
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
 
 from cellblock.executor.cgroups import StageCgroup
-from cellblock.executor.jail import Reader, StageStreams, feed
-from cellblock.executor.waiting import waiting_for_stdin
+from cellblock.executor.jail import Reader, StageStreams, close_fd, feed
+from cellblock.executor.waiting import Exhausted, Stdin, Wait, waiting_reader
 from cellblock.service.protocol.interactive import (
     Input,
-    Resize,
     SignalInput,
     StdinData,
     StdinEnd,
 )
 
-#: Seconds after an input or output before the first check that the program waits, and the
-#: longest time between checks while it runs.
+#: Seconds after an input or output before the first check that the program waits, the
+#: longest time between checks while it runs, and the time after a check that ran out of
+#: looks (waiting.py) before the next.
 FIRST_CHECK = 0.002
 LAST_CHECK = 0.25
-#: Seconds one wait for input lasts before the loop looks again (it is cancelled at the end).
+EXHAUSTED_CHECK = 2.0
+#: Seconds one wait for input lasts before the loop looks again (it is cancelled at the end),
+#: and the pause after the input's store failed.
 INPUT_POLL = 30.0
+INPUT_RETRY = 1.0
 TIOCGPTPEER = 0x5441
+
+log = logging.getLogger("cellblock.executor")
 
 
 class InputSource(Protocol):
@@ -75,23 +85,22 @@ class Console(StageStreams):
         super().__init__()
         self.inputs, self.tty_size, self.on_wanted = inputs, tty_size, on_wanted
         self._input = -1  # a terminal's master, or stdin's write end
-        self._stdin: tuple[int, int] = (0, 0)  # device and inode the program reads
+        self._stdin = Stdin(0, 0)
         self._stirred = asyncio.Event()  # input or output came
-        self._fed = asyncio.Event()  # input came
+        self._fed = asyncio.Event()  # bytes (or the end) came for the program to read
+        self._writes: asyncio.Queue[bytes | None] = asyncio.Queue()
 
     def open(self) -> tuple[tuple[int, int, int], int, int]:
         if self.tty_size is None:
             ends, stdout_r, stderr_r = super().open()
             self._input, self._stdin_w = self._stdin_w, -1
-            info = os.fstat(self._input)
-            self._stdin = (info.st_dev, info.st_ino)
+            self._stdin = Stdin.of(self._input, terminal=False)
             return ends, stdout_r, stderr_r
         master, slave = os.openpty()
         try:
             rows, cols = self.tty_size
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            info = os.fstat(slave)
-            self._stdin = (info.st_dev, info.st_ino)
+            self._stdin = Stdin.of(slave, terminal=True)
             # The master is read as stdout, and also written to: a second descriptor for it.
             self._input = os.dup(master)
             stderr_r, stderr_w = os.pipe()  # all output comes on the terminal: none here
@@ -102,64 +111,93 @@ class Console(StageStreams):
             raise
         return (slave, slave, slave), master, stderr_r
 
-    async def attend(self, stdout: Reader, cgroup: StageCgroup) -> None:
-        """Apply the input as it comes and watch for the program to wait, until cancelled."""
-        consume = stdout.consume
-
-        def on_output(chunk: bytes) -> None:
-            consume(chunk)
+    def watched(self, consume: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        def on_output(chunk: bytes) -> Any:
             self._stirred.set()
+            return consume(chunk)
 
-        stdout.consume = on_output
-        watch = asyncio.ensure_future(self._watch(stdout, cgroup))
+        return on_output
+
+    async def attend(self, outputs: Sequence[Reader], cgroup: StageCgroup) -> None:
+        """Apply the input as it comes and watch for the program to wait, until cancelled.
+        Bytes go through a writer of their own, so that a signal or a resize never waits
+        behind a write the program does not read."""
+        helpers = [
+            asyncio.ensure_future(self._write()),
+            asyncio.ensure_future(self._watch(outputs, cgroup)),
+        ]
         try:
             while True:
-                for item in await self.inputs.take(INPUT_POLL):
-                    await self._apply(item, cgroup)
-                    self._stirred.set()
-                    self._fed.set()
+                try:
+                    items = await self.inputs.take(INPUT_POLL)
+                except (OSError, RedisError) as exc:  # the store is away: input waits for it
+                    log.warning("stage input unavailable", extra={"error": str(exc)})
+                    await asyncio.sleep(INPUT_RETRY)
+                    continue
+                for item in items:
+                    self._apply(item, cgroup)
         finally:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watch
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.wait(helpers)
 
-    async def _apply(self, item: Input, cgroup: StageCgroup) -> None:
-        if isinstance(item, StdinData):
-            if self._input >= 0:
-                with contextlib.suppress(OSError):  # a terminal whose programs are gone: EIO
-                    await feed(self._input, item.data)
-        elif isinstance(item, StdinEnd):
-            if self.tty_size is None:
-                self._input = _close(self._input)
-            elif self._input >= 0:
-                with contextlib.suppress(OSError):
-                    await feed(self._input, termios.tcgetattr(self._input)[6][termios.VEOF])
+    def _apply(self, item: Input, cgroup: StageCgroup) -> None:
+        if isinstance(item, StdinData | StdinEnd):
+            self._writes.put_nowait(item.data if isinstance(item, StdinData) else None)
         elif isinstance(item, SignalInput):
             signal_stage(cgroup, signal.Signals[item.signal])
-        elif isinstance(item, Resize) and self.tty_size is not None and self._input >= 0:
+        elif self.tty_size is not None and self._input >= 0:
             size = struct.pack("HHHH", item.rows, item.cols, 0, 0)
             with contextlib.suppress(OSError):
                 fcntl.ioctl(self._input, termios.TIOCSWINSZ, size)
 
-    async def _watch(self, stdout: Reader, cgroup: StageCgroup) -> None:
-        """Announce each wait for input once: the next is only looked for after input came."""
+    async def _write(self) -> None:
+        """Write the program's input in order: bytes, and ``None`` for its end (a pipe is
+        closed; a terminal is sent its end-of-file character, which ends a read at the start
+        of a line, and only hands over the line typed so far elsewhere, as at a terminal)."""
         while True:
-            await self._until_waiting(cgroup)
-            stdout.flush()  # what it wrote before it blocked goes first
+            data = await self._writes.get()
+            if self._input < 0:
+                continue
+            with contextlib.suppress(OSError, termios.error):  # a terminal gone quiet: EIO
+                if data is not None:
+                    await feed(self._input, data)
+                elif self.tty_size is None:
+                    self._input = close_fd(self._input)
+                else:
+                    await feed(self._input, termios.tcgetattr(self._input)[6][termios.VEOF])
+            self._stirred.set()
+            self._fed.set()
+
+    async def _watch(self, outputs: Sequence[Reader], cgroup: StageCgroup) -> None:
+        """Announce each wait for input once: the same task still in the same wait (it has
+        not run since) is not announced again, and nothing is looked for until input came."""
+        announced: Wait | None = None
+        while True:
+            wait = await self._until_waiting(cgroup)
             self._fed.clear()
-            self.on_wanted()
+            if wait != announced:
+                for reader in outputs:
+                    reader.flush()  # what it wrote before it blocked goes first
+                self.on_wanted()
+                announced = wait
             await self._fed.wait()
 
-    async def _until_waiting(self, cgroup: StageCgroup) -> None:
-        """Return once the program waits for input, nothing buffered: checked when input and
-        output have been quiet for ``FIRST_CHECK``, then at growing intervals."""
+    async def _until_waiting(self, cgroup: StageCgroup) -> Wait:
+        """The program's wait for input, once it waits with nothing buffered: checked when
+        input and output have been quiet for ``FIRST_CHECK``, then at growing intervals."""
         delay = FIRST_CHECK
         while True:
             try:
                 await asyncio.wait_for(self._stirred.wait(), delay)
             except TimeoutError:
-                if waiting_for_stdin(cgroup.procs(), self._stdin) and not self._buffered():
-                    return
+                try:
+                    wait = await asyncio.to_thread(waiting_reader, cgroup.procs(), self._stdin)
+                except Exhausted:
+                    delay = EXHAUSTED_CHECK
+                    continue
+                if wait is not None and not self._buffered():
+                    return wait
                 delay = min(delay * 2, LAST_CHECK)
             else:
                 self._stirred.clear()
@@ -182,7 +220,7 @@ class Console(StageStreams):
 
     def close(self) -> None:
         super().close()
-        self._input = _close(self._input)
+        self._input = close_fd(self._input)
 
 
 def _unread(fd: int) -> int:
@@ -190,17 +228,10 @@ def _unread(fd: int) -> int:
     return count
 
 
-def _close(fd: int) -> int:
-    if fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    return -1
-
-
 def signal_stage(cgroup: StageCgroup, sig: signal.Signals) -> None:
     """Send ``sig`` to every process of the stage but its init (pid 1 of the jail's namespace:
     it must live to report how the program ended)."""
-    for pid in cgroup.procs():
+    for pid in dict.fromkeys(cgroup.procs()):  # a v1 cgroup lists each once per hierarchy
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/status") as status:
                 nspid = next(line for line in status if line.startswith("NSpid:")).split()

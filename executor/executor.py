@@ -136,6 +136,18 @@ class Executor:
                 await events.append([StatusEvent(status="error", error=message), FinishedEvent()])
             await self.store.jobs.done(job)
             return
+        if job.deliveries > 1 and submission.request.stdin_mode == "interactive":
+            # A person was typing to the program that stopped: run afresh, it would take what
+            # they type next as the answers to its first questions.
+            message = (
+                "the executor running this interactive program stopped; a conversation cannot "
+                "be resumed: submit it again"
+            )
+            log.warning("interactive job not retried", extra=fields)
+            with contextlib.suppress(Rejected):
+                await events.append([StatusEvent(status="error", error=message), FinishedEvent()])
+            await self.store.jobs.done(job)
+            return
         try:
             await events.append([StatusEvent(status="running", worker=self.info.id)])
         except Rejected:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from typing import Any
 
 from cellblock.executor.cgroups import StageCgroup
 
+logger = logging.getLogger("cellblock.executor")
 #: Seconds nsjail gets to end after its jail before it is killed.
 END_TIMEOUT = 5.0
 #: The header of a stage on the control socket (jailinit.c): magic, the fields' length, and
@@ -174,8 +176,8 @@ class Jail:
         status_host, status_jail = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.status = status_host.detach()
         readers = [
-            Reader(stdout_r, outputs["stdout"]),
-            Reader(stderr_r, outputs["stderr"]),
+            Reader(stdout_r, streams.watched(outputs["stdout"])),
+            Reader(stderr_r, streams.watched(outputs["stderr"])),
             Reader(self.status, on_status),
         ]
         writers: list[asyncio.Future[None]] = []
@@ -189,7 +191,7 @@ class Jail:
             for fd in set(jail_ends):  # a terminal is all three
                 os.close(fd)
             status_jail.close()
-        attending = asyncio.ensure_future(streams.attend(readers[0], self.cgroup))
+        attending = asyncio.ensure_future(streams.attend(readers[:2], self.cgroup))
         log = bytearray()
         cpu_time, memory = 0.0, None
         wall_killed = False
@@ -224,8 +226,11 @@ class Jail:
                 reader.stop()
             for writer in [*writers, attending]:
                 writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await attending
+            # Waited for, not awaited: neither its cancellation nor its failure is the stage's
+            # outcome (a cancel of this task meanwhile still propagates).
+            await asyncio.wait([attending])
+            if not attending.cancelled() and attending.exception() is not None:
+                logger.warning("stage streams failed", exc_info=attending.exception())
             streams.close()
             os.close(stdout_r)
             os.close(stderr_r)
@@ -260,7 +265,7 @@ class Jail:
 
     def dismiss(self) -> None:
         """Let the init of the stage served last end: the stage is measured."""
-        self.status = _close(self.status)
+        self.status = close_fd(self.status)
 
     def terminate(self) -> None:
         """Ask nsjail to end now: it kills its jail and exits."""
@@ -304,7 +309,7 @@ class Jail:
     def _free(self) -> None:
         self.dismiss()
         self.control.close()
-        self.log = _close(self.log)
+        self.log = close_fd(self.log)
         self.cgroup.close()
         self.cgroup.remove()
 
@@ -335,9 +340,9 @@ class StageStreams:
     pipes for stdout and stderr. A console (console.py) streams stdin as the stage runs.
 
     ``open`` makes them: the jail's ends (stdin, stdout, stderr; closed by the caller once
-    sent) and the host's ends of stdout and stderr (read and closed by the caller). ``attend``
-    runs from the hand-over until the stage's end, when it is cancelled; ``close`` then
-    closes what the streams still hold.
+    sent) and the host's ends of stdout and stderr (read, through what ``watched`` makes of
+    their consumers, and closed by the caller). ``attend`` runs from the hand-over until the
+    stage's end, when it is cancelled; ``close`` then closes what the streams still hold.
     """
 
     def __init__(self, stdin: bytes = b"") -> None:
@@ -350,12 +355,15 @@ class StageStreams:
         )
         return (stdin_r, stdout_w, stderr_w), stdout_r, stderr_r
 
-    async def attend(self, stdout: Reader, cgroup: StageCgroup) -> None:
+    def watched(self, consume: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        return consume
+
+    async def attend(self, outputs: Sequence[Reader], cgroup: StageCgroup) -> None:
         fd, self._stdin_w = self._stdin_w, -1
         await feed(fd, self.stdin, close=True)
 
     def close(self) -> None:
-        self._stdin_w = _close(self._stdin_w)
+        self._stdin_w = close_fd(self._stdin_w)
 
 
 def send_header(
@@ -367,7 +375,7 @@ def send_header(
     control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", *fds))])
 
 
-def _close(fd: int) -> int:
+def close_fd(fd: int) -> int:
     """Close ``fd`` unless it is -1 already; -1, for the attribute that held it."""
     if fd >= 0:
         with contextlib.suppress(OSError):

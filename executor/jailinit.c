@@ -321,7 +321,10 @@ int main(int argc, char **argv) {
         /* A terminal for stdin (an interactive stage, see console.py) becomes the controlling
          * terminal of a session of the program's own: Ctrl-C typed on it is SIGINT for the
          * program's process group, and /dev/tty is it. */
-        if (isatty(STDIN_FILENO) && (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) != 0)) _exit(127);
+        if (isatty(STDIN_FILENO) && (setsid() < 0 || ioctl(STDIN_FILENO, TIOCSCTTY, 0) != 0)) {
+            dprintf(2, "cellblock: cannot make the terminal the program's own: %s\n", strerror(errno));
+            _exit(126);
+        }
         /* Nothing but its three streams outlives exec: the program has no business with the
          * status socket (nor with the control socket, closed above). */
         for (int k = 0; k < NFDS; k++)

@@ -2,10 +2,13 @@
 queued per submission for the executor that runs it.
 
 Keys (prefix ``cb``): ``cb:stdin:ID``, a list of encoded inputs in the order they came, and
-``cb:stdin-bytes:ID``, the stdin bytes queued so far, which ``put`` keeps under the per-stage
-cap atomically (several service processes may take one submission's messages). Both expire
-with the submission; the executor drops them at the stage's end (``discard``): input nobody
-read is not kept.
+``cb:stdin-bytes:ID``, the bytes queued so far, which ``put`` keeps under the per-stage cap
+atomically (several service processes may take one submission's messages). Every input counts
+at least ``MIN_CHARGE`` bytes, so that signals and resizes cannot pile up for free before the
+stage runs. The executor drops both at the stage's end (``discard``) and leaves
+``cb:stdin-closed:ID``, after which ``put`` refuses: input nobody read is not kept, and none
+comes after. The store drops them when the submission ends however it ends (a compile that
+failed, a cancel).
 
 Concurrency: any number of ``put`` callers; one ``take`` caller, the executor of the stage.
 Cancelling ``take`` may lose what its pop was receiving: cancel it only when the stage ends,
@@ -25,17 +28,18 @@ from cellblock.service.protocol.interactive import (
     encode_input,
 )
 
-#: Queue the input unless it takes the stage's stdin past its cap (ARGV[3]); the new total,
-#: or -1 if refused.
-_PUT = """
-local total = redis.call('INCRBY', KEYS[2], ARGV[2])
-if total > tonumber(ARGV[3]) then
-    redis.call('DECRBY', KEYS[2], ARGV[2])
-    return -1
-end
+#: What an input costs of the per-stage cap, at the least.
+MIN_CHARGE = 64
+#: KEYS: the list, the bytes, the closing mark. ARGV: the input, its charge, the cap, the TTL.
+#: Queue the input unless the stage's input has ended (-2) or it takes the stage past its cap
+#: (-1); else the new total.
+PUT_INPUT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
+local total = tonumber(redis.call('GET', KEYS[2]) or '0') + tonumber(ARGV[2])
+if total > tonumber(ARGV[3]) then return -1 end
+redis.call('SET', KEYS[2], total, 'EX', ARGV[4])
 redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
 return total
 """
 
@@ -43,16 +47,27 @@ return total
 class StageInputs:
     """The queued input of one submission's interactive run stage."""
 
-    def __init__(self, redis: Any, prefix: str, sid: str, retention: int) -> None:
+    def __init__(self, redis: Any, put: Any, prefix: str, sid: str, retention: int) -> None:
         self.redis, self.sid, self.retention = redis, sid, retention
         self.key, self.bytes_key = f"{prefix}:stdin:{sid}", f"{prefix}:stdin-bytes:{sid}"
-        self._put = redis.register_script(_PUT)
+        self.closed_key = f"{prefix}:stdin-closed:{sid}"
+        self._put = put  # PUT_INPUT, registered once by the store
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys that hold queued input (not the closing mark)."""
+        return [self.key, self.bytes_key]
 
     async def put(self, item: Input, stage_cap: int) -> None:
-        """Queue ``item``; 413 if its bytes take the stage's stdin past ``stage_cap``."""
-        size = len(item.data) if isinstance(item, StdinData) else 0
+        """Queue ``item``; 409 once the stage's input has ended, 413 if it takes the stage's
+        input past ``stage_cap``."""
+        size = max(len(item.data) if isinstance(item, StdinData) else 0, MIN_CHARGE)
         args = [encode_input(item), size, stage_cap, self.retention]
-        if await self._put(keys=[self.key, self.bytes_key], args=args) == -1:
+        answer = await self._put(keys=[*self.keys, self.closed_key], args=args)
+        if answer == -2:
+            message = f"the run stage of {self.sid} has ended: it takes no more input"
+            raise ErrorResponse(409, ErrorCode.CONFLICT, message)
+        if answer == -1:
             raise ErrorResponse(
                 413, ErrorCode.LIMIT_EXCEEDED,
                 f"the run stage of {self.sid} takes at most {stage_cap} bytes of stdin "
@@ -69,4 +84,8 @@ class StageInputs:
         return [decode_input(raw) for raw in [first[1], *rest]]
 
     async def discard(self) -> None:
-        await self.redis.delete(self.key, self.bytes_key)
+        """Drop what nobody read, and refuse any more."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(*self.keys)
+            pipe.set(self.closed_key, 1, ex=self.retention)
+            await pipe.execute()

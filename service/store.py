@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 
 from cellblock.errors import CellblockError, ErrorCode
 from cellblock.service import metrics
-from cellblock.service.inputs import StageInputs
+from cellblock.service.inputs import PUT_INPUT, StageInputs
 from cellblock.service.protocol import (
     TERMINAL,
     Event,
@@ -84,7 +84,8 @@ redis.call('HINCRBY', KEYS[6], 'submitted', 1)
 return 1
 """
 
-# KEYS: sub, events, queued, counters, metrics. ARGV: expected version, attempt ('' for any),
+# KEYS: sub, events, queued, counters, metrics, then the interactive input's keys (inputs.py),
+# dropped when the submission ends. ARGV: expected version, attempt ('' for any),
 # new state ('' when only outputs were added: it did not change), new status, new attempts,
 # retention ('' unless the submission ends), id, what the events add to the metrics (a JSON
 # object of field -> amount, '' for nothing: service/metrics.py), then the events in order.
@@ -112,6 +113,7 @@ if ARGV[4] ~= 'queued' then redis.call('SREM', KEYS[3], ARGV[7]) end
 if ARGV[6] ~= '' and cur[2] ~= ARGV[4] then
   redis.call('EXPIRE', KEYS[1], ARGV[6])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
+  redis.call('DEL', KEYS[6], KEYS[7])
   redis.call('HINCRBY', KEYS[4], 'ended:' .. ARGV[4], 1)
 end
 return seq
@@ -209,6 +211,7 @@ class Store:
         self.queue_size = queue_size
         self._submit = redis.register_script(_SUBMIT)
         self._append = redis.register_script(_APPEND)
+        self._put_input = redis.register_script(PUT_INPUT)
         self.jobs = JobQueue(redis, f"{prefix}:jobs", JOBS_GROUP)
 
     @classmethod
@@ -228,7 +231,7 @@ class Store:
 
     def inputs(self, sid: str) -> StageInputs:
         """The queued input of the submission's interactive run stage."""
-        return StageInputs(self.redis, self.p, sid, self.retention)
+        return StageInputs(self.redis, self._put_input, self.p, sid, self.retention)
 
     def _sub(self, sid: str) -> str:
         return f"{self.p}:sub:{sid}"
@@ -436,7 +439,7 @@ class EventLog:
             changed = new is not state
             last = await store._append(
                 keys=[store._sub(sid), store._events(sid), f"{store.p}:queued",
-                      f"{store.p}:counters", metrics.key(store)],
+                      f"{store.p}:counters", metrics.key(store), *store.inputs(sid).keys],
                 args=[version, expected, json.dumps(new.as_record()) if changed else "",
                       new.status, new.attempts,
                       store.retention if new.status in TERMINAL else "", sid,

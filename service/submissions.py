@@ -27,7 +27,7 @@ from cellblock.service.protocol import (
     SubmissionState,
     parse_submission,
 )
-from cellblock.service.protocol.interactive import Input, StdinData
+from cellblock.service.protocol.interactive import Input, Resize, SignalInput, StdinData
 from cellblock.service.store import QueueAtCapacity, Rejected, Store
 
 log = logging.getLogger("cellblock.service")
@@ -103,6 +103,14 @@ class Submissions:
         if state.done or state.stages.get("run") is not None:
             message = f"the run stage of {sid} has ended: it takes no more input"
             raise ErrorResponse(409, ErrorCode.CONFLICT, message)
+        if isinstance(item, SignalInput | Resize) and state.stage != "run":
+            # Else it would wait for a stage that may never come, and hit a program that
+            # never saw what it was sent for.
+            message = f"{sid} is not running its program yet: a {_kind(item)} goes to a running one"
+            raise ErrorResponse(409, ErrorCode.CONFLICT, message)
+        if isinstance(item, Resize) and not state.tty:
+            message = f"{sid} runs without a terminal: there is nothing to resize"
+            raise ErrorResponse(409, ErrorCode.CONFLICT, message)
         caps = self.policy.interactive
         if isinstance(item, StdinData) and len(item.data) > caps.max_message:
             raise ErrorResponse(
@@ -150,3 +158,7 @@ class Submissions:
                     return
             yield events
             since = events[-1].seq
+
+
+def _kind(item: SignalInput | Resize) -> str:
+    return "signal" if isinstance(item, SignalInput) else "resize"

@@ -98,6 +98,13 @@ class StdinMessage(_ClientMessage):
     def _data_or_eof(self) -> StdinMessage:
         if (self.data is None) == (self.eof is None):
             raise ValueError("give either data or eof")
+        if self.data == "":
+            raise ValueError("data is empty: send some input, or eof")
+        if self.data is not None and self.encoding == "utf8":
+            try:
+                self.data.encode()
+            except UnicodeEncodeError:  # a lone surrogate: JSON can carry it, UTF-8 cannot
+                raise ValueError("data is not text that UTF-8 can carry") from None
         if self.data is not None and self.encoding == "base64":
             try:
                 base64.b64decode(self.data, validate=True)

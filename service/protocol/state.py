@@ -94,6 +94,7 @@ class SubmissionState:
     has_compile: bool = True
     #: The run stage's stdin comes from the client (``stdin_mode: "interactive"``).
     interactive: bool = False
+    tty: bool = False
     #: The closing ``finished`` event came: nothing more is taken.
     closed: bool = False
     #: The request's tests, and each one's result once it has one (a submission with tests).
@@ -111,6 +112,7 @@ class SubmissionState:
             has_dependencies=bool(request.dependencies),
             has_compile=request.compile is not None,
             interactive=request.stdin_mode == "interactive",
+            tty=request.tty,
             test_plan=tuple(
                 PlannedTest(t.name, t.points, t.expected_output) for t in request.tests or ()
             ),
@@ -176,6 +178,7 @@ class SubmissionState:
             "has_dependencies": self.has_dependencies,
             "has_compile": self.has_compile,
             "interactive": self.interactive,
+            "tty": self.tty,
             "closed": self.closed,
             "test_plan": [
                 {"name": t.name, "max_points": t.max_points, "expected_output": t.expected_output}

@@ -90,8 +90,9 @@ async def test_another_user_cannot_type_into_signal_or_resize_the_program(
 async def test_a_flood_of_input_stops_at_the_stage_cap_and_the_program_goes_on(
     target: Target, connect: Connect
 ) -> None:
-    """The program never reads: what is sent piles up in the service's queue, not in the
-    executor's memory, until the per-stage cap (1 MiB) refuses more."""
+    """The program never reads: what is sent fills its pipe, then waits in the service's queue
+    and the executor's writer, until the per-stage cap (1 MiB) refuses more. Every input
+    counts, signals too (at least 64 bytes each), so none piles up for free."""
     s = await open_conversation(connect, {
         "run": "sleep 3; echo survived", "stdin_mode": "interactive",
         "limits": {"run": {"wall_time": 10}},

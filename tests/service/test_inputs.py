@@ -4,11 +4,13 @@ Redis, an executor and nsjail; a program that prompts, on a terminal and on a pi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from restio import BOB, Rest
 from wsio import Conversation, Socket
 
@@ -69,7 +71,15 @@ async def test_on_a_terminal_each_prompt_shows_before_its_input_is_wanted(sessio
     # Once per scanf: not again while it computes, and the terminal echoes what was typed.
     assert [e["type"] for e in between].count("input_wanted") == 1
     assert s.output(between) == "40\r\nsecond? "
-    await s.type("2\n")
+    # No second wish while it waits: keystrokes of a line not yet ended (echoed), a resize.
+    await s.type("2")
+    await s.ws.send({"type": "resize", "id": s.sid, "tty_size": [30, 90]})
+    meanwhile = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            meanwhile.append(await s.next(timeout=1.0))
+    assert [(e["type"], e.get("data")) for e in meanwhile] == [("output", "2")]
+    await s.type("\n")
     rest = await s.until("finished")
     assert "input_wanted" not in [e["type"] for e in rest]
     run = rest[-1]["submission"]["stages"]["run"]
@@ -114,14 +124,46 @@ async def test_ctrl_c_on_the_terminal_ends_a_loop_as_sigint(session: Any) -> Non
 
 
 async def test_a_signal_message_reaches_the_program_not_init(session: Any) -> None:
-    s = await session(interactive("trap 'echo got TERM; exit 7' TERM; while :; do sleep 0.1; done",
-                                  tty=False))  # fmt: skip
-    await s.until("stage_started")
-    await asyncio.sleep(0.5)
-    await s.ws.send({"type": "signal", "id": s.sid, "signal": "SIGTERM"})
+    """SIGKILL, which init would not survive either: the stage still ends with init's own
+    report of the program's death."""
+    s = await session(interactive("cat; echo never", tty=False))
+    await s.until("input_wanted")
+    await s.ws.send({"type": "signal", "id": s.sid, "signal": "SIGKILL"})
     rest = await s.until("finished")
     run = rest[-1]["submission"]["stages"]["run"]
-    assert (run["status"], run["exit_code"], run["stdout"]) == ("failed", 7, "got TERM\n"), run
+    assert (run["status"], run["signal_name"], run["stdout"]) == ("signaled", "SIGKILL", ""), run
+
+
+async def test_a_signal_is_not_held_up_by_input_the_program_does_not_read(session: Any) -> None:
+    """A megabyte of input for a program that never reads fills the pipe; the signal sent
+    after it still arrives at once."""
+    s = await session(interactive("trap 'echo got INT; exit 7' INT; while :; do sleep 0.1; done",
+                                  tty=False))  # fmt: skip
+    await s.until("stage_started")
+    for _ in range(4):
+        await s.type("x" * 60000)
+    await s.ws.send({"type": "signal", "id": s.sid, "signal": "SIGINT"})
+    rest = await s.until("finished", timeout=8)
+    run = rest[-1]["submission"]["stages"]["run"]
+    assert (run["status"], run["exit_code"], run["stdout"]) == ("failed", 7, "got INT\n"), run
+
+
+async def test_a_read_of_dev_tty_wants_input_too(session: Any) -> None:
+    s = await session(interactive('read -r x < /dev/tty; echo "read $x"'))
+    await s.until("input_wanted")
+    await s.type("it\n")
+    rest = await s.until("finished")
+    assert rest[-1]["submission"]["stages"]["run"]["stdout"].endswith("read it\r\n")
+
+
+async def test_input_typed_ahead_during_compile_reaches_the_program(session: Any) -> None:
+    s = await session(interactive("read a; read b; echo \"$a $b\"", tty=False,
+                                  compile="sleep 1"))  # fmt: skip
+    await s.until("stage_started")  # compile's
+    await s.type("typed\n")
+    await s.type("ahead\n")
+    rest = await s.until("finished")
+    assert rest[-1]["submission"]["stages"]["run"]["stdout"] == "typed ahead\n"
 
 
 async def test_a_program_that_never_reads_gets_no_input_wanted(session: Any) -> None:
@@ -206,6 +248,9 @@ async def test_bad_stage_messages_are_refused_and_the_program_goes_on(
         ({"type": "stdin", "id": s.sid}, "data"),
         ({"type": "stdin", "id": s.sid, "data": "%%", "encoding": "base64"}, "data"),
         ({"type": "resize", "id": s.sid, "tty_size": [0, 80]}, "tty_size"),
+        ({"type": "stdin", "id": s.sid, "data": ""}, "data"),
+        ({"type": "stdin", "id": s.sid, "data": "\ud800"}, "data"),  # a lone surrogate
+        ({"type": "resize", "id": s.sid, "tty_size": [30, 90]}, None),  # no terminal
         ({"type": "stdin", "id": s.sid, "data": "x" * (64 * 1024 + 1)}, None),
     ]
     for message, field in bad:
@@ -213,6 +258,8 @@ async def test_bad_stage_messages_are_refused_and_the_program_goes_on(
         assert answer["type"] == "error" and answer["request_id"] == 5, answer
         if field is not None:
             assert answer["details"][0]["field"] == field, answer
+        elif message["type"] == "resize":
+            assert answer["code"] == "conflict" and "without a terminal" in answer["message"]
         else:
             assert answer["code"] == "limit_exceeded" and "65536" in answer["message"]
     # Another token: exactly as an unknown id.
@@ -263,3 +310,41 @@ async def test_interactive_requests_that_cannot_be_are_refused_naming_the_field(
         answer = await ws.ask({"type": "submit", "submission": request})
         assert answer["type"] == "error", (request, answer)
         assert answer["details"][0]["field"] == field, (request, answer)
+
+
+async def test_an_interactive_program_whose_executor_died_is_not_run_again(
+    connect: Connect, launch: Any
+) -> None:
+    """Run afresh, the program would take what the person types next as the answers to its
+    first questions: the submission ends in error, saying why."""
+    first = await launch(slots=1)
+    ws = await connect()
+    answer = await ws.ask({"type": "submit", "submission": interactive("read a; read b")})
+    s = Conversation(ws, answer["id"])
+    await s.until("input_wanted")
+    first.proc.kill()
+    first.proc.wait()
+    await launch(slots=1)
+    rest = await s.until("finished", timeout=60)
+    document = rest[-1]["submission"]
+    assert document["status"] == "error" and "cannot be resumed" in document["error"], document
+
+
+async def test_input_for_a_run_that_never_comes_is_refused_then_dropped(
+    session: Any, service: Any
+) -> None:
+    """While compile runs, a signal has no program to go to; typed input waits for the run,
+    and when compile fails, the store drops it with the submission's end."""
+    s = await session(interactive("cat", compile="sleep 1; exit 1"))
+    await s.until("stage_started")
+    answer = await s.answer({"type": "signal", "id": s.sid, "signal": "SIGINT"})
+    assert answer["code"] == "conflict" and "not running its program yet" in answer["message"]
+    await s.type("typed ahead\n")
+    redis = aioredis.Redis.from_url(service.redis_url, decode_responses=True)
+    try:
+        assert await redis.llen(f"cb:stdin:{s.sid}") == 1
+        rest = await s.until("finished")
+        assert rest[-1]["submission"]["stages"]["compile"]["status"] == "failed"
+        assert await redis.exists(f"cb:stdin:{s.sid}", f"cb:stdin-bytes:{s.sid}") == 0
+    finally:
+        await redis.aclose()
