@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -49,9 +50,16 @@ def guess(tty: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time of the process ``pid`` so far (user and system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @pytest.fixture
 async def session(connect: Connect, launch: Any) -> AsyncIterator[Any]:
-    await launch()
+    executor = await launch()
 
     async def start(request: dict[str, Any]) -> Conversation:
         ws = await connect()
@@ -59,6 +67,7 @@ async def session(connect: Connect, launch: Any) -> AsyncIterator[Any]:
         assert answer["type"] == "accepted", answer
         return Conversation(ws, answer["id"])
 
+    start.executor = executor  # type: ignore[attr-defined]
     yield start
 
 
@@ -176,11 +185,15 @@ async def test_a_program_that_never_reads_gets_no_input_wanted(session: Any) -> 
 async def test_a_program_waiting_forever_ends_at_its_wall_time_without_cpu(
     session: Any, service: Any, until: Any
 ) -> None:
-    """Its slot counts busy meanwhile (as the executor's next heartbeat says); only
-    wall_time ends it."""
+    """Its slot counts busy meanwhile (as the executor's next heartbeat says), the executor
+    spends next to no CPU on it (no polling once the wait is announced), and only wall_time
+    ends it."""
     s = await session(interactive("read x", limits={"run": {"wall_time": 4}}))
     started = time.monotonic()
     await s.until("input_wanted")
+    before = cpu_seconds(session.executor.proc.pid)
+    await asyncio.sleep(2)
+    assert cpu_seconds(session.executor.proc.pid) - before < 0.25
     rest_api = Rest(service.url)
 
     async def busy() -> bool:
