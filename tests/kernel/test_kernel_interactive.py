@@ -243,12 +243,8 @@ async def test_end_of_file_typed_closes_the_programs_stdin(kernel: Kernel) -> No
 
 async def test_an_interrupt_sends_the_program_sigint_first(kernel: Kernel) -> None:
     km, kc = kernel
-
-    async def interrupt() -> None:
-        await km.interrupt_kernel()
-
     code = '%%run --interactive\nread -p "Number? " n\necho never\n'
-    talk = await converse(kc, code, interrupt)
+    talk = await converse(kc, code, km.interrupt_kernel)
     # The program ended of its SIGINT, as Ctrl-C on its terminal ends it: the run's own
     # result, not a cancelled submission; its box cleared away.
     out = talk.area
@@ -260,12 +256,8 @@ async def test_an_interrupt_sends_the_program_sigint_first(kernel: Kernel) -> No
 
 async def test_a_program_that_ignores_sigint_is_cancelled(kernel: Kernel) -> None:
     km, kc = kernel
-
-    async def interrupt() -> None:
-        await km.interrupt_kernel()
-
     code = "%%run --interactive\ntrap '' INT\nread -p 'Number? ' n\nsleep 30\n"
-    talk = await converse(kc, code, interrupt)
+    talk = await converse(kc, code, km.interrupt_kernel)
     out = talk.area
     assert out.error == ("CellblockCancelled", "interrupted: the submission was cancelled")
     assert out.status_lines()[-1].endswith("→ cancelled")
