@@ -29,6 +29,7 @@ from cellblock.cachebuilder.environments import (
     EnvironmentCache,
 )
 from cellblock.config import Config
+from cellblock.outage import STORE_DOWN, Outage
 from cellblock.presence import Presence, WorkerInfo
 from cellblock.service import metrics
 from cellblock.service.store import Lease, Store
@@ -59,24 +60,37 @@ class Builder:
 
     async def run(self) -> None:
         """Build until drained. See the module docstring for cancellation."""
-        channel = await self.start()
-        await self.presence.register()
+        outage = Outage(self.info.id, "start")
+        while True:
+            try:
+                channel = await self.start()
+                await self.presence.register()
+                break
+            except STORE_DOWN as exc:
+                await outage.wait(exc)
+        outage.over()
         log.info("builder started", extra={"worker": self.info.id, "channel": channel.path,
                                            "identity": channel.identity})  # fmt: skip
         background = [
             asyncio.create_task(self.presence.keep()),
             asyncio.create_task(self._evict_periodically()),
         ]
+        outage = Outage(self.info.id, "builds")
         try:
             while not self.presence.draining.is_set():
-                job = await self.cache.builds.reclaim(self.info.id, self.config.lease_timeout)
-                job = job or await self.cache.builds.take(self.info.id, block=TAKE_BLOCK)
-                if job is not None:
-                    self.info.busy = 1
-                    try:
-                        await self.build(job)
-                    finally:
-                        self.info.busy = 0
+                try:
+                    job = await self.cache.builds.reclaim(self.info.id, self.config.lease_timeout)
+                    job = job or await self.cache.builds.take(self.info.id, block=TAKE_BLOCK)
+                    outage.over()
+                    if job is not None:
+                        self.info.busy = 1
+                        try:
+                            await self.build(job)
+                        finally:
+                            self.info.busy = 0
+                except STORE_DOWN as exc:
+                    # A build this builder held is reclaimed after its lease (see outage.py).
+                    await outage.wait(exc)
         finally:
             for task in background:
                 task.cancel()
@@ -131,7 +145,8 @@ class Builder:
     async def _heartbeat(self, job: Lease) -> None:
         while True:
             await asyncio.sleep(max(0.2, self.config.lease_timeout / 3))
-            await self.cache.builds.heartbeat(self.info.id, job)
+            with contextlib.suppress(*STORE_DOWN):  # the next beat may reach it
+                await self.cache.builds.heartbeat(self.info.id, job)
 
     async def _evict_periodically(self) -> None:
         while True:
@@ -140,6 +155,8 @@ class Builder:
                 await evict(self.cache, self.config.cache_size_budget, self.config.cache_grace)
             except nix.NixError:
                 log.exception("eviction failed", extra={"worker": self.info.id})
+            except STORE_DOWN as exc:  # the next round tries again
+                log.warning("eviction put off", extra={"worker": self.info.id, "error": str(exc)})
 
 
 async def evict(cache: EnvironmentCache, budget: int, grace: float) -> list[Environment]:

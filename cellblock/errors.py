@@ -42,7 +42,8 @@ class ErrorCode(StrEnum):
     CONFIG = "config"
     SANDBOX = "sandbox"
     NIX = "nix"
-    # The client's: the service cannot be reached, redirects, or breaks the protocol.
+    # The client's: the service cannot be reached, redirects, or breaks the protocol; and the
+    # service's when its store cannot be (503).
     CLIENT = "client"
     UNAVAILABLE = "unavailable"
     REDIRECT = "redirect"

@@ -9,6 +9,7 @@ work, finishes what it runs, unregisters and stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from cellblock.outage import STORE_DOWN, Outage
 from cellblock.service.protocol import now
 from cellblock.service.store import Store
 
@@ -69,11 +71,17 @@ class Presence:
     async def keep(self) -> None:
         """Refresh the registration and watch for a drain request, until cancelled; then
         unregister."""
+        outage = Outage(self.info.id, "presence")
         try:
             while True:
-                await self.register()
-                if await self.store.drain_requested(self.info.id):
-                    self.drain()
+                try:
+                    await self.register()
+                    if await self.store.drain_requested(self.info.id):
+                        self.drain()
+                    outage.over()
+                except STORE_DOWN as exc:
+                    await outage.wait(exc)
+                    continue
                 # Python 3.11's asyncio.wait_for (which redis-py uses to send a command) loses
                 # a cancellation that lands as the command completes; without this check the
                 # worker would never stop. A cancellation is still counted by cancelling().
@@ -82,4 +90,6 @@ class Presence:
                     raise asyncio.CancelledError
                 await asyncio.sleep(min(1.0, self.lease / 3))
         finally:
-            await asyncio.shield(self.store.unregister_worker(self.info.id))
+            # Unreachable, the store forgets this worker by itself when its registration ends.
+            with contextlib.suppress(*STORE_DOWN):
+                await asyncio.shield(self.store.unregister_worker(self.info.id))

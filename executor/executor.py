@@ -6,6 +6,9 @@ the running stage within a fraction of a second. Events go to Redis in order thr
 publisher per job; an event the store refuses (the submission was cancelled, or the job was
 reclaimed by a newer attempt) stops the job.
 
+When the store is unreachable, each slot backs off and tries again (cellblock/outage.py);
+the executor never exits of it.
+
 Drain (SIGTERM, SIGINT, or ``DELETE /api/v1/workers/{id}``): no slot takes new work, running jobs
 finish and are published, the worker unregisters and ``run`` returns. Cancelling ``run`` instead
 stops at once; unfinished jobs are then reclaimed by another executor after the lease.
@@ -23,6 +26,7 @@ from cellblock.errors import CellblockError
 from cellblock.executor.deps import NixDependencies
 from cellblock.executor.host import SandboxHost
 from cellblock.executor.runner import DependencyProvider, SubmissionRunner
+from cellblock.outage import STORE_DOWN, Outage
 from cellblock.presence import Presence, WorkerInfo
 from cellblock.service.protocol import (
     Event,
@@ -76,8 +80,15 @@ class Executor:
 
     async def run(self) -> None:
         """Work until drained. See the module docstring for cancellation."""
-        await self.store.jobs.ensure_group()
-        await self.presence.register()
+        outage = Outage(self.info.id, "start")
+        while True:
+            try:
+                await self.store.jobs.ensure_group()
+                await self.presence.register()
+                break
+            except STORE_DOWN as exc:
+                await outage.wait(exc)
+        outage.over()
         log.info("executor started", extra={"worker": self.info.id, "slots": self.info.slots})
         presence = asyncio.create_task(self.presence.keep())
         try:
@@ -91,22 +102,28 @@ class Executor:
     async def _slot(self, runner: SubmissionRunner) -> None:
         consumer = self.info.id
         next_reclaim = 0.0
+        outage = Outage(consumer, "slot")
         try:
             while not self.presence.draining.is_set():
                 self._prepare(runner)
-                job = None
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + RECLAIM_EVERY
-                    job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
-                if job is None:
-                    job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
-                if job is None:
-                    continue
-                self.info.busy += 1
                 try:
-                    await self._process(job, runner)
-                finally:
-                    self.info.busy -= 1
+                    job = None
+                    if time.monotonic() >= next_reclaim:
+                        next_reclaim = time.monotonic() + RECLAIM_EVERY
+                        job = await self.store.jobs.reclaim(consumer, self.config.lease_timeout)
+                    if job is None:
+                        job = await self.store.jobs.take(consumer, block=TAKE_BLOCK)
+                    outage.over()
+                    if job is None:
+                        continue
+                    self.info.busy += 1
+                    try:
+                        await self._process(job, runner)
+                    finally:
+                        self.info.busy -= 1
+                except STORE_DOWN as exc:
+                    # A job this slot held is reclaimed after its lease (see outage.py).
+                    await outage.wait(exc)
         finally:
             await runner.aclose()
 
@@ -234,10 +251,16 @@ class Executor:
         while not work.done():
             await asyncio.sleep(STATUS_POLL)
             since_renewal += STATUS_POLL
-            if since_renewal >= renew_every:
-                await self.store.jobs.heartbeat(self.info.id, job)
-                since_renewal = 0.0
-            if await self.store.status(sid) in ("cancelled", "error", None):
+            try:
+                if since_renewal >= renew_every:
+                    await self.store.jobs.heartbeat(self.info.id, job)
+                    since_renewal = 0.0
+                status = await self.store.status(sid)
+            except STORE_DOWN:
+                # The next poll may reach it; away past the lease, the job is another
+                # attempt's, and this one's events are refused.
+                continue
+            if status in ("cancelled", "error", None):
                 log.info("job cancelled", extra={"submission": sid})
                 work.cancel()
                 return

@@ -21,6 +21,7 @@ import tornado.web
 
 from cellblock.config import Config
 from cellblock.errors import ErrorCode, ErrorResponse, FieldProblem, InvalidRequest
+from cellblock.outage import STORE_DOWN
 from cellblock.service.auth import Principal, Tokens
 from cellblock.service.metrics import Metrics
 from cellblock.service.protocol import SubmissionState, encode_event
@@ -29,6 +30,9 @@ from cellblock.service.submissions import Submissions
 
 log = logging.getLogger("cellblock.service")
 DEFAULT_WAIT = 60.0
+#: Seconds a client is asked to wait while the store is unreachable.
+STORE_RETRY_AFTER = 5
+STORE_DOWN_MESSAGE = "the service's store (Redis) is unreachable: nothing was done; try again"
 MAX_WAIT = 3600.0
 
 
@@ -95,6 +99,11 @@ class BaseHandler(tornado.web.RequestHandler):
         elif isinstance(exc, tornado.web.HTTPError):
             reason = exc.log_message or self._reason
             body = {"error": {"code": ErrorCode.HTTP, "message": reason, "details": []}}
+        elif isinstance(exc, STORE_DOWN):
+            self.set_status(503)
+            self.set_header("Retry-After", str(STORE_RETRY_AFTER))
+            body = {"error": {"code": ErrorCode.UNAVAILABLE, "message": STORE_DOWN_MESSAGE,
+                              "details": []}}  # fmt: skip
         else:
             body = {
                 "error": {"code": ErrorCode.INTERNAL, "message": "internal error", "details": []}
@@ -107,8 +116,11 @@ class BaseHandler(tornado.web.RequestHandler):
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # A refused request is the client's error, answered in full: no traceback in the log.
-        if not isinstance(value, ErrorResponse | InvalidRequest):
+        # A refused request is the client's error, answered in full: no traceback in the log;
+        # nor for the store's outage, which is not this request's and has one line of its own.
+        if isinstance(value, STORE_DOWN):
+            log.warning("store unreachable", extra={"path": self.request.path, "error": str(value)})
+        elif not isinstance(value, ErrorResponse | InvalidRequest):
             super().log_exception(typ, value, tb)
 
     def on_finish(self) -> None:
@@ -147,7 +159,14 @@ async def capacity(store: Store) -> dict[str, int]:
 
 class HealthHandler(BaseHandler):
     async def get(self) -> None:
-        counts = await capacity(self.services.store)
+        try:
+            counts = await capacity(self.services.store)
+        except STORE_DOWN:
+            # What is down, for a load balancer or an operator: this process is up.
+            self.set_header("Retry-After", str(STORE_RETRY_AFTER))
+            self.send_json(503, {"status": "unavailable", "down": ["redis"],
+                                 "message": STORE_DOWN_MESSAGE})  # fmt: skip
+            return
         # Without a token, the counts only: slots and busy slots need one (/capacity).
         health = {name: counts[name] for name in ("executors", "builders", "queued")}
         self.send_json(200, {"status": "ok", **health})

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import tornado.websocket
 
 from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError, ErrorCode, ErrorResponse, InvalidRequest
-from cellblock.service.api import BaseHandler
+from cellblock.outage import STORE_DOWN
+from cellblock.service.api import STORE_DOWN_MESSAGE, BaseHandler
 from cellblock.service.protocol import encode_event
 from cellblock.service.protocol.messages import (
     Accepted,
@@ -37,6 +39,8 @@ from cellblock.service.protocol.messages import (
     request_id_of,
     stage_input,
 )
+
+log = logging.getLogger("cellblock.service")
 
 
 class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
@@ -89,6 +93,14 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
                     code=exc.code, message=exc.message, details=details, request_id=request_id
                 )
             )
+        except STORE_DOWN as exc:
+            log.warning("store unreachable", extra={"path": self.request.path, "error": str(exc)})
+            self._send(
+                ErrorAnswer(
+                    code=ErrorCode.UNAVAILABLE, message=STORE_DOWN_MESSAGE,
+                    request_id=request_id_of(message),
+                )
+            )  # fmt: skip
 
     async def _dispatch(self, msg: ClientMessage) -> None:
         submissions = self.services.submissions
@@ -118,10 +130,15 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         task.add_done_callback(self._relays.discard)
 
     async def _relay_events(self, sid: str, since: int, ended: bool) -> None:
-        async for events in self.services.submissions.follow(sid, since, ended):
-            for event in events:
-                with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-                    self.write_message(encode_event(event))
+        try:
+            async for events in self.services.submissions.follow(sid, since, ended):
+                for event in events:
+                    with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+                        self.write_message(encode_event(event))
+        except STORE_DOWN as exc:
+            # 1013, try again later: the client reconnects and resumes where its events stopped.
+            log.warning("store unreachable", extra={"submission": sid, "error": str(exc)})
+            self.close(1013, "the service's store is unreachable: reconnect and resume")
 
     def _send(self, answer: Answer) -> None:
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.client import ClientConnection
 
+from cellblock.errors import ErrorCode
 from cellblock.service.client.errors import (
     ServiceUnavailable,
     StreamInterrupted,
@@ -53,9 +54,10 @@ class Stream:
 
     - Every event comes exactly once, in ``seq`` order without gaps (from ``since + 1``), and the
       iteration ends after the ``finished`` event; ``submission`` is then its document.
-    - When the WebSocket drops, the stream reconnects (``reconnect_attempts`` in a row, with
-      backoff) and resumes with ``{"type": "watch", "id", "since": last_seq}``; events seen
-      before are dropped by ``seq``. After the last failed attempt: ``StreamInterrupted``.
+    - When the WebSocket drops, or the service says its store is unreachable, the stream
+      reconnects (``reconnect_attempts`` in a row, with backoff) and resumes with
+      ``{"type": "watch", "id", "since": last_seq}``; events seen before are dropped by ``seq``.
+      After the last failed attempt: ``StreamInterrupted``.
     - ``id`` is set once the service has accepted the submission (before the first event).
       Losing the connection before that raises ``ServiceUnavailable``: the submission may or
       may not have been queued. Failing to connect at all raises ``ServiceUnavailable`` at once;
@@ -198,6 +200,8 @@ class Stream:
         while True:
             message = await receive(websocket)
             if message.get("type") == "error" and message.get("request_id") in (request_id, None):
+                if message.get("code") == ErrorCode.UNAVAILABLE:  # its store is away: wait it out
+                    raise Dropped(str(message.get("message")))
                 raise api_error(None, message)
             if "seq" in message and message.get("id") == self.id:
                 yield message
