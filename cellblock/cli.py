@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--executors", type=int, default=2)
     up.add_argument("--builders", type=int, default=2)
     up.add_argument("--redis", help="use this Redis instead of starting a private one")
+    up.add_argument(
+        "--stop-with", type=int, metavar="FD",
+        help="stop when this inherited pipe's writer is gone (the process that started it)",
+    )  # fmt: skip
     _common(up)
 
     kernel = commands.add_parser("kernel", help="the Jupyter kernel")
@@ -197,6 +201,7 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         token=args.token,
         admin_token=args.admin_token,
         config_file=args.config,
+        stop_with=args.stop_with,
     )
 
 

@@ -12,8 +12,10 @@ the executors and builders that the desired counts ask for. Then it supervises t
   loop does not spin. A worker that exits 0 without being asked (drained through ``DELETE
   /api/v1/workers/{id}`` or signalled by someone else) was stopped on purpose: the desired count
   is lowered by one instead. The service and the private Redis are restarted whenever they end.
-- SIGINT or SIGTERM (or SIGHUP) stops everything in order: the workers drain (SIGKILL after
-  ``DRAIN_TIMEOUT``), then the service, then Redis (``SHUTDOWN``, which flushes the AOF).
+- SIGINT or SIGTERM (or SIGHUP), or the end of the process that started it (``--stop-with``,
+  a pipe: the Jupyter server's, see server_ext/deployment.py), stops everything in order: the
+  workers drain (SIGKILL after ``DRAIN_TIMEOUT``), then the service, then Redis (``SHUTDOWN``,
+  which flushes the AOF).
   A second signal kills everything at once.
 
 No process is left behind (cellblock/processes.py says how far that goes): every child runs in a
@@ -96,6 +98,9 @@ class UpOptions:
     admin_token: str | None = None
     #: The configuration file named on the command line, which every child is given too.
     config_file: Path | None = None
+    #: A pipe's read end whose writer is the process that started this one: its end of file
+    #: (that process ended, however: SIGKILL and the OOM killer too) stops everything.
+    stop_with: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -193,6 +198,8 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.options.stop_with is not None:
+            loop.add_reader(self.options.stop_with, self._on_parent_gone)
         work = asyncio.create_task(self._start_and_supervise())
         stop = asyncio.create_task(self._stop.wait())
         try:
@@ -205,10 +212,20 @@ class Supervisor:
             await self._shutdown()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if self.options.stop_with is not None:
+                loop.remove_reader(self.options.stop_with)
         if self._kill.is_set():
             log.warning("killed everything at once on a second signal")
             return 130
         return 0
+
+    def _on_parent_gone(self) -> None:
+        """The ``stop_with`` pipe is readable: its writer is gone (nothing is ever written)."""
+        assert self.options.stop_with is not None
+        asyncio.get_running_loop().remove_reader(self.options.stop_with)
+        if not self._stop.is_set():
+            log.info("stopping", extra={"reason": "the process that started it ended"})
+            self._stop.set()
 
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
@@ -269,6 +286,9 @@ class Supervisor:
             raise StartFailed(
                 f"another `cellblock up` runs with the state directory {self.state_dir}"
             ) from None
+        # Who holds it, for a later server that finds this deployment left running.
+        lock.write(f"{os.getpid()}\n".encode())
+        lock.flush()
         self._lock = lock
         if self.config.slots > UID_STRIDE:
             raise StartFailed(f"slots is {self.config.slots}; `cellblock up` allows {UID_STRIDE}")

@@ -87,6 +87,11 @@ class Cellblock(ExtensionAppJinjaMixin, ExtensionApp):
             self._use(await self.deployment.start())
         except Exception:
             self.log.exception("Cellblock: the local deployment did not start")
+        if self.deployment.replaced is not None:
+            self.log.warning(
+                "Cellblock: stopped a deployment left running in %s (pid %d); this one "
+                "replaces it", self.deployment.state_dir, self.deployment.replaced,
+            )  # fmt: skip
 
     def _use(self, backend: Backend) -> None:
         # The web application copied this extension's settings when it loaded; the

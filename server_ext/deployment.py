@@ -1,13 +1,21 @@
 """The embedded deployment: a ``cellblock up`` that lives and dies with the Jupyter server.
 
 Started as a child process in its own session, so stopping it (SIGINT: ``cellblock up`` then
-drains its workers and stops Redis) reaches everything it started.
+drains its workers and stops Redis) reaches everything it started. It also ends when the
+server ends without stopping it (SIGKILL, the OOM killer, a closed terminal's SIGHUP): it
+holds the read end of a pipe whose only writer is the server (``--stop-with``), and the
+pipe's end of file, which the kernel gives however the server died, stops it in order.
+
+A deployment found still running in the state directory (left by a server that died before
+this arrangement, or started by hand) holds its lock: it is stopped, and this one started
+in its place, and the server's log says so (``replaced``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -59,6 +67,9 @@ class LocalDeployment:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: The pid of a deployment found running in the state directory and stopped.
+        self.replaced: int | None = None
+        self._lifeline = -1  # the pipe's write end: open as long as this process lives
 
     @property
     def kernel_dir(self) -> Path:
@@ -73,31 +84,27 @@ class LocalDeployment:
         # A kernel must not take a previous run's URL and token for this one's.
         for name in ("url", "token"):
             (self.kernel_dir / name).unlink(missing_ok=True)
+        self.replaced = await asyncio.to_thread(stop_left_running, self.state_dir)
         env = dict(os.environ)
         if self.admin_token:
             env["CELLBLOCK_ADMIN_TOKEN"] = self.admin_token
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "cellblock",
-                    "up",
-                    "--state-dir",
-                    str(self.state_dir),
-                    "--port",
-                    str(self.port),
-                    "--executors",
-                    str(self.executors),
-                    "--builders",
-                    str(self.builders),
-                ],
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-            )
+        # Not inheritable (os.pipe's default): kernels and terminals the server starts must
+        # not hold the writer, or the deployment would outlive the server through them.
+        reader, self._lifeline = os.pipe()
+        try:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        sys.executable, "-m", "cellblock", "up",
+                        "--state-dir", str(self.state_dir), "--port", str(self.port),
+                        "--executors", str(self.executors), "--builders", str(self.builders),
+                        "--stop-with", str(reader),
+                    ],
+                    stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env=env, pass_fds=(reader,),
+                )  # fmt: skip
+        finally:
+            os.close(reader)
         deadline = time.monotonic() + timeout
         client = AsyncHTTPClient()
         while time.monotonic() < deadline:
@@ -136,6 +143,9 @@ class LocalDeployment:
 
     async def stop(self, timeout: float = 60) -> None:
         proc = self.proc
+        if self._lifeline >= 0:
+            os.close(self._lifeline)  # which alone would stop it, a moment later
+            self._lifeline = -1
         if proc is None or proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -147,3 +157,35 @@ class LocalDeployment:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def stop_left_running(state_dir: Path, timeout: float = 60) -> int | None:
+    """Stop the ``cellblock up`` that holds ``state_dir``'s lock, if one does; its pid. It
+    gets SIGTERM (it drains and stops in order), and its session SIGKILL if the lock is still
+    held after ``timeout`` seconds."""
+    path = state_dir / "up.lock"
+    if not path.exists() or _lock_free(path):
+        return None
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # an older `cellblock up`, which did not say: it is left to the error
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not _lock_free(path):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return pid
+
+
+def _lock_free(path: Path) -> bool:
+    with path.open("rb") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return True
