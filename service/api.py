@@ -30,6 +30,11 @@ from cellblock.service.submissions import Submissions
 
 log = logging.getLogger("cellblock.service")
 DEFAULT_WAIT = 60.0
+#: Bytes past the body limit that are read and dropped so that the 413 reaches its client,
+#: and the seconds that may take.
+DRAIN_LIMIT = 64 * 1024 * 1024
+DRAIN_TIMEOUT = 30.0
+_DROPPING: set[asyncio.Task[None]] = set()
 #: Seconds a client is asked to wait while the store is unreachable.
 STORE_RETRY_AFTER = 5
 STORE_DOWN_MESSAGE = "the service's store (Redis) is unreachable: nothing was done; try again"
@@ -189,7 +194,10 @@ class SubmissionsHandler(BaseHandler):
             return None
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self._body_limit():
-            raise self._too_large()
+            if int(length) > self._body_limit() + DRAIN_LIMIT:
+                raise self._too_large()  # the client gets a reset if it is still sending
+            self._answer_and_drop(int(length))
+            return None
         # The connection keeps the server's larger bound: lowered to the limit, Tornado itself
         # would refuse a chunked body that outgrows it with a bare 400 before data_received
         # could answer 413.
@@ -197,6 +205,23 @@ class SubmissionsHandler(BaseHandler):
 
     def _body_limit(self) -> int:
         return self.services.config.max_body_size
+
+    def _answer_and_drop(self, length: int) -> None:
+        """Answer 413 now, then read the body and drop it before closing. Closing a socket
+        with unread data resets it: a client that sends all of its body before it reads
+        (urllib, requests) would get that reset instead of the 413; one that waits for the
+        answer first (Expect: 100-continue, or reading) gets it at once either way."""
+        error = self._too_large()
+        body = json.dumps(error.as_json()).encode()
+        head = (
+            f"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json; charset=utf-8"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        self.services.metrics.request("POST", type(self).__name__, 413)
+        stream = self.detach()  # no more HTTP: what is left of the body is only read
+        task = asyncio.create_task(_drop_then_close(stream, head + body, length))
+        _DROPPING.add(task)
+        task.add_done_callback(_DROPPING.discard)
 
     def _too_large(self) -> ErrorResponse:
         return ErrorResponse(
@@ -371,3 +396,16 @@ class OpenApiHandler(BaseHandler):
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise ErrorResponse(404, ErrorCode.NOT_FOUND, f"no endpoint {self.request.path}")
+
+
+async def _drop_then_close(stream: tornado.iostream.IOStream, answer: bytes, length: int) -> None:
+    """Write ``answer``, read up to ``length`` bytes and drop them, then close ``stream``."""
+    try:
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await stream.write(answer)
+            while length > 0:
+                length -= len(await stream.read_bytes(min(length, 1 << 20), partial=True))
+    except (tornado.iostream.StreamClosedError, TimeoutError):
+        pass
+    finally:
+        stream.close()
