@@ -116,6 +116,11 @@ class Executor:
                     outage.over()
                     if job is None:
                         continue
+                    if self.presence.draining.is_set():
+                        # The drain began while this slot waited on the queue: the job goes
+                        # back, for another executor's next look, rather than run here.
+                        await self.store.jobs.release(consumer, job)
+                        continue
                     self.info.busy += 1
                     try:
                         await self._process(job, runner)

@@ -120,6 +120,10 @@ return seq
 """
 
 
+#: The idle time of a released job: past every lease.
+RELEASED_IDLE_MS = 10**12
+
+
 @dataclass(frozen=True)
 class Lease:
     """A job on loan from a queue: its stream entry (the lease itself) and that entry's fields."""
@@ -179,6 +183,15 @@ class JobQueue:
     async def heartbeat(self, consumer: str, job: Lease) -> None:
         """Renew the lease on ``job`` (resets its idle time; keeps the delivery count)."""
         await self.redis.xclaim(self.key, self.group, consumer, 0, [job.entry], justid=True)
+
+    async def release(self, consumer: str, job: Lease) -> None:
+        """Give ``job`` back untried: idle past any lease, so that the next ``reclaim`` of any
+        consumer takes it at once, and with its delivery count as before it was taken (a
+        release is no attempt)."""
+        await self.redis.xclaim(
+            self.key, self.group, consumer, 0, [job.entry], idle=RELEASED_IDLE_MS,
+            retrycount=job.deliveries - 1, justid=True,
+        )  # fmt: skip
 
     async def done(self, job: Lease) -> None:
         """Release ``job`` for good: acknowledged and removed from the stream."""

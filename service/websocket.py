@@ -19,7 +19,7 @@ import tornado.websocket
 from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError, ErrorCode, ErrorResponse, InvalidRequest
 from cellblock.outage import STORE_DOWN
-from cellblock.service.api import STORE_DOWN_MESSAGE, BaseHandler
+from cellblock.service.api import STORE_DOWN_MESSAGE, STORE_RETRY_AFTER, BaseHandler
 from cellblock.service.protocol import encode_event
 from cellblock.service.protocol.messages import (
     Accepted,
@@ -88,17 +88,19 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
             problems = exc.problems if isinstance(exc, InvalidRequest) else None
             details = None if problems is None else [p.as_json() for p in problems]
             request_id = request_id_of(message)
+            retry = exc.headers.get("Retry-After") if isinstance(exc, ErrorResponse) else None
             self._send(
                 ErrorAnswer(
-                    code=exc.code, message=exc.message, details=details, request_id=request_id
+                    code=exc.code, message=exc.message, details=details, request_id=request_id,
+                    retry_after=int(retry) if retry and retry.isdigit() else None,
                 )
-            )
+            )  # fmt: skip
         except STORE_DOWN as exc:
             log.warning("store unreachable", extra={"path": self.request.path, "error": str(exc)})
             self._send(
                 ErrorAnswer(
                     code=ErrorCode.UNAVAILABLE, message=STORE_DOWN_MESSAGE,
-                    request_id=request_id_of(message),
+                    request_id=request_id_of(message), retry_after=STORE_RETRY_AFTER,
                 )
             )  # fmt: skip
 

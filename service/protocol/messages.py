@@ -228,6 +228,9 @@ class ErrorAnswer(_Answer):
     code: str
     message: str
     details: list[Mapping[str, str]] | None = Field(default=None, exclude_if=absent_if_none)
+    #: Seconds to wait before trying again (a full queue, an unreachable store): what REST
+    #: says in Retry-After.
+    retry_after: int | None = Field(default=None, exclude_if=absent_if_none)
 
 
 Answer = Accepted | Cancelled | SubmissionAnswer | PackagesAnswer | ErrorAnswer

@@ -195,6 +195,19 @@ async def test_jobs_go_to_one_consumer_and_a_silent_one_loses_its_lease(store: S
     assert await store.redis.xlen(store.jobs_key) == 0
 
 
+async def test_a_released_job_goes_at_once_to_the_next_reclaim_as_untried(
+    store: Store,
+) -> None:
+    """What a draining slot does with a job it took after the drain began."""
+    await store.submit("s1", submission(), owner="a")
+    job = await store.jobs.take("exec-a", block=1)
+    assert job is not None
+    await store.jobs.release("exec-a", job)
+    taken = await store.jobs.reclaim("exec-b", lease=3600)  # however long the lease
+    assert taken is not None and taken.submission_id == "s1" and taken.deliveries == 1
+    assert await store.jobs.reclaim("exec-c", lease=3600) is None  # exec-b's now
+
+
 async def test_recent_lists_an_owners_submissions_newest_first(store: Store) -> None:
     for i in range(3):
         await store.submit(f"a{i}", submission(), owner="alice")

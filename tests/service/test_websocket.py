@@ -232,6 +232,7 @@ async def test_a_full_queue_is_an_error_and_accepts_nothing(connect: Connect, se
     assert [a["type"] for a in answers] == ["accepted"] * 50
     full = await ws.ask({"type": "submit", "submission": {"run": "true"}, "request_id": "x"})
     assert full["type"] == "error" and full["code"] == "queue_full" and full["request_id"] == "x"
+    assert full["retry_after"] == 5  # what REST says in Retry-After
     _, listed = await http(service, "GET", "/api/v1/submissions?limit=100")
     assert {s["id"] for s in listed["submissions"]} == {a["id"] for a in answers}
 
