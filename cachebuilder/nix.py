@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cellblock.cachebuilder.environments import Channel, Environment, Package
 from cellblock.errors import CellblockError, ErrorCode
@@ -45,14 +46,31 @@ class NixError(CellblockError):
         self.log = log
 
 
-def nix_environment(substituter: str = "") -> dict[str, str]:
+def nix_environment(substituter: str = "", netrc: Path | None = None) -> dict[str, str]:
+    """The environment of a Nix command: ``substituter`` the only binary cache, reached with
+    the credentials of the file ``netrc``."""
     env = dict(os.environ)
     settings = [f"substituters = {substituter}"]
     if substituter:
         # A cache of our own builders is unsigned; its trust comes from being ours.
         settings.append("require-sigs = false")
+    if netrc is not None:
+        settings.append(f"netrc-file = {netrc}")
     env["NIX_CONFIG"] = "\n".join(settings)
     return env
+
+
+def write_netrc(path: Path, substituter: str, token: str) -> Path:
+    """The credentials Nix sends the service's binary cache (HTTP Basic, the token as the
+    password), in a file only this user reads; ``path``."""
+    host = urlsplit(substituter).hostname
+    if not host:
+        raise NixError(f"the substituter {substituter!r} is not a URL with a host")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"machine {host} login cellblock password {token}\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
+    return path
 
 
 def _die_with_parent() -> None:
@@ -66,6 +84,7 @@ async def run(
     *,
     on_line: Callable[[str], Awaitable[None]] | None = None,
     substituter: str = "",
+    netrc: Path | None = None,
 ) -> tuple[int, str, str]:
     """Run a Nix command; stream its stderr lines to ``on_line``; return (status, out, err)."""
     proc = await asyncio.create_subprocess_exec(
@@ -73,7 +92,7 @@ async def run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env=nix_environment(substituter),
+        env=nix_environment(substituter, netrc),
         preexec_fn=_die_with_parent,
     )
     assert proc.stdout and proc.stderr
@@ -230,9 +249,10 @@ async def copy_to_binary_cache(store_path: str, cache_dir: Path) -> None:
         raise NixError(f"cannot copy {store_path} to the binary cache: {err.strip()}")
 
 
-async def substitute(paths: Sequence[str], substituter: str) -> None:
+async def substitute(paths: Sequence[str], substituter: str, netrc: Path | None = None) -> None:
     """Fetch store paths this host lacks from the builders' binary cache."""
-    status, _, err = await run(["nix-store", "--realise", *paths], substituter=substituter)
+    argv = ["nix-store", "--realise", *paths]
+    status, _, err = await run(argv, substituter=substituter, netrc=netrc)
     if status != 0:
         raise NixError(f"cannot fetch {len(paths)} store path(s) from {substituter}: {err.strip()}")
 

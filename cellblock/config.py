@@ -101,6 +101,9 @@ DEFAULTS: dict[str, Any] = {
         "grace": 3600.0,  # an environment used this recently is never evicted
         "binary_cache": "",  # builders copy closures here (file:// cache the service serves)
         "substituter": "",  # where executors fetch store paths their host lacks
+        # The token executors of other hosts show the service's /nix-cache/ (a client token);
+        # better given in the environment, CELLBLOCK_CACHE__SUBSTITUTER_TOKEN, than in a file.
+        "substituter_token": "",
     },
     # `root` holds what sandboxes mount (working directories, the init binary, /etc files):
     # nsjail mounts as the sandbox's unprivileged uid, so every folder above it must be
@@ -174,6 +177,7 @@ class Config:
     cache_grace: float
     binary_cache: str
     substituter: str
+    substituter_token: str
     tokens: tuple[NamedToken, ...] = field(default=())
 
 
@@ -274,6 +278,7 @@ def _build(state_dir: Path, raw: dict[str, Any]) -> Config:
             cache_grace=float(raw["cache"]["grace"]),
             binary_cache=str(raw["cache"]["binary_cache"]),
             substituter=str(raw["cache"]["substituter"]),
+            substituter_token=str(raw["cache"]["substituter_token"]),
             tokens=tokens,
         )
     except (KeyError, TypeError, ValueError) as exc:

@@ -15,6 +15,7 @@ import asyncio
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from cellblock.cachebuilder import nix
@@ -33,9 +34,12 @@ CHANNEL_POLL = 0.5
 
 
 class NixDependencies:
-    def __init__(self, cache: EnvironmentCache, substituter: str = "") -> None:
+    def __init__(
+        self, cache: EnvironmentCache, substituter: str = "", netrc: Path | None = None
+    ) -> None:
+        """``netrc``: the credentials for ``substituter`` (``nix.write_netrc``)."""
         self.cache = cache
-        self.substituter = substituter
+        self.substituter, self.netrc = substituter, netrc
         #: The channel seen last: a guess at the current one, checked on every lookup.
         self._known: Channel | None = None
 
@@ -80,7 +84,7 @@ class NixDependencies:
                 return _failed("failed", message, log, state["cache"], started)
             say(f"fetching {len(missing)} store path(s) from {self.substituter}")
             try:
-                await nix.substitute(missing, self.substituter)
+                await nix.substitute(missing, self.substituter, self.netrc)
             except nix.NixError as exc:
                 return _failed("failed", exc.message, log, state["cache"], started)
         await self.cache.touch(env)

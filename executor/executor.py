@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 
+from cellblock.cachebuilder import nix
 from cellblock.cachebuilder.environments import EnvironmentCache
 from cellblock.errors import CellblockError
 from cellblock.executor.deps import NixDependencies
@@ -70,7 +71,13 @@ class Executor:
         self.info = self.presence.info
         if dependencies is None:
             cache = EnvironmentCache(store)
-            dependencies = NixDependencies(cache, self.config.substituter)
+            netrc = None
+            if self.config.substituter and self.config.substituter_token:
+                netrc = nix.write_netrc(
+                    self.config.state_dir / "substituter.netrc",
+                    self.config.substituter, self.config.substituter_token,
+                )  # fmt: skip
+            dependencies = NixDependencies(cache, self.config.substituter, netrc)
         self.runners = [
             SubmissionRunner(host.sandbox(uid_offset + slot), dependencies) for slot in range(slots)
         ]

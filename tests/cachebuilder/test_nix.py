@@ -220,3 +220,13 @@ async def test_cancelling_a_build_kills_the_nix_process(channel: Channel, popen_
     assert time.monotonic() - began < 1  # killed, not waited for (the build takes 2 s)
     assert not Path(f"/proc/{pid}").exists()  # dead and reaped
     assert not (nix.GCROOTS / ("c" * 32)).is_symlink()
+
+
+def test_a_substituters_token_goes_to_nix_as_a_private_netrc(tmp_path: Path) -> None:
+    path = nix.write_netrc(tmp_path / "netrc", "http://cache.example:8765/nix-cache", "s3cret")
+    assert path.read_text() == "machine cache.example login cellblock password s3cret\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    config = nix.nix_environment("http://cache.example:8765/nix-cache", path)["NIX_CONFIG"]
+    assert f"netrc-file = {path}" in config.splitlines()
+    with pytest.raises(nix.NixError, match="not a URL with a host"):
+        nix.write_netrc(tmp_path / "bad", "/nix-cache", "s3cret")

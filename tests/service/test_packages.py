@@ -209,7 +209,6 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
     start_builder,
     store: Store,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url, binary_cache = cache_service
     api = Api(url)
@@ -257,15 +256,11 @@ async def test_builds_land_in_the_binary_cache_served_over_http_and_substitute_b
             f"cannot fetch {len(env.closure)} store path(s) from {substituter}"
         )
         assert "does not appear to be a binary cache" in refused.result.message  # the 401
-        # With a netrc (the token as password), the deps stage fetches the closure back.
-        # nix.py sets NIX_CONFIG itself, so the netrc reaches Nix through a config file.
-        netrc = tmp_path / "netrc"
-        netrc.write_text(f"machine 127.0.0.1 login nix password {ALICE}\n")
-        conf = tmp_path / "nix.conf"
-        conf.write_text(f"netrc-file = {netrc}\n")
-        monkeypatch.setenv("NIX_USER_CONF_FILES", str(conf))
+        # With the token (an executor's cache.substituter_token, written as Nix's netrc), the
+        # deps stage fetches the closure back.
+        netrc = nix.write_netrc(tmp_path / "netrc", substituter, ALICE)
         lines: list[str] = []
-        fetched = await NixDependencies(cache, substituter).provide(
+        fetched = await NixDependencies(cache, substituter, netrc).provide(
             names, 20, lambda e: lines.append(e.data if isinstance(e, OutputEvent) else "")
         )
         assert fetched.result.status == "ok" and fetched.result.cache == "hit"
