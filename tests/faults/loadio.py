@@ -1,0 +1,44 @@
+"""Load for the fault tests: many submissions in flight, each with an output of its own, and
+the check that every accepted one ended exactly once, finished, with that output. (A module of
+its own because test modules cannot import conftest.py.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.websocket
+from restio import ALICE, Rest
+from wsio import Socket
+
+
+async def submit_load(rest: Rest, count: int, script: str = "sleep 0.2") -> list[str]:
+    """``count`` submissions, the i-th printing ``i``; their ids."""
+    ids = []
+    for i in range(count):
+        body = {"run": f"{script}; echo {i}"}
+        ids.append((await rest.call("POST", "/api/v1/submissions", body, expect=201))["id"])
+    return ids
+
+
+async def all_ended(rest: Rest, ids: list[str]) -> bool:
+    states = [await rest.call("GET", f"/api/v1/submissions/{sid}") for sid in ids]
+    return all(s["status"] in ("finished", "error", "cancelled") for s in states)
+
+
+async def check_each_finished_once(rest: Rest, ws_url: str, ids: list[str]) -> list[Any]:
+    """Every submission finished with its own output, and its events hold one ``finished``;
+    the documents."""
+    documents = []
+    for i, sid in enumerate(ids):
+        state = await rest.call("GET", f"/api/v1/submissions/{sid}")
+        assert state["status"] == "finished", state
+        assert state["stages"]["run"]["stdout"] == f"{i}\n", state
+        ws = Socket(await tornado.websocket.websocket_connect(f"{ws_url}?token={ALICE}"))
+        try:
+            await ws.send({"type": "watch", "id": sid, "since": 0})
+            events = await ws.events_until_finished()
+        finally:
+            await ws.close()
+        assert [e["type"] for e in events].count("finished") == 1
+        documents.append(state)
+    return documents
