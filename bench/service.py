@@ -80,7 +80,14 @@ class Deployment:
     """The service and two executors on the Redis at ``redis``, in a temporary state
     directory."""
 
-    def __init__(self, root: Path, sandbox_root: Path, redis: str, executors: int = 2) -> None:
+    def __init__(
+        self,
+        root: Path,
+        sandbox_root: Path,
+        redis: str,
+        executors: int = 2,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -90,6 +97,7 @@ class Deployment:
             "CELLBLOCK_ADMIN_TOKEN": TOKEN + "-admin",
             "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
             "CELLBLOCK_QUEUE_SIZE": "100000",
+            **(environ or {}),
         }
         self.procs: list[subprocess.Popen[bytes]] = []
         self._start(
@@ -236,15 +244,18 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def private_deployment(prefix: str) -> Iterator[tuple[Deployment, SandboxHost]]:
-    """A deployment on a redis-server of its own, in a temporary state directory, and this
-    host's sandbox set up beside it for bare runs; all of it gone afterwards."""
+def private_deployment(
+    prefix: str, executors: int = 2, environ: dict[str, str] | None = None
+) -> Iterator[tuple[Deployment, SandboxHost]]:
+    """A deployment of ``executors`` on a redis-server of its own (``environ``: more of its
+    processes' environment), in a temporary state directory, and this host's sandbox set up
+    beside it for bare runs; all of it gone afterwards."""
     with redis_server() as redis:
         root = Path(tempfile.mkdtemp(prefix=prefix))
         root.chmod(0o711)
         sandbox_root = root / "sandbox"
         sandbox_root.mkdir(mode=0o711)
-        deployment = Deployment(root, sandbox_root, redis)
+        deployment = Deployment(root, sandbox_root, redis, executors, environ)
         environ = {"CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"'}
         host: SandboxHost | None = None
         try:
