@@ -10,9 +10,8 @@ import json
 from typing import Any
 
 import pytest
-import tornado.websocket
+from loadio import all_ended, check_each_finished_once, submit_load
 from restio import ALICE, Rest
-from wsio import Socket
 
 from cellblock.service.client import Client
 
@@ -30,12 +29,7 @@ async def test_workers_outside_cellblock_up_wait_out_a_redis_outage(
     await builder.started()
     rest, ws_url = Rest(service.url), service.ws_url
     try:
-        ids = []
-        for i in range(SUBMISSIONS):
-            answer = await rest.call(
-                "POST", "/api/v1/submissions", {"run": f"sleep 0.2; echo {i}"}, expect=201
-            )
-            ids.append(answer["id"])
+        ids = await submit_load(rest, SUBMISSIONS)
         await asyncio.sleep(1.0)  # some done, some running, most queued
         client = Client(service.url, ALICE, reconnect_attempts=30)
         stream = client.stream({"run": "sleep 3; echo across"})
@@ -54,22 +48,8 @@ async def test_workers_outside_cellblock_up_wait_out_a_redis_outage(
             assert worker.proc.poll() is None, worker.logs()
         redis_server.start()
 
-        async def all_ended() -> bool:
-            states = [await rest.call("GET", f"/api/v1/submissions/{sid}") for sid in ids]
-            return all(s["status"] in ("finished", "error", "cancelled") for s in states)
-
-        await until(all_ended, "every submission to end", timeout=120)
-        for i, sid in enumerate(ids):
-            state = await rest.call("GET", f"/api/v1/submissions/{sid}")
-            assert state["status"] == "finished", state
-            assert state["stages"]["run"]["stdout"] == f"{i}\n", state
-            ws = Socket(await tornado.websocket.websocket_connect(f"{ws_url}?token={ALICE}"))
-            try:
-                await ws.send({"type": "watch", "id": sid, "since": 0})
-                events = await ws.events_until_finished()
-            finally:
-                await ws.close()
-            assert [e["type"] for e in events].count("finished") == 1
+        await until(lambda: all_ended(rest, ids), "every submission to end", timeout=120)
+        await check_each_finished_once(rest, ws_url, ids)
         # A client that followed a submission across it resumed where its events stopped.
         events = await asyncio.wait_for(followed, 60)
         assert [e["type"] for e in events].count("finished") == 1
