@@ -5,6 +5,7 @@ processes running real nsjail."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -116,9 +117,10 @@ class Service:
         return self.url.replace("http://", "ws://") + "/api/v1/ws"
 
 
-@pytest.fixture
-async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncIterator[Service]:
-    """The real Tornado app, in this test's event loop, on a free loopback port."""
+@contextlib.asynccontextmanager
+async def serving(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncIterator[Service]:
+    """The real Tornado app on ``redis_url``, in this test's event loop, on a free loopback
+    port, until the block ends."""
     env = {
         **TEST_ENV,
         "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
@@ -134,10 +136,30 @@ async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncI
     [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     server.add_sockets([sock])
     port = sock.getsockname()[1]
-    yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
-    server.stop()
-    await server.close_all_connections()
-    await store.close()
+    try:
+        yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        await store.close()
+
+
+@pytest.fixture
+async def service(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncIterator[Service]:
+    """The real Tornado app, in this test's event loop, on a free loopback port."""
+    async with serving(redis_url, state_dir, sandbox_root) as running:
+        yield running
+
+
+@pytest.fixture
+async def second_service(
+    service: Service, tmp_path: Path, sandbox_root: Path
+) -> AsyncIterator[Service]:
+    """Another service process's worth on the same Redis: what a second host would run."""
+    state = tmp_path / "second-service"
+    state.mkdir()
+    async with serving(service.redis_url, state, sandbox_root) as running:
+        yield running
 
 
 Until = Callable[..., Awaitable[Any]]
