@@ -15,11 +15,16 @@ import logging
 import random
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-#: What a client of an unreachable store raises (a Redis that restarts and loads its data
-#: answers BusyLoadingError, a ConnectionError).
-STORE_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError, FileNotFoundError)
+#: What a client of an unreachable store raises: a Redis that restarts and loads its data
+#: answers BusyLoadingError, a ConnectionError, as does Sentinel that finds no master; a
+#: master demoted by a failover answers writes with ReadOnlyError until the client reconnects.
+STORE_DOWN = (
+    RedisConnectionError, RedisTimeoutError, ReadOnlyError, ConnectionRefusedError,
+    FileNotFoundError,
+)  # fmt: skip
 #: Seconds of the first pause after a failure, and of the longest.
 FIRST_PAUSE = 0.2
 LAST_PAUSE = 5.0

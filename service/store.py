@@ -25,6 +25,7 @@ once. Concurrency: every method is safe to call from many tasks and processes at
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from cellblock.errors import CellblockError, ErrorCode
-from cellblock.service import metrics
+from cellblock.service import connection, metrics
 from cellblock.service.inputs import PUT_INPUT, StageInputs
 from cellblock.service.protocol import (
     TERMINAL,
@@ -51,8 +52,7 @@ from cellblock.service.protocol import (
 JOBS_GROUP = "executors"
 #: The largest ``since`` a read of events passes to Redis (see ``Store.events``).
 MAX_SINCE = 2**64 - 2
-#: Redis connections one process may hold at once (Redis itself takes 10000 clients).
-MAX_CONNECTIONS = 1000
+log = logging.getLogger("cellblock.service")
 
 
 class QueueAtCapacity(CellblockError):
@@ -226,18 +226,16 @@ class Store:
         self._append = redis.register_script(_APPEND)
         self._put_input = redis.register_script(PUT_INPUT)
         self.jobs = JobQueue(redis, f"{prefix}:jobs", JOBS_GROUP)
+        #: Replicas an admission waits for (``connect`` sets it for a Sentinel URL).
+        self.replicas = 0
 
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Store:
-        # No read timeout: blocking reads (XREAD BLOCK, XREADGROUP BLOCK) wait longer than
-        # redis-py's default of 5 s, and each names its own bound.
-        # A blocking pool, and a large one: every event stream and WebSocket watch holds a
-        # connection through its blocking read, and redis-py's default pool (100) answers
-        # the next request over it with MaxConnectionsError, a 500, where it should wait.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, socket_timeout=None, max_connections=MAX_CONNECTIONS
-        )
-        return cls(aioredis.Redis.from_pool(pool), **kwargs)
+        """The store at ``url`` (service/connection.py says which URLs)."""
+        redis, replicas = connection.connect(url)
+        store = cls(redis, **kwargs)
+        store.replicas = replicas
+        return store
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -275,6 +273,12 @@ class Store:
             raise QueueAtCapacity(
                 f"the queue is full ({self.queue_size} submissions wait); retry later"
             )
+        if self.replicas:
+            # Accepted only once a replica has it: a failover must not lose it with the master.
+            copies = await self.redis.wait(self.replicas, connection.REPLICA_WAIT_MS)
+            if copies < self.replicas:
+                log.warning("submission not yet replicated", extra={"submission": sid,
+                                                                   "replicas": copies})  # fmt: skip
         return recorder.state
 
     async def state(self, sid: str) -> SubmissionState | None:

@@ -4,6 +4,7 @@ its own because test modules cannot import conftest.py.)"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import tornado.websocket
@@ -21,8 +22,16 @@ async def submit_load(rest: Rest, count: int, script: str = "sleep 0.2") -> list
 
 
 async def all_ended(rest: Rest, ids: list[str]) -> bool:
-    states = [await rest.call("GET", f"/api/v1/submissions/{sid}") for sid in ids]
-    return all(s["status"] in ("finished", "error", "cancelled") for s in states)
+    """Whether every submission has ended (not yet, while the service answers 503: its store
+    is coming back)."""
+    for sid in ids:
+        response = await rest.request("GET", f"/api/v1/submissions/{sid}")
+        if response.code == 503:
+            return False
+        assert response.code == 200, (response.code, response.body)
+        if json.loads(response.body)["status"] not in ("finished", "error", "cancelled"):
+            return False
+    return True
 
 
 async def check_each_finished_once(rest: Rest, ws_url: str, ids: list[str]) -> list[Any]:
