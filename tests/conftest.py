@@ -5,7 +5,6 @@ processes running real nsjail."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import os
@@ -22,22 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tornado.httpserver
-import tornado.netutil
+from serviceio import TEST_ENV, Service, serving
 from tornado.httpclient import AsyncHTTPClient
 
 from cellblock import config as config_module
 from cellblock.executor.disk import WorkDisk
-from cellblock.service.auth import Principal, Tokens
-from cellblock.service.server import make_app
 from cellblock.service.store import Store
 
 CELLBLOCK = [sys.executable, "-m", "cellblock"]
-#: Tokens of the in-process service: two clients and an admin.
-TOKENS = {"alice-token": ("alice", "client"), "bob-token": ("bob", "client"),
-          "admin-token": ("admin", "admin")}  # fmt: skip
-#: Short leases, so that reclaiming a dead executor's job takes a second, not fifteen.
-TEST_ENV = {"CELLBLOCK_LEASE_TIMEOUT": "1.5", "CELLBLOCK_QUEUE_SIZE": "50"}
 
 
 @pytest.fixture
@@ -104,44 +95,6 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     await store.jobs.ensure_group()
     yield store
     await store.close()
-
-
-@dataclass(frozen=True)
-class Service:
-    url: str
-    redis_url: str
-    state_dir: Path
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://") + "/api/v1/ws"
-
-
-@contextlib.asynccontextmanager
-async def serving(redis_url: str, state_dir: Path, sandbox_root: Path) -> AsyncIterator[Service]:
-    """The real Tornado app on ``redis_url``, in this test's event loop, on a free loopback
-    port, until the block ends."""
-    env = {
-        **TEST_ENV,
-        "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
-        "CELLBLOCK_MAX_BODY_SIZE": "1048576",
-    }
-    cfg = config_module.load(state_dir, environ=env)
-    store = Store.connect(redis_url, retention=cfg.retention, queue_size=cfg.queue_size)
-    await store.jobs.ensure_group()
-    tokens = Tokens({t: Principal(name, role) for t, (name, role) in TOKENS.items()})  # type: ignore[arg-type]
-    server = tornado.httpserver.HTTPServer(
-        make_app(store, cfg, tokens), max_body_size=cfg.max_body_size + 1024 * 1024
-    )
-    [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
-    server.add_sockets([sock])
-    port = sock.getsockname()[1]
-    try:
-        yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
-    finally:
-        server.stop()
-        await server.close_all_connections()
-        await store.close()
 
 
 @pytest.fixture

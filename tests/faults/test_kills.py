@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from loadio import all_ended, check_each_finished_once, submit_load
 from restio import ALICE, Rest
+from serviceio import serving
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 pytestmark = pytest.mark.timeout(240)
@@ -88,23 +90,25 @@ async def test_a_builder_killed_mid_build_hands_the_build_to_another(
 
 
 async def test_a_burst_past_the_queue_is_answered_201_or_429_with_retry_after(
-    service: Any,
+    redis_url: str, tmp_path: Path, sandbox_root: Path
 ) -> None:
-    """2,000 at once against the test service's queue of 50 (no executor takes any): each
-    answer is an acceptance or a refusal that says when to retry; exactly the queue's worth
-    are accepted."""
-    http = AsyncHTTPClient(force_instance=True, max_clients=64)
-    request = HTTPRequest(
-        f"{service.url}/api/v1/submissions", method="POST", body='{"run": "true"}',
-        headers={"Authorization": f"Bearer {ALICE}"}, request_timeout=120,
-    )  # fmt: skip
-    try:
-        answers = await asyncio.gather(
-            *(http.fetch(request, raise_error=False) for _ in range(2000))
-        )
-    finally:
-        http.close()
+    """2,000 at once against a queue of 500 (no executor takes any): each answer is an
+    acceptance or a refusal that says when to retry; exactly the queue's worth are accepted."""
+    state = tmp_path / "burst"
+    state.mkdir()
+    async with serving(redis_url, state, sandbox_root, CELLBLOCK_QUEUE_SIZE="500") as service:
+        http = AsyncHTTPClient(force_instance=True, max_clients=64)
+        request = HTTPRequest(
+            f"{service.url}/api/v1/submissions", method="POST", body='{"run": "true"}',
+            headers={"Authorization": f"Bearer {ALICE}"}, request_timeout=120,
+        )  # fmt: skip
+        try:
+            answers = await asyncio.gather(
+                *(http.fetch(request, raise_error=False) for _ in range(2000))
+            )
+        finally:
+            http.close()
     codes = [a.code for a in answers]
     assert set(codes) <= {201, 429}, sorted(set(codes))
-    assert codes.count(201) == 50
+    assert codes.count(201) == 500
     assert all(a.headers.get("Retry-After") for a in answers if a.code == 429)
