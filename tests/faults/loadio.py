@@ -21,11 +21,11 @@ async def submit_load(rest: Rest, count: int, script: str = "sleep 0.2") -> list
     return ids
 
 
-async def all_ended(rest: Rest, ids: list[str]) -> bool:
+async def all_ended(rest: Rest, ids: list[str], token: str = ALICE) -> bool:
     """Whether every submission has ended (not yet, while the service answers 503: its store
     is coming back)."""
     for sid in ids:
-        response = await rest.request("GET", f"/api/v1/submissions/{sid}")
+        response = await rest.request("GET", f"/api/v1/submissions/{sid}", token=token)
         if response.code == 503:
             return False
         assert response.code == 200, (response.code, response.body)
@@ -34,15 +34,17 @@ async def all_ended(rest: Rest, ids: list[str]) -> bool:
     return True
 
 
-async def check_each_finished_once(rest: Rest, ws_url: str, ids: list[str]) -> list[Any]:
+async def check_each_finished_once(
+    rest: Rest, ws_url: str, ids: list[str], token: str = ALICE
+) -> list[Any]:
     """Every submission finished with its own output, and its events hold one ``finished``;
     the documents."""
     documents = []
     for i, sid in enumerate(ids):
-        state = await rest.call("GET", f"/api/v1/submissions/{sid}")
+        state = await rest.call("GET", f"/api/v1/submissions/{sid}", token=token)
         assert state["status"] == "finished", state
         assert state["stages"]["run"]["stdout"] == f"{i}\n", state
-        ws = Socket(await tornado.websocket.websocket_connect(f"{ws_url}?token={ALICE}"))
+        ws = Socket(await tornado.websocket.websocket_connect(f"{ws_url}?token={token}"))
         try:
             await ws.send({"type": "watch", "id": sid, "since": 0})
             events = await ws.events_until_finished()
