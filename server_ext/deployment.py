@@ -70,6 +70,7 @@ class LocalDeployment:
         #: The pid of a deployment found running in the state directory and stopped.
         self.replaced: int | None = None
         self._lifeline = -1  # the pipe's write end: open as long as this process lives
+        self._stopped = False
 
     @property
     def kernel_dir(self) -> Path:
@@ -84,7 +85,10 @@ class LocalDeployment:
         # A kernel must not take a previous run's URL and token for this one's.
         for name in ("url", "token"):
             (self.kernel_dir / name).unlink(missing_ok=True)
-        self.replaced = await asyncio.to_thread(stop_left_running, self.state_dir)
+        if left_running(self.state_dir):
+            self.replaced = await asyncio.to_thread(stop_left_running, self.state_dir)
+            if self._stopped:  # the server stopped meanwhile: nothing is to be started
+                raise CellblockError("the server stopped before its deployment started")
         env = dict(os.environ)
         if self.admin_token:
             env["CELLBLOCK_ADMIN_TOKEN"] = self.admin_token
@@ -142,6 +146,7 @@ class LocalDeployment:
             tmp.replace(self.kernel_dir / name)
 
     async def stop(self, timeout: float = 60) -> None:
+        self._stopped = True
         proc = self.proc
         if self._lifeline >= 0:
             os.close(self._lifeline)  # which alone would stop it, a moment later
@@ -159,12 +164,18 @@ class LocalDeployment:
             proc.wait()
 
 
+def left_running(state_dir: Path) -> bool:
+    """Whether a ``cellblock up`` holds ``state_dir``'s lock (asked without waiting)."""
+    path = state_dir / "up.lock"
+    return path.exists() and not _lock_free(path)
+
+
 def stop_left_running(state_dir: Path, timeout: float = 60) -> int | None:
     """Stop the ``cellblock up`` that holds ``state_dir``'s lock, if one does; its pid. It
     gets SIGTERM (it drains and stops in order), and its session SIGKILL if the lock is still
     held after ``timeout`` seconds."""
     path = state_dir / "up.lock"
-    if not path.exists() or _lock_free(path):
+    if not left_running(state_dir):
         return None
     try:
         pid = int(path.read_text().split()[0])

@@ -58,8 +58,23 @@ class SentinelUrl:
         return cls(sentinels, service, int(db or 0), password)
 
 
-def connect(url: str) -> tuple[Any, int]:
-    """A client of the Redis at ``url``, and the replicas an admission waits for there."""
+@dataclass(frozen=True)
+class Reached:
+    """A client of a Redis, the replicas an admission waits for there, and the clients of its
+    sentinels (closed with it)."""
+
+    redis: Any
+    replicas: int = 0
+    sentinels: tuple[Any, ...] = ()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
+def connect(url: str) -> Reached:
+    """The Redis at ``url``."""
     # No read timeout: blocking reads (XREAD BLOCK, XREADGROUP BLOCK) wait longer than
     # redis-py's default of 5 s, and each names its own bound.
     if url.startswith(SENTINEL_SCHEME):
@@ -68,10 +83,11 @@ def connect(url: str) -> tuple[Any, int]:
             where.sentinels, sentinel_kwargs={"socket_timeout": 2.0},
             socket_timeout=None, decode_responses=True, password=where.password, db=where.db,
         )  # fmt: skip
-        return sentinel.master_for(where.service, max_connections=MAX_CONNECTIONS), REPLICAS
+        master = sentinel.master_for(where.service, max_connections=MAX_CONNECTIONS)
+        return Reached(master, REPLICAS, tuple(sentinel.sentinels))
     # A blocking pool, and a large one: redis-py's default pool (100) answers the next
     # request over it with MaxConnectionsError, a 500, where it should wait.
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=True, socket_timeout=None, max_connections=MAX_CONNECTIONS
     )
-    return aioredis.Redis.from_pool(pool), 0
+    return Reached(aioredis.Redis.from_pool(pool))

@@ -228,17 +228,21 @@ class Store:
         self.jobs = JobQueue(redis, f"{prefix}:jobs", JOBS_GROUP)
         #: Replicas an admission waits for (``connect`` sets it for a Sentinel URL).
         self.replicas = 0
+        self._reached: connection.Reached | None = None
 
     @classmethod
     def connect(cls, url: str, **kwargs: Any) -> Store:
         """The store at ``url`` (service/connection.py says which URLs)."""
-        redis, replicas = connection.connect(url)
-        store = cls(redis, **kwargs)
-        store.replicas = replicas
+        reached = connection.connect(url)
+        store = cls(reached.redis, **kwargs)
+        store.replicas, store._reached = reached.replicas, reached
         return store
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        if self._reached is not None:
+            await self._reached.close()
+        else:
+            await self.redis.aclose()
 
     def inputs(self, sid: str) -> StageInputs:
         """The queued input of the submission's interactive run stage."""

@@ -6,6 +6,7 @@ sent while no master answers is refused with 503 and Retry-After, never half-acc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -69,19 +70,17 @@ class Sentinels:
         """Until the replica is in sync and every sentinel knows it."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            try:
-                master = aioredis.Redis(port=self.master)
-                info = await master.info("replication")
-                await master.aclose()
+            with contextlib.suppress(OSError, aioredis.ConnectionError):
+                async with aioredis.Redis(port=self.master) as master:
+                    info = await master.info("replication")
                 known = []
                 for port in self.sentinels:
-                    sentinel = aioredis.Redis(port=port, decode_responses=True)
-                    known.append(await sentinel.execute_command("SENTINEL", "REPLICAS", SERVICE))
-                    await sentinel.aclose()
+                    async with aioredis.Redis(port=port, decode_responses=True) as sentinel:
+                        known.append(
+                            await sentinel.execute_command("SENTINEL", "REPLICAS", SERVICE)
+                        )
                 if info.get("connected_slaves") == 1 and all(known):
                     return
-            except (OSError, aioredis.ConnectionError):
-                pass
             await asyncio.sleep(0.2)
         pytest.fail("the replica and the sentinels did not come up")
 

@@ -32,9 +32,9 @@ def test_a_bad_sentinel_url_says_what_is_wrong(url: str, says: str) -> None:
 
 
 async def test_only_sentinel_waits_for_replicas() -> None:
-    plain, replicas = connect("unix:///tmp/nowhere.sock")
-    await plain.aclose()
-    assert replicas == 0
-    sentinel, replicas = connect("redis+sentinel://127.0.0.1:1/cellblock")
-    await sentinel.aclose()
-    assert replicas == REPLICAS
+    plain = connect("unix:///tmp/nowhere.sock")
+    await plain.close()
+    assert (plain.replicas, plain.sentinels) == (0, ())
+    sentinel = connect("redis+sentinel://127.0.0.1:1,127.0.0.1:2/cellblock")
+    await sentinel.close()
+    assert sentinel.replicas == REPLICAS and len(sentinel.sentinels) == 2
