@@ -45,7 +45,7 @@ async def test_an_executor_frozen_past_its_lease_is_fenced_off_when_it_thaws(
     frozen = await launch(slots=1)
     rest = Rest(service.url)
     try:
-        ids = await submit_load(rest, 10, "sleep 1")
+        ids = await submit_load(rest, SUBMISSIONS, "sleep 1")
         await asyncio.sleep(1.2)  # it holds one
         frozen.proc.send_signal(signal.SIGSTOP)
         await launch(slots=2)
@@ -72,7 +72,7 @@ async def test_a_builder_killed_mid_build_hands_the_build_to_another(
     try:
         body = {"dependencies": ["slow-example"], "run": "echo ran"}
         ids = [(await rest.call("POST", "/api/v1/submissions", body, expect=201))["id"]
-               for _ in range(5)]  # fmt: skip
+               for _ in range(SUBMISSIONS)]  # fmt: skip
         await until(lambda: bool(doomed.events("build started")), "the build to start", timeout=60)
         doomed.proc.send_signal(signal.SIGKILL)
         doomed.proc.wait()
@@ -84,7 +84,7 @@ async def test_a_builder_killed_mid_build_hands_the_build_to_another(
             assert state["status"] == "finished", state
             assert state["stages"]["deps"]["status"] == "ok", state
             assert state["stages"]["run"]["stdout"].endswith("ran\n"), state
-        assert len(other.events("build ended")) == 1  # built once, for all five
+        assert len(other.events("build ended")) == 1  # built once, for all of them
     finally:
         rest.close()
 
