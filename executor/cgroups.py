@@ -273,7 +273,8 @@ class StageCgroupV1(StageCgroup):
         return self._oom_seen
 
     def procs(self) -> list[int]:
-        return _read_procs(self.memory_dir) + _read_procs(self.pids_dir)
+        # Each process is in both hierarchies: listed once.
+        return list(dict.fromkeys(_read_procs(self.memory_dir) + _read_procs(self.pids_dir)))
 
     def close(self) -> None:
         """Idempotent: a descriptor closed twice could be another file's by then."""

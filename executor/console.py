@@ -231,7 +231,7 @@ def _unread(fd: int) -> int:
 def signal_stage(cgroup: StageCgroup, sig: signal.Signals) -> None:
     """Send ``sig`` to every process of the stage but its init (pid 1 of the jail's namespace:
     it must live to report how the program ended)."""
-    for pid in dict.fromkeys(cgroup.procs()):  # a v1 cgroup lists each once per hierarchy
+    for pid in cgroup.procs():
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/status") as status:
                 nspid = next(line for line in status if line.startswith("NSpid:")).split()

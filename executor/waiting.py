@@ -104,7 +104,7 @@ def waiting_reader(pids: Iterable[int], stdin: Stdin) -> Wait | None:
     if _NUMBERS is None:
         return None
     check = _Check(stdin, _NUMBERS)
-    for pid in dict.fromkeys(pids):  # a v1 cgroup lists each process once per hierarchy
+    for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 if check.task_reads(pid, int(tid)):
