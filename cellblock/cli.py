@@ -404,8 +404,6 @@ async def _packages(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
         _print_json(await client.packages(), indent=2)
         return EXIT_OK
-    from cellblock.errors import FieldProblem
-
     if not args.names:
         raise InvalidRequest([FieldProblem("names", "name the packages to prefetch")])
     answer = await client.prefetch(args.names)
@@ -600,8 +598,6 @@ def _kernel(args: argparse.Namespace) -> int:
 
 
 def _read_request(source: str) -> dict[str, Any]:
-    from cellblock.errors import FieldProblem
-
     request = _read_json(source)
     if not isinstance(request, dict):
         raise InvalidRequest([FieldProblem("", "the submission must be a JSON object")])

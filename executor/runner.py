@@ -279,8 +279,8 @@ class SubmissionRunner:
         try:
             outcome = await run_streaming(self.sandbox, "run", spec, emit)
         finally:
-            if spec.console is not None and inputs is not None:
-                await inputs.discard()  # input nobody read is not kept
+            if spec.console is not None:
+                await spec.console.inputs.discard()  # input nobody read is not kept
         result, _ = await attach(
             outcome.result(spec.limits), spec.workdir, request.outputs,
             limits.output_file_size, limits.output_total_size,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 SIGNALS = ("SIGINT", "SIGTERM", "SIGQUIT", "SIGKILL")
 #: The largest terminal, in rows and in columns (``tty_size``).
 MAX_TTY_SIDE = 1000
+#: What a ``tty_size`` must be, in the words of its error.
+TTY_SIZE_RULE = f"must be [rows, cols], each a whole number from 1 to {MAX_TTY_SIDE}"
 #: A terminal's size when the request names none: the classic one.
 DEFAULT_TTY_SIZE = (24, 80)
 
@@ -75,5 +77,5 @@ def tty_size_problem(size: object) -> str | None:
         or len(size) != 2
         or not all(type(side) is int and 1 <= side <= MAX_TTY_SIDE for side in size)
     ):
-        return f"must be [rows, cols], each a whole number from 1 to {MAX_TTY_SIDE}"
+        return TTY_SIZE_RULE
     return None

@@ -30,6 +30,7 @@ from cellblock.errors import FieldProblem, InvalidRequest
 from cellblock.service.protocol.interactive import (
     MAX_TTY_SIDE,
     SIGNALS,
+    TTY_SIZE_RULE,
     Input,
     Resize,
     SignalInput,
@@ -48,7 +49,7 @@ _FIELD_RULES = {
     "encoding": "must be utf8 or base64",
     "eof": "must be true (to close stdin) or left out",
     "signal": f"must be one of {', '.join(SIGNALS)}",
-    "tty_size": f"must be [rows, cols], each a whole number from 1 to {MAX_TTY_SIDE}",
+    "tty_size": TTY_SIZE_RULE,
 }
 
 
