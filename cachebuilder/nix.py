@@ -46,10 +46,15 @@ class NixError(CellblockError):
         self.log = log
 
 
-def nix_environment(substituter: str = "", netrc: Path | None = None) -> dict[str, str]:
+def nix_environment(
+    substituter: str = "", netrc: Path | None = None, cache_home: Path | None = None
+) -> dict[str, str]:
     """The environment of a Nix command: ``substituter`` the only binary cache, reached with
-    the credentials of the file ``netrc``."""
+    the credentials of the file ``netrc``; Nix's own cache of what binary caches hold in
+    ``cache_home`` if given (see ``substitute``)."""
     env = dict(os.environ)
+    if cache_home is not None:
+        env["XDG_CACHE_HOME"] = str(cache_home)
     settings = [f"substituters = {substituter}"]
     if substituter:
         # A cache of our own builders is unsigned; its trust comes from being ours.
@@ -85,6 +90,7 @@ async def run(
     on_line: Callable[[str], Awaitable[None]] | None = None,
     substituter: str = "",
     netrc: Path | None = None,
+    cache_home: Path | None = None,
 ) -> tuple[int, str, str]:
     """Run a Nix command; stream its stderr lines to ``on_line``; return (status, out, err)."""
     proc = await asyncio.create_subprocess_exec(
@@ -92,7 +98,7 @@ async def run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        env=nix_environment(substituter, netrc),
+        env=nix_environment(substituter, netrc, cache_home),
         preexec_fn=_die_with_parent,
     )
     assert proc.stdout and proc.stderr
@@ -249,10 +255,20 @@ async def copy_to_binary_cache(store_path: str, cache_dir: Path) -> None:
         raise NixError(f"cannot copy {store_path} to the binary cache: {err.strip()}")
 
 
-async def substitute(paths: Sequence[str], substituter: str, netrc: Path | None = None) -> None:
-    """Fetch store paths this host lacks from the builders' binary cache."""
+async def substitute(
+    paths: Sequence[str],
+    substituter: str,
+    netrc: Path | None = None,
+    cache_home: Path | None = None,
+) -> None:
+    """Fetch store paths this host lacks from the builders' binary cache.
+
+    Nix 2.8 records what it learns of a binary cache in an SQLite file under ``cache_home``
+    (default ``~/.cache``), and two fetches at once from one cache can fail there on a
+    constraint: give each process a ``cache_home`` of its own, and run one fetch at a time in it.
+    """
     argv = ["nix-store", "--realise", *paths]
-    status, _, err = await run(argv, substituter=substituter, netrc=netrc)
+    status, _, err = await run(argv, substituter=substituter, netrc=netrc, cache_home=cache_home)
     if status != 0:
         raise NixError(f"cannot fetch {len(paths)} store path(s) from {substituter}: {err.strip()}")
 

@@ -35,11 +35,19 @@ CHANNEL_POLL = 0.5
 
 class NixDependencies:
     def __init__(
-        self, cache: EnvironmentCache, substituter: str = "", netrc: Path | None = None
+        self,
+        cache: EnvironmentCache,
+        substituter: str = "",
+        netrc: Path | None = None,
+        nix_cache: Path | None = None,
     ) -> None:
-        """``netrc``: the credentials for ``substituter`` (``nix.write_netrc``)."""
+        """``netrc``: the credentials for ``substituter`` (``nix.write_netrc``); ``nix_cache``:
+        this executor's own folder for Nix's cache of the substituter's contents."""
         self.cache = cache
-        self.substituter, self.netrc = substituter, netrc
+        self.substituter, self.netrc, self.nix_cache = substituter, netrc, nix_cache
+        #: One fetch at a time (``nix.substitute``); the slots that wait then fetch only what
+        #: the one before them did not.
+        self._fetching = asyncio.Lock()
         #: The channel seen last: a guess at the current one, checked on every lookup.
         self._known: Channel | None = None
 
@@ -82,9 +90,8 @@ class NixDependencies:
             if not self.substituter:
                 message = f"{len(missing)} store path(s) are missing here and no substituter is set"
                 return _failed("failed", message, log, state["cache"], started)
-            say(f"fetching {len(missing)} store path(s) from {self.substituter}")
             try:
-                await nix.substitute(missing, self.substituter, self.netrc)
+                await self._fetch(missing, say)
             except nix.NixError as exc:
                 return _failed("failed", exc.message, log, state["cache"], started)
         await self.cache.touch(env)
@@ -99,6 +106,13 @@ class NixDependencies:
             variables=env.variables, paths=env.closure, packages=result.packages
         )
         return DepsOutcome(result=result, environment=provided)
+
+    async def _fetch(self, missing: list[str], say: Any) -> None:
+        async with self._fetching:
+            missing = [p for p in missing if not os.path.exists(p)]
+            if missing:
+                say(f"fetching {len(missing)} store path(s) from {self.substituter}")
+                await nix.substitute(missing, self.substituter, self.netrc, self.nix_cache)
 
     async def _lookup(self, names: Sequence[str], say: Any) -> tuple[str, Environment | None]:
         """The key of ``names`` and its record, if any.

@@ -77,7 +77,9 @@ class Executor:
                     self.config.state_dir / "substituter.netrc",
                     self.config.substituter, self.config.substituter_token,
                 )  # fmt: skip
-            dependencies = NixDependencies(cache, self.config.substituter, netrc)
+            dependencies = NixDependencies(
+                cache, self.config.substituter, netrc, self.config.state_dir / "nix-cache"
+            )
         self.runners = [
             SubmissionRunner(host.sandbox(uid_offset + slot), dependencies) for slot in range(slots)
         ]

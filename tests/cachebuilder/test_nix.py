@@ -200,6 +200,12 @@ async def test_nix_runs_without_any_substituter_unless_one_is_given() -> None:
     assert "substituters = \n" in out
 
 
+def test_a_fetch_keeps_its_binary_cache_records_where_it_is_told(tmp_path: Path) -> None:
+    # Each executor its own: two processes' fetches at once fail on Nix's shared SQLite file.
+    assert nix.nix_environment(cache_home=tmp_path)["XDG_CACHE_HOME"] == str(tmp_path)
+    assert nix.nix_environment().get("XDG_CACHE_HOME") == os.environ.get("XDG_CACHE_HOME")
+
+
 async def test_cancelling_a_build_kills_the_nix_process(channel: Channel, popen_spy) -> None:
     started = asyncio.Event()
 
