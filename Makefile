@@ -11,9 +11,10 @@ BIN := $(VENV)/bin
 # init; python3 is the interpreter the sandbox offers to submissions. nodejs builds the
 # JupyterLab extension with its bundled npm (the machine's NodeSource nodejs conflicts with
 # Debian's npm package, so that is not listed); chromium runs the browser tests (tests/e2e).
-# btrfs-progs makes the file system of the working directories (executor/disk.py).
+# btrfs-progs makes the file system of the working directories (executor/disk.py); iproute2
+# makes the network namespaces of the simulated hosts (tests/faults/hostio.py).
 APT_PACKAGES := gcc libc6-dev python3 python3-venv redis-server nix-bin busybox-static nodejs chromium \
-	btrfs-progs
+	btrfs-progs iproute2
 # The development install is setuptools' strict editable one: the package as a wheel lays it
 # out, as a tree of links to the files here under build/, which the venv's .pth puts on the
 # path (see python-packages). SOURCES lists the files of the part folders, LINKED says when

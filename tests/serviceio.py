@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,10 +39,15 @@ class Service:
 
 @contextlib.asynccontextmanager
 async def serving(
-    redis_url: str, state_dir: Path, sandbox_root: Path, **settings: str
+    redis_url: str,
+    state_dir: Path,
+    sandbox_root: Path,
+    addresses: Sequence[str] = (),
+    **settings: str,
 ) -> AsyncIterator[Service]:
     """The real Tornado app on ``redis_url``, in this test's event loop, on a free loopback
-    port, until the block ends; ``settings``: more ``CELLBLOCK_*`` variables."""
+    port (and the same port of each of ``addresses``: other hosts reach it there), until the
+    block ends; ``settings``: more ``CELLBLOCK_*`` variables."""
     env = {
         **TEST_ENV,
         "CELLBLOCK_SANDBOX__ROOT": f'"{sandbox_root}"',
@@ -57,8 +62,10 @@ async def serving(
         make_app(store, cfg, tokens), max_body_size=cfg.max_body_size + 1024 * 1024
     )
     [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
-    server.add_sockets([sock])
     port = sock.getsockname()[1]
+    server.add_sockets([sock])
+    for address in addresses:
+        server.add_sockets(tornado.netutil.bind_sockets(port, address, family=socket.AF_INET))
     try:
         yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
     finally:

@@ -5,6 +5,7 @@ its own because test modules cannot import conftest.py.)"""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import tornado.websocket
@@ -12,11 +13,15 @@ from restio import ALICE, Rest
 from wsio import Socket
 
 
-async def submit_load(rest: Rest, count: int, script: str = "sleep 0.2") -> list[str]:
+async def submit_load(
+    rest: Rest, count: int, script: str = "sleep 0.2", dependencies: Sequence[str] = ()
+) -> list[str]:
     """``count`` submissions, the i-th printing ``i``; their ids."""
     ids = []
     for i in range(count):
-        body = {"run": f"{script}; echo {i}"}
+        body: dict[str, Any] = {"run": f"{script}; echo {i}"}
+        if dependencies:
+            body["dependencies"] = list(dependencies)
         ids.append((await rest.call("POST", "/api/v1/submissions", body, expect=201))["id"])
     return ids
 
