@@ -20,8 +20,13 @@ temporary state directory.
     ``--burst`` POSTs at once (64 connections) against the service with no executor taking
     any: its peak resident memory (VmHWM) against its resident memory just before, in the
     same run.
-
-The Sentinel failover gap is not measured: Cellblock does not run on Sentinel yet.
+``failover``
+    The deployment on Sentinel (tests/faults/sentinelio.py: a master, a replica, three
+    sentinels with ``down-after-milliseconds`` 1000), a POST every 20 ms, and the master
+    killed with SIGKILL: the time without service (from the last submission accepted before
+    the kill to the first accepted after it), the POSTs refused meanwhile (all 503 with
+    Retry-After), and whether every accepted submission finished. The baseline is the gap
+    between two accepted POSTs before the kill.
 
     cd /work/main && .venv/bin/python bench/load.py
 """
@@ -30,15 +35,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import os
+import shutil
 import signal
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The Sentinel deployment the fault tests use (and what it needs from tests/).
+sys.path.insert(1, str(Path(__file__).parent.parent / "tests" / "faults"))
+sys.path.insert(2, str(Path(__file__).parent.parent / "tests"))
 
+from sentinelio import Sentinels
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cellblock.service.client import Client
@@ -125,6 +139,68 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
             "rss_before_mib": before / 1024, "peak_mib": peak / 1024}  # fmt: skip
 
 
+async def failover(args: argparse.Namespace) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="cellblock-bench-sentinel-"))
+    sentinels = Sentinels(directory)
+    try:
+        sentinels.start()
+        await sentinels.ready()
+        with private_deployment(
+            "cellblock-bench-load-", executors=2, redis_url=sentinels.url
+        ) as (deployment, _):  # fmt: skip
+            client = Client(deployment.url, TOKEN, timeout=120)
+            http = AsyncHTTPClient(force_instance=True)
+            try:
+                await deployment.ready(client, executors=2)
+                accepted: list[tuple[float, str]] = []
+                refused: list[float] = []
+                killed = 0.0
+
+                async def post() -> None:
+                    request = HTTPRequest(
+                        f"{deployment.url}/api/v1/submissions", method="POST",
+                        body=json.dumps(REQUEST), request_timeout=30,
+                        headers={"Authorization": f"Bearer {TOKEN}"},
+                    )  # fmt: skip
+                    answer = await http.fetch(request, raise_error=False)
+                    when = time.perf_counter()
+                    if answer.code == 201:
+                        accepted.append((when, json.loads(answer.body)["id"]))
+                    elif answer.code == 503 and answer.headers.get("Retry-After"):
+                        refused.append(when)
+                    else:
+                        raise RuntimeError(f"answered {answer.code}: {answer.body!r}")
+
+                for i in range(args.failover_posts):
+                    if i == args.failover_posts // 4:
+                        sentinels.kill(sentinels.master)
+                        killed = time.perf_counter()
+                    await post()
+                    await asyncio.sleep(0.02)
+                before = [t for t, _ in accepted if t < killed]
+                after = [t for t, _ in accepted if t > killed]
+                if not after:
+                    raise RuntimeError("no submission was accepted after the failover")
+                for _, sid in accepted:
+                    done = await _until(client, sid, lambda s: s["status"] == "finished", 120)
+                    assert done["stages"]["run"]["stdout"] == "hi\n", done
+            finally:
+                http.close()
+                await client.close()
+    finally:
+        sentinels.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+    steps = [b - a for a, b in itertools.pairwise(before)]
+    return {
+        "gap_s": after[0] - before[-1],
+        "kill_to_first_accepted_s": after[0] - killed,
+        "baseline_ms": 1000 * statistics.median(steps),
+        "refused": len(refused),
+        "accepted": len(accepted),
+        "all_finished": True,
+    }
+
+
 async def _until(client: Client, sid: str, ready: Any, timeout: float = 60) -> dict[str, Any]:
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
@@ -154,6 +230,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_to_one_executor": {n: r["per_s"] / base for n, r in runs.items()},
         "reclaim": await reclaim(args),
         "burst": await burst(args),
+        "failover": await failover(args),
         "cpus": os.cpu_count(),
     }
 
@@ -174,7 +251,11 @@ def print_report(f: dict[str, Any]) -> None:
     print(f"burst of {b['requests']} POSTs in {b['seconds']:.1f} s (answers {b['codes']}): "
           f"service peak {b['peak_mib']:.0f} MiB against {b['rss_before_mib']:.0f} MiB "
           f"before ({b['peak_mib'] / b['rss_before_mib']:.1f}x)")  # fmt: skip
-    print("Sentinel failover gap: not measured (no Sentinel support yet)")
+    o = f["failover"]
+    print(f"Sentinel failover, master killed: {o['gap_s']:.2f} s without service "
+          f"(kill to first accepted {o['kill_to_first_accepted_s']:.2f} s; accepted POSTs "
+          f"{o['baseline_ms']:.0f} ms apart before), {o['refused']} refused with 503, "
+          f"{o['accepted']} accepted, every one finished")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--lease", type=float, default=5.0)
     parser.add_argument("--burst", type=int, default=2000)
+    parser.add_argument("--failover-posts", type=int, default=400)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     return finish(asyncio.run(bench(args)), args.json, print_report)

@@ -245,12 +245,15 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
 
 @contextlib.contextmanager
 def private_deployment(
-    prefix: str, executors: int = 2, environ: dict[str, str] | None = None
+    prefix: str,
+    executors: int = 2,
+    environ: dict[str, str] | None = None,
+    redis_url: str | None = None,
 ) -> Iterator[tuple[Deployment, SandboxHost]]:
-    """A deployment of ``executors`` on a redis-server of its own (``environ``: more of its
-    processes' environment), in a temporary state directory, and this host's sandbox set up
-    beside it for bare runs; all of it gone afterwards."""
-    with redis_server() as redis:
+    """A deployment of ``executors`` on a redis-server of its own, or on ``redis_url``
+    (``environ``: more of its processes' environment), in a temporary state directory, and this
+    host's sandbox set up beside it for bare runs; all of it gone afterwards."""
+    with contextlib.nullcontext(redis_url) if redis_url else redis_server() as redis:
         root = Path(tempfile.mkdtemp(prefix=prefix))
         root.chmod(0o711)
         sandbox_root = root / "sandbox"

@@ -278,12 +278,21 @@ class Store:
                 f"the queue is full ({self.queue_size} submissions wait); retry later"
             )
         if self.replicas:
-            # Accepted only once a replica has it: a failover must not lose it with the master.
-            copies = await self.redis.wait(self.replicas, connection.REPLICA_WAIT_MS)
-            if copies < self.replicas:
-                log.warning("submission not yet replicated", extra={"submission": sid,
-                                                                   "replicas": copies})  # fmt: skip
+            await self._replicate(sid)
         return recorder.state
+
+    async def _replicate(self, sid: str) -> None:
+        """Wait until a replica holds the submission: a failover must not lose it with the
+        master. Only while one is attached: after a failover the replica left is the master,
+        and a wait for none would hold every admission for the whole ``REPLICA_WAIT_MS``, to
+        accept it all the same."""
+        attached = len((await self.redis.execute_command("ROLE"))[2])
+        copies = 0
+        if attached >= self.replicas:
+            copies = await self.redis.wait(self.replicas, connection.REPLICA_WAIT_MS)
+        if copies < self.replicas:
+            log.warning("submission not replicated", extra={"submission": sid,
+                                                           "replicas": copies})  # fmt: skip
 
     async def state(self, sid: str) -> SubmissionState | None:
         raw = await self.redis.hget(self._sub(sid), "state")

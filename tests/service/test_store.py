@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
+import redis.exceptions
+from upio import free_port
 
 from cellblock import config as config_module
+from cellblock.service import connection
 from cellblock.service.protocol import Submission, decode_event, parse_submission
 from cellblock.service.store import EventLog, QueueAtCapacity, Rejected, Store, UnknownSubmission
 
@@ -229,3 +237,56 @@ async def test_worker_registry_drain_and_scale(store: Store) -> None:
     assert await store.workers() == []
     await store.set_scale({"executors": 3, "builders": 1})
     assert await store.scale() == {"executors": 3, "builders": 1}
+
+
+async def test_admission_waits_for_a_replica_in_full_only_while_one_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no replica attached (after a failover the replica is the master) an admission does
+    not wait; with one, it waits until the replica has the submission."""
+    monkeypatch.setattr(connection, "REPLICA_WAIT_MS", 1000)
+    master, replica = free_port(), free_port()
+    procs = {}
+
+    def start(port: int, *more: str) -> None:
+        (tmp_path / str(port)).mkdir(exist_ok=True)
+        procs[port] = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(tmp_path / str(port)), *more], stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    async def admission(sid: str) -> float:
+        start = time.monotonic()
+        await store.submit(sid, submission(), owner="alice")
+        return time.monotonic() - start
+
+    async def replicated() -> None:
+        while (await store.redis.info("replication")).get("connected_slaves") != 1:
+            await asyncio.sleep(0.05)
+
+    start(master)
+    store = Store.connect(f"redis://127.0.0.1:{master}", retention=3600, queue_size=50)
+    store.replicas = 1
+    try:
+        while True:
+            with contextlib.suppress(redis.exceptions.ConnectionError):
+                await store.redis.ping()
+                break
+            await asyncio.sleep(0.02)
+        assert await admission("alone") < 0.5
+        start(replica, "--replicaof", "127.0.0.1", str(master))
+        await asyncio.wait_for(replicated(), 20)
+        assert await store.redis.wait(1, 10000) == 1  # in sync
+        assert await admission("replicated") < 0.5
+        async with redis.asyncio.Redis(port=replica) as copy:
+            assert await copy.keys("*replicated*")  # accepted, and the replica has it
+        procs[replica].send_signal(signal.SIGSTOP)  # attached, and answering nothing
+        try:
+            assert await admission("stalled") >= 1.0
+        finally:
+            procs[replica].send_signal(signal.SIGCONT)
+    finally:
+        await store.close()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
