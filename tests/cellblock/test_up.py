@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+from upio import free_port
 
 from cellblock import cli, up
 from cellblock import config as config_module
@@ -30,13 +31,6 @@ if os.geteuid() != 0:
 
 CELLBLOCK = [sys.executable, "-m", "cellblock"]
 HOST = socket.gethostname()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30, every: float = 0.1) -> Any:

@@ -5,7 +5,6 @@ of the test's own. (A module of its own because test modules cannot import conft
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from playwright.sync_api import BrowserContext, sync_playwright
+from upio import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps trying hosts this machine cannot
@@ -41,12 +41,6 @@ def chromium(tmp_path: Path, width: int, height: int) -> Iterator[BrowserContext
             yield browser
         finally:
             browser.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -93,7 +87,7 @@ def jupyterlab(
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
     }
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "lab.log"
     command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root",
                f"--port={port}", "--ServerApp.port_retries=0",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from upio import free_port
 
 
 class RedisServer:
@@ -22,7 +23,7 @@ class RedisServer:
         self.directory, self.addresses = directory, tuple(addresses)
         self.socket = directory / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = _free_port() if addresses else 0
+        self.port = free_port() if addresses else 0
 
     @property
     def url(self) -> str:
@@ -67,9 +68,3 @@ class RedisServer:
             except OSError:
                 return False
         return True
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from e2e.browserio import Lab, jupyterlab
 from procio import processes_of
+from upio import free_port
 
 from cellblock.kernel.install import install
 
@@ -44,12 +44,6 @@ def lab_with_deployment(tmp_path: Path, sandbox_root: Path, state: Path) -> Iter
 
         lab.wait("Cellblock", up, timeout=120)
         yield lab
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until_gone(state: Path, timeout: float = 90) -> None:

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from kernelrun import printed_by
 from procio import processes_of
 from tornado.httpclient import AsyncHTTPClient
+from upio import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -58,12 +58,6 @@ print(json.dumps({
     },
 }))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from restio import ADMIN, ALICE, Rest
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
+from upio import free_port
 
 from cellblock import config as config_module
 from cellblock.service import server
@@ -42,12 +43,6 @@ from cellblock.service.store import Store
 Until = Callable[..., Awaitable[Any]]  # the until fixture of tests/conftest.py
 NO_ENDPOINT = "no endpoint"  # the message of the application's default handler, the 404
 SID = "A" * 64  # the longest submission id a route takes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def listening(port: int) -> bool:
