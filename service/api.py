@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +26,7 @@ from cellblock.service.auth import Principal, Tokens
 from cellblock.service.metrics import Metrics
 from cellblock.service.protocol import SubmissionState, encode_event
 from cellblock.service.store import Store
+from cellblock.service.streams import LiveStreams
 from cellblock.service.submissions import Submissions
 
 log = logging.getLogger("cellblock.service")
@@ -50,6 +51,7 @@ class Services:
     tokens: Tokens
     metrics: Metrics
     submissions: Submissions
+    streams: LiveStreams = field(default_factory=LiveStreams)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -320,8 +322,20 @@ class EventsHandler(BaseHandler):
             raise InvalidRequest([FieldProblem("since", "must be a whole number")])
         self.set_header("Content-Type", "text/event-stream; charset=utf-8")
         self.set_header("X-Accel-Buffering", "no")
-        follow = self.services.submissions.follow(sid, int(since_text), ended=state.done)
-        async for events in follow:
+        relay = asyncio.create_task(self._relay(sid, int(since_text), state.done))
+        self.services.streams.relaying(relay)
+        try:
+            await asyncio.wait([relay])
+        finally:
+            relay.cancel()  # this request itself was cancelled
+        if relay.cancelled() or relay.result():
+            # Ended by the stream or by the service stopping (the client resumes from its
+            # Last-Event-ID): either way a clean end of the response.
+            self.finish()
+
+    async def _relay(self, sid: str, since: int, ended: bool) -> bool:
+        """Write the events until the last; ``False`` if the client went away first."""
+        async for events in self.services.submissions.follow(sid, since, ended=ended):
             for event in events:
                 self.write(f"id: {event.seq}\nevent: {event.type}\ndata: {encode_event(event)}\n\n")
             if not events:
@@ -329,11 +343,11 @@ class EventsHandler(BaseHandler):
             try:
                 await self.flush()
             except tornado.iostream.StreamClosedError:
-                return  # the client went away: nobody to answer
-        self.finish()
+                return False  # nobody to answer
+        return True
 
     def on_connection_close(self) -> None:
-        # The loop above notices on its next flush; nothing to release here.
+        # The relay notices on its next flush; nothing to release here.
         pass
 
 

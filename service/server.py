@@ -73,6 +73,8 @@ async def serve(config: Config, redis_url: str, host: str, port: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     server.stop()
+    # WebSockets and event streams first: the HTTP connections' close leaves them open.
+    await app.settings["services"].streams.end()
     await server.close_all_connections()
     # The last second's request counts, which would otherwise go with this process.
     await app.settings["services"].metrics.flush()

@@ -70,6 +70,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         # Events are small messages sent one by one: without TCP_NODELAY, Nagle's algorithm
         # holds each behind the client's delayed ACK of the one before (about 40 ms here).
         self.set_nodelay(True)
+        self.services.streams.opened(self)
 
     def check_origin(self, origin: str) -> bool:
         # Tokens, not cookies, authenticate here, so another origin gains nothing a script
@@ -77,6 +78,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler, BaseHandler):
         return True
 
     def on_close(self) -> None:
+        self.services.streams.closed(self)
         for task in self._relays:
             task.cancel()
 

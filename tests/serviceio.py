@@ -58,9 +58,8 @@ async def serving(
     store = Store.connect(redis_url, retention=cfg.retention, queue_size=cfg.queue_size)
     await store.jobs.ensure_group()
     tokens = Tokens({t: Principal(name, role) for t, (name, role) in TOKENS.items()})  # type: ignore[arg-type]
-    server = tornado.httpserver.HTTPServer(
-        make_app(store, cfg, tokens), max_body_size=cfg.max_body_size + 1024 * 1024
-    )
+    app = make_app(store, cfg, tokens)
+    server = tornado.httpserver.HTTPServer(app, max_body_size=cfg.max_body_size + 1024 * 1024)
     [sock] = tornado.netutil.bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
     port = sock.getsockname()[1]
     server.add_sockets([sock])
@@ -70,5 +69,6 @@ async def serving(
         yield Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, state_dir=state_dir)
     finally:
         server.stop()
+        await app.settings["services"].streams.end()
         await server.close_all_connections()
         await store.close()
