@@ -55,13 +55,17 @@ class Lab:
 
     def call(self, path: str, body: object = None) -> Any:
         """The JSON answer of a GET (a POST with ``body``) to the server, with its token."""
+        return json.loads(self.read(path, body))
+
+    def read(self, path: str, body: object = None, timeout: float = 30) -> str:
+        """The whole answer of a GET (a POST with ``body``) to the server, as text."""
         request = urllib.request.Request(
             f"{self.url}{path}",
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"token {self.token}"},
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return str(response.read().decode())
 
     def wait(self, what: str, ready: Callable[[], bool], timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout

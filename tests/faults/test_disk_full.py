@@ -47,7 +47,7 @@ async def _fill_and_free(rest: Rest, up: Path, url: str, until: Any) -> None:
 
     async def submit(i: int) -> None:
         response = await rest.request(
-            "POST", "/api/v1/submissions", {"run": f"echo {i}"}, token=token
+            "POST", "/api/v1/submissions", {"run": f"sleep 0.3; echo {i}"}, token=token
         )
         codes.append(response.code)
         if response.code == 201:
@@ -56,8 +56,9 @@ async def _fill_and_free(rest: Rest, up: Path, url: str, until: Any) -> None:
             assert response.code == 503, (response.code, response.body)
             assert response.headers["Retry-After"]
 
-    for _ in range(10):
+    for _ in range(50):  # in flight when the disk fills
         await submit(len(accepted))
+    assert len(accepted) == 50, codes
     filler = up / "filler"
     with filler.open("wb") as f:  # all the room there is
         try:

@@ -23,6 +23,7 @@ from cellblock.kernel.install import install
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 TOKEN = "faults-lab-token"
+SUBMISSIONS = 50
 
 
 @contextmanager
@@ -54,18 +55,34 @@ def wait_until_gone(state: Path, timeout: float = 90) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
-def test_a_killed_jupyter_server_leaves_no_process_of_its_deployment(
+def test_a_killed_jupyter_server_leaves_no_process_of_its_deployment_and_loses_nothing(
     tmp_path: Path, sandbox_root: Path, sig: signal.Signals
 ) -> None:
     state = tmp_path / "state"
     with lab_with_deployment(tmp_path, sandbox_root, state) as lab:
-        # Busy when it dies: a submission runs in the deployment.
-        lab.call("/cellblock/api/v1/submissions", {"run": "sleep 30"})
+        # Busy when it dies: 50 submissions in flight in its deployment.
+        ids = [lab.call("/cellblock/api/v1/submissions", {"run": f"sleep 0.3; echo {i}"})["id"]
+               for i in range(SUBMISSIONS)]  # fmt: skip
         running = processes_of(state)
         assert len(running) >= 4, running  # up, redis, the service, an executor
         lab.server.send_signal(sig)
         lab.server.wait(timeout=60)
         wait_until_gone(state)
+    # The next server's deployment has them all, from its store's append-only file.
+    with lab_with_deployment(tmp_path, sandbox_root, state) as lab:
+        for i, sid in enumerate(ids):
+            lab.wait(f"submission {i} to end", lambda sid=sid: ended(lab, sid), timeout=120)
+            document = lab.call(f"/cellblock/api/v1/submissions/{sid}")
+            assert document["status"] == "finished", document
+            assert document["stages"]["run"]["stdout"] == f"{i}\n", document
+            events = lab.read(f"/cellblock/api/v1/submissions/{sid}/events")
+            assert events.count("event: finished\n") == 1, events
+    wait_until_gone(state)
+
+
+def ended(lab: Lab, sid: str) -> bool:
+    status = lab.call(f"/cellblock/api/v1/submissions/{sid}")["status"]
+    return status in ("finished", "error", "cancelled")
 
 
 def test_a_deployment_left_running_is_stopped_and_replaced(

@@ -22,7 +22,7 @@ async def test_each_service_sees_every_submission_and_a_client_resumes_on_the_ot
     first, second = Rest(service.url), Rest(second_service.url)
     try:
         ids = []
-        for i in range(20):
+        for i in range(50):
             to = first if i % 2 else second
             body = {"run": f"sleep 0.1; echo {i}"}
             ids.append((await to.call("POST", "/api/v1/submissions", body, expect=201))["id"])
