@@ -283,10 +283,10 @@ class Store:
 
     async def _replicate(self, sid: str) -> None:
         """Wait until a replica holds the submission: a failover must not lose it with the
-        master. Only while one is attached: after a failover the replica left is the master,
-        and a wait for none would hold every admission for the whole ``REPLICA_WAIT_MS``, to
-        accept it all the same."""
-        attached = len((await self.redis.execute_command("ROLE"))[2])
+        master. Only while one is attached, in sync or still syncing (which ``ROLE`` would
+        leave out): after a failover the replica left is the master, and a wait for none would
+        hold every admission for the whole ``REPLICA_WAIT_MS``, to accept it all the same."""
+        attached = int((await self.redis.info("replication")).get("connected_slaves", 0))
         copies = 0
         if attached >= self.replicas:
             copies = await self.redis.wait(self.replicas, connection.REPLICA_WAIT_MS)

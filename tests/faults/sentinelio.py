@@ -55,7 +55,8 @@ class Sentinels:
             )
 
     async def ready(self) -> None:
-        """Until the replica is in sync and every sentinel knows it."""
+        """Until the replica is in sync (online, not still loading the master's snapshot) and
+        every sentinel knows it."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, aioredis.ConnectionError):
@@ -67,7 +68,8 @@ class Sentinels:
                         known.append(
                             await sentinel.execute_command("SENTINEL", "REPLICAS", SERVICE)
                         )
-                if info.get("connected_slaves") == 1 and all(known):
+                online = info.get("slave0", {}).get("state") == "online"
+                if info.get("connected_slaves") == 1 and online and all(known):
                     return
             await asyncio.sleep(0.2)
         raise RuntimeError("the replica and the sentinels did not come up")
