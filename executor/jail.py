@@ -83,6 +83,8 @@ class Jail:
         #: Our end of the status socket of the stage served last, until it is dismissed.
         self.status = -1
         self._exit: asyncio.Task[float] | None = None
+        #: The read of the next init's ready byte, if started before its stage (``ready``).
+        self._ready: asyncio.Future[bytes] | None = None
         self._released = False
 
     @classmethod
@@ -152,7 +154,7 @@ class Jail:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         exited = self.exited()
-        recv = asyncio.ensure_future(loop.sock_recv(self.control, 1))
+        recv, self._ready = self.ready(), None
         try:
             await _any(recv, exited, deadline=loop.time() + READY_TIMEOUT)
         finally:
@@ -267,6 +269,20 @@ class Jail:
         """Let the init of the stage served last end: the stage is measured."""
         self.status = close_fd(self.status)
 
+    def ready(self) -> asyncio.Future[bytes]:
+        """The ready byte of the jail's waiting (or next) init, read once: ``serve`` takes it
+        from here if it was asked for before the stage (a series lets its last working
+        directory go once the next jail has made its mounts, see sandbox.py)."""
+        if self._ready is None:
+            loop = asyncio.get_running_loop()
+            self._ready = asyncio.ensure_future(loop.sock_recv(self.control, 1))
+        return self._ready
+
+    def _stop_reading(self) -> None:
+        # On the loop's thread: a read left registered would watch a descriptor reused later.
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+
     def terminate(self) -> None:
         """Ask nsjail to end now: it kills its jail and exits."""
         if self.proc.returncode is None:
@@ -279,6 +295,7 @@ class Jail:
         terminated."""
         if self._released:  # killed already
             return
+        self._stop_reading()
         if self.rerun:
             # It kills the waiting init. Dismissed, or its control socket closed, the init
             # would end and nsjail make another before it sees the signal.
@@ -304,6 +321,7 @@ class Jail:
         if self._released:
             return
         self._released = True
+        self._stop_reading()
         self._free()
 
     def _free(self) -> None:

@@ -168,10 +168,11 @@ class SubmissionRunner:
                 sandbox.disk.remove(stale)
 
     def prepare(self) -> None:
-        """Make the next submission's working directory and arm its first jail now."""
+        """Make the next submission's working directory and arm its first jail now: in a
+        series (see ``_run``), unless the last run stage's series holds it already."""
         if self._next is None:
             self._next = self._new_workdir()
-            self.sandbox.arm(self._next)
+        self.sandbox.arm_series(self._next)
 
     async def aclose(self) -> None:
         """Give up the prepared working directory and jail; wait for every jail to end."""
@@ -276,8 +277,13 @@ class SubmissionRunner:
             # docker run -t.
             env = {"TERM": "xterm", **spec.env} if request.tty else spec.env
             spec = replace(spec, console=console, env=env)
+        # The next submission's working directory now, so that this stage runs in a series
+        # whose next jail is made there: nsjail stays loaded from one submission to the next
+        # (its start is most of a bare jail's cost), and each stage still gets a jail of its own.
+        if self._next is None:
+            self._next = self._new_workdir()
         try:
-            outcome = await run_streaming(self.sandbox, "run", spec, emit)
+            outcome = await run_streaming(self.sandbox, "run", spec, emit, then=self._next)
         finally:
             if spec.console is not None:
                 await spec.console.inputs.discard()  # input nobody read is not kept

@@ -38,7 +38,7 @@ from cellblock.executor import seccomp
 from cellblock.executor.cgroups import NSJAIL_LOOSE_MEMORY, NSJAIL_LOOSE_PIDS, Cgroups
 from cellblock.executor.console import Console
 from cellblock.executor.disk import WorkDisk
-from cellblock.executor.jail import Jail, JailFds, StageStreams
+from cellblock.executor.jail import READY, Jail, JailFds, StageStreams
 from cellblock.service.protocol import (
     RLIMITS,
     STREAMS,
@@ -426,6 +426,9 @@ class Sandbox:
         """Start now the jail of a coming stage in ``workdir`` with ``mounts``, unless one is
         armed already. Until it is given a stage, its init waits and runs nothing."""
         key = (workdir, tuple(mounts))
+        standing = self._series.get(workdir)
+        if standing is not None and standing.mounts == key[1] and standing.jail.running():
+            return  # a series' next jail holds it already
         if key not in self._armed:
             self._armed[key] = self._start(key)
 
@@ -477,7 +480,11 @@ class Sandbox:
     def arm_series(self, workdir: Path, mounts: Sequence[Mount] = ()) -> None:
         """Start now a series whose first jail holds ``workdir`` (see ``run``'s ``then``),
         unless one does already."""
-        if workdir not in self._series:
+        standing = self._series.get(workdir)
+        if standing is not None and not standing.jail.running():
+            self._end_series(self._series.pop(workdir))
+            standing = None
+        if standing is None:
             self._series[workdir] = self._start_series(workdir, tuple(mounts))
 
     def _start_series(self, workdir: Path, mounts: tuple[Mount, ...]) -> _Series:
@@ -515,6 +522,9 @@ class Sandbox:
             self._end_series(series)
             series = None
         if series is None and then is not None:
+            armed = self._armed.get((spec.workdir, tuple(spec.mounts)))
+            if armed is not None and armed.running():
+                return None, None  # the jail armed for it serves it (and a series is armed later)
             series = self._start_series(spec.workdir, tuple(spec.mounts))
         if series is None:
             return None, None
@@ -608,6 +618,9 @@ class Sandbox:
         else:
             self._series[following] = series
             jail.dismiss()
+            # This stage's working directory is free once the next jail holds ``following``:
+            # at once, not when a next stage comes (which, between submissions, may be late).
+            jail.ready().add_done_callback(_let_go_when_ready(series, following))
         outcome.wall_time = report.wall_time if report else seen.wall_time
         outcome.cpu_time = report.cpu_time if report else seen.cpu_time
         status, message = classify(
@@ -652,6 +665,14 @@ class _Series:
             done = self.held.pop(workdir)
             if not done.done():
                 done.set_result(None)
+
+
+def _let_go_when_ready(series: _Series, kept: Path) -> Callable[[asyncio.Future[bytes]], None]:
+    def done(ready: asyncio.Future[bytes]) -> None:
+        if not ready.cancelled() and ready.exception() is None and ready.result() == READY:
+            series.let_go(kept)
+
+    return done
 
 
 def write_etc(etc_dir: Path) -> None:

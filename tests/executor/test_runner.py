@@ -132,16 +132,23 @@ async def test_the_working_directory_is_removed(
     assert list(sandbox_host.disk.root.glob(f"{sandbox.uid}-*")) == []
 
 
-async def test_a_prepared_slot_runs_in_its_armed_jail_and_arms_run_during_compile(
+async def test_a_prepared_slot_runs_in_its_series_and_arms_run_during_compile(
     sandbox_host: host.SandboxHost, sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runner = SubmissionRunner(sandbox)
-    started: list[tuple[Path, tuple[Mount, ...]]] = []
+    started: list[tuple[Path, tuple[Mount, ...], bool]] = []
     start = sandbox._start
-    monkeypatch.setattr(sandbox, "_start", lambda key: started.append(key) or start(key))
+
+    def spy(key: tuple[Path, tuple[Mount, ...]], rerun: bool = False) -> Any:
+        started.append((*key, rerun))
+        return start(key, rerun=rerun)
+
+    monkeypatch.setattr(sandbox, "_start", spy)
     runner.prepare()
     runner.prepare()  # already prepared: nothing more
-    [(workdir, ())] = started
+    [(link, mounts, rerun)] = started
+    assert link.name.endswith(".box") and (mounts, rerun) == ((), True)
+    workdir = link.resolve()
     request = {"files": [{"name": "a.c", "content": "int main(void) { return 0; }"}],
                "compile": "gcc -o a a.c", "run": "./a && pwd && ls"}  # fmt: skip
     submission = parse_submission(request, sandbox_host.config.limits)
@@ -153,8 +160,9 @@ async def test_a_prepared_slot_runs_in_its_armed_jail_and_arms_run_during_compil
         await runner.aclose()
     run = recorder.state.as_json()["stages"]["run"]
     assert run is not None and run["stdout"] == "/box\na\na.c\n", run
-    # Compile took the prepared jail, and run the one armed while compile ran: two in all.
-    assert started == [(workdir, ()), (workdir, ())]
+    # Compile took the prepared series' jail, and run the one armed while compile ran: two
+    # nsjail processes in all, none started while the program ran.
+    assert started[1:] == [(workdir, (), False)]
     assert not workdir.exists()
 
 

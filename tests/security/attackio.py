@@ -142,8 +142,9 @@ class Target:
 
     def workdirs(self) -> list[Path]:
         """The working directories of this executor's slots on the host now (each idle slot
-        keeps one ready for its next submission)."""
-        return [p for uid in self.uids for p in self.work_root.glob(f"{uid}-*")]
+        keeps one ready for its next submission); not the links a series binds ``/box`` from."""
+        found = [p for uid in self.uids for p in self.work_root.glob(f"{uid}-*")]
+        return [p for p in found if not p.is_symlink()]
 
 
 #: ``await open_target(slots=1, **env)``: the open_target fixture of conftest.py.

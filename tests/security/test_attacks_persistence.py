@@ -138,3 +138,19 @@ async def test_leftovers_are_not_seen_by_the_next_submission_in_the_slot(
     seen = (await target.submit(look))["stages"]["run"]
     assert seen["stdout"] == expected, seen
     await target.settled(timeout=5)
+
+
+async def test_the_next_submission_in_the_slot_is_measured_alone(target: Target) -> None:
+    """Stages in a row in one slot share its series' cgroup (sandbox.py): one that takes
+    200 MiB and spins for a second of CPU leaves none of that in the peak memory or CPU time
+    reported for the next one."""
+    heavy = (await target.submit({"run": (
+        "python3 -c \"import time; b = bytearray(200 << 20); t = time.process_time()\n"
+        "while time.process_time() - t < 1: pass\""
+    )}))["stages"]["run"]  # fmt: skip
+    assert heavy["status"] == "ok" and heavy["memory"] > 200 << 20, heavy
+    assert heavy["cpu_time"] >= 1, heavy
+    light = (await target.submit({"run": "true"}))["stages"]["run"]
+    assert light["status"] == "ok", light
+    assert light["memory"] < 32 << 20 and light["cpu_time"] < 0.5, light
+    await target.settled(timeout=5)
