@@ -219,15 +219,22 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
 
     def loop(i: int) -> None:
         while time.monotonic() < deadline:
-            bare.load_control(controls[i])
-            subprocess.run(
+            control, status = bare.load_control(controls[i])
+            proc = subprocess.Popen(
                 argvs[i],
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                pass_fds=(bare.status.w, bare.log.w, controls[i]),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(bare.log.w, controls[i]),
                 start_new_session=True,
                 env={},
             )
+            # init reports, then waits for the host to close the status socket (run_bare).
+            with status.makefile("rb") as lines:
+                lines.readline()
+            status.close()
+            proc.wait()
+            control.close()
             counts[i] += 1
 
     start = time.monotonic()
@@ -238,7 +245,6 @@ def nsjail_throughput(bare: Bench, loops: int, seconds: float) -> float:
         t.join()
     for control in controls:
         os.close(control)
-    bare.status.drain()
     bare.log.drain()
     return sum(counts) / (time.monotonic() - start)
 
