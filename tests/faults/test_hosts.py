@@ -130,6 +130,13 @@ async def cluster(
     cgroups.detect().remove_stale(cluster.uids)
 
 
+@pytest.fixture
+def rest(cluster: Cluster) -> Iterator[Rest]:
+    client = Rest(cluster.service.url)
+    yield client
+    client.close()
+
+
 def built_closure(host: Host) -> list[str]:
     """The closure of the one environment ``host``'s builder built (its GC root)."""
     [root] = (host.nix / "var/nix/gcroots/cellblock").iterdir()
@@ -138,60 +145,52 @@ def built_closure(host: Host) -> list[str]:
 
 
 async def test_a_closure_built_on_one_host_is_fetched_by_another_and_never_built_twice(
-    cluster: Cluster, hosts: dict[str, Host], until: Any
+    cluster: Cluster, hosts: dict[str, Host], rest: Rest, until: Any
 ) -> None:
     b, c = hosts["b"], hosts["c"]
-    rest = Rest(cluster.service.url)
-    try:
-        builder = cluster.start(b, "builder")
-        executors = [cluster.start(b, "executor"), cluster.start(c, "executor")]
-        await until(lambda: cluster.registered(rest, builder, *executors), "the workers",
-                    timeout=60)  # fmt: skip
-        ids = await submit_load(rest, SUBMISSIONS, "busybox sleep 0.2", ["busybox"])
-        await until(lambda: all_ended(rest, ids), "every submission to end", timeout=180)
-        documents = await check_each_finished_once(rest, cluster.service.ws_url, ids)
-        assert {d["worker"] for d in documents} == {e.worker_id for e in executors}
+    builder = cluster.start(b, "builder")
+    executors = [cluster.start(b, "executor"), cluster.start(c, "executor")]
+    await until(lambda: cluster.registered(rest, builder, *executors), "the workers",
+                timeout=60)  # fmt: skip
+    ids = await submit_load(rest, SUBMISSIONS, "busybox sleep 0.2", ["busybox"])
+    await until(lambda: all_ended(rest, ids), "every submission to end", timeout=180)
+    documents = await check_each_finished_once(rest, cluster.service.ws_url, ids)
+    assert {d["worker"] for d in documents} == {e.worker_id for e in executors}
 
-        # One build, on b; c has the closure without having built any of it.
-        assert len(builder.events("build started")) == 1
-        closure = built_closure(b)
-        assert b.build_logs() and all(b.has(p) for p in closure)
-        assert c.build_logs() == [] and all(c.has(p) for p in closure)
-        fetched = [d for d in documents if "fetching" in d["stages"]["deps"]["log"]]
-        assert fetched and {d["worker"] for d in fetched} == {executors[1].worker_id}
-        assert all(f"from http://{c.gateway}:" in d["stages"]["deps"]["log"] for d in fetched)
+    # One build, on b; c has the closure without having built any of it.
+    assert len(builder.events("build started")) == 1
+    closure = built_closure(b)
+    assert b.build_logs() and all(b.has(p) for p in closure)
+    assert c.build_logs() == [] and all(c.has(p) for p in closure)
+    fetched = [d for d in documents if "fetching" in d["stages"]["deps"]["log"]]
+    assert fetched and {d["worker"] for d in fetched} == {executors[1].worker_id}
+    assert all(f"from http://{c.gateway}:" in d["stages"]["deps"]["log"] for d in fetched)
 
-        # c's own builder, started now, finds it built: the second round builds nothing.
-        other = cluster.start(c, "builder")
-        await until(lambda: cluster.registered(rest, other), "c's builder", timeout=60)
-        more = await submit_load(rest, 10, "busybox true", ["busybox"])
-        await until(lambda: all_ended(rest, more), "the second round to end", timeout=120)
-        await check_each_finished_once(rest, cluster.service.ws_url, more)
-        assert len(builder.events("build started")) == 1 and not other.events("build started")
-        assert c.build_logs() == []
-    finally:
-        rest.close()
+    # c's own builder, started now, finds it built: the second round builds nothing.
+    other = cluster.start(c, "builder")
+    await until(lambda: cluster.registered(rest, other), "c's builder", timeout=60)
+    more = await submit_load(rest, 10, "busybox true", ["busybox"])
+    await until(lambda: all_ended(rest, more), "the second round to end", timeout=120)
+    await check_each_finished_once(rest, cluster.service.ws_url, more)
+    assert len(builder.events("build started")) == 1 and not other.events("build started")
+    assert c.build_logs() == []
 
 
 async def test_losing_a_whole_host_under_load_loses_nothing(
-    cluster: Cluster, hosts: dict[str, Host], until: Any
+    cluster: Cluster, hosts: dict[str, Host], rest: Rest, until: Any
 ) -> None:
     b, c = hosts["b"], hosts["c"]
-    rest = Rest(cluster.service.url)
-    try:
-        workers = [cluster.start(h, kind) for h in (b, c) for kind in ("builder", "executor")]
-        await until(lambda: cluster.registered(rest, *workers), "the workers", timeout=60)
-        plain = await submit_load(rest, SUBMISSIONS - 10, "sleep 0.3")
-        with_deps = await submit_load(rest, 10, "busybox sleep 0.3", ["busybox"])
-        await until(lambda: workers[1].events("job started"), "b to hold jobs", timeout=60)
-        b.lose()
-        assert b.pids() == [] and not b.alive
-        ids = plain + with_deps
-        await until(lambda: all_ended(rest, ids), "every submission to end", timeout=240)
-        documents = await check_each_finished_once(rest, cluster.service.ws_url, plain)
-        documents += await check_each_finished_once(rest, cluster.service.ws_url, with_deps)
-        # b's jobs were taken from it and run again on c, which ran every submission's end.
-        assert any(d["attempts"] > 1 for d in documents)
-        assert {d["worker"] for d in documents} == {workers[3].worker_id}
-    finally:
-        rest.close()
+    workers = [cluster.start(h, kind) for h in (b, c) for kind in ("builder", "executor")]
+    await until(lambda: cluster.registered(rest, *workers), "the workers", timeout=60)
+    plain = await submit_load(rest, SUBMISSIONS - 10, "sleep 0.3")
+    with_deps = await submit_load(rest, 10, "busybox sleep 0.3", ["busybox"])
+    await until(lambda: workers[1].events("job started"), "b to hold jobs", timeout=60)
+    b.lose()
+    assert b.pids() == [] and not b.alive
+    ids = plain + with_deps
+    await until(lambda: all_ended(rest, ids), "every submission to end", timeout=240)
+    documents = await check_each_finished_once(rest, cluster.service.ws_url, plain)
+    documents += await check_each_finished_once(rest, cluster.service.ws_url, with_deps)
+    # b's jobs were taken from it and run again on c, which ran every submission's end.
+    assert any(d["attempts"] > 1 for d in documents)
+    assert {d["worker"] for d in documents} == {workers[3].worker_id}
