@@ -170,9 +170,7 @@ class SubmissionRunner:
     def prepare(self) -> None:
         """Make the next submission's working directory and arm its first jail now: in a
         series (see ``_run``), unless the last run stage's series holds it already."""
-        if self._next is None:
-            self._next = self._new_workdir()
-        self.sandbox.arm_series(self._next)
+        self.sandbox.arm_series(self._next_workdir())
 
     async def aclose(self) -> None:
         """Give up the prepared working directory and jail; wait for every jail to end."""
@@ -180,6 +178,12 @@ class SubmissionRunner:
             self.sandbox.retire(self._next)
             self._next = None
         await self.sandbox.aclose()
+
+    def _next_workdir(self) -> Path:
+        """The next submission's working directory, made now if it is not yet."""
+        if self._next is None:
+            self._next = self._new_workdir()
+        return self._next
 
     def _new_workdir(self) -> Path:
         name = f"{self.sandbox.uid}-{secrets.token_hex(8)}"
@@ -280,10 +284,10 @@ class SubmissionRunner:
         # The next submission's working directory now, so that this stage runs in a series
         # whose next jail is made there: nsjail stays loaded from one submission to the next
         # (its start is most of a bare jail's cost), and each stage still gets a jail of its own.
-        if self._next is None:
-            self._next = self._new_workdir()
         try:
-            outcome = await run_streaming(self.sandbox, "run", spec, emit, then=self._next)
+            outcome = await run_streaming(
+                self.sandbox, "run", spec, emit, then=self._next_workdir()
+            )
         finally:
             if spec.console is not None:
                 await spec.console.inputs.discard()  # input nobody read is not kept

@@ -426,9 +426,6 @@ class Sandbox:
         """Start now the jail of a coming stage in ``workdir`` with ``mounts``, unless one is
         armed already. Until it is given a stage, its init waits and runs nothing."""
         key = (workdir, tuple(mounts))
-        standing = self._series.get(workdir)
-        if standing is not None and standing.mounts == key[1] and standing.jail.running():
-            return  # a series' next jail holds it already
         if key not in self._armed:
             self._armed[key] = self._start(key)
 
